@@ -1,0 +1,152 @@
+"""Training sets as NHWC float32 arrays in [-1, 1] with integer labels (SPEC §6).
+
+    images, labels = load_dataset("digits")            # embedded, no download: [1797, 8, 8, 1]
+    images, labels = load_dataset("mnist", data_dir=D) # prepared TFDS data, resized to 32×32
+    images, labels = load_dataset("path/to/file.npz")  # arrays "images" (and "labels")
+
+Sources:
+  - "digits": scikit-learn's 1797 real 8×8 handwritten digits, shipped inside scikit-learn.
+  - "mnist", "fashion_mnist", "cifar10", "celeb_a": tensorflow-datasets, read with
+    ``tfds.data_source`` (no TensorFlow needed to read prepared data); resized to
+    ``image_size`` (default 32; CelebA is centre-cropped to a square first). Nothing is
+    downloaded at run time: prepare the data once where there is internet, e.g.
+    ``pip install 'els-jax[prepare]' && tfds build mnist --data_dir DIR --file_format array_record``,
+    then pass ``data_dir=DIR`` (or set TFDS_DATA_DIR).
+  - a path ending in .npz.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["load_dataset", "load_digits", "load_tfds", "load_npz", "to_unit_range",
+           "DatasetUnavailableError", "TFDS_DATASETS", "DATASETS"]
+
+# TFDS name → (image key, label key or None).
+TFDS_DATASETS = {
+    "mnist": ("image", "label"),
+    "fashion_mnist": ("image", "label"),
+    "cifar10": ("image", "label"),
+    "celeb_a": ("image", None),
+}
+DATASETS = ("digits",) + tuple(TFDS_DATASETS)
+
+
+class DatasetUnavailableError(FileNotFoundError):
+    """A TFDS data set is not prepared where we looked, and nothing may be downloaded."""
+
+
+def to_unit_range(pixels, max_value: float = 255.0):
+    """uint8-like pixels in [0, max_value] → float32 in [−1, 1] (pixel/(max/2) − 1)."""
+    return (np.asarray(pixels, np.float32) / (max_value / 2.0) - 1.0).astype(np.float32)
+
+
+def _resize(images: np.ndarray, size: int) -> np.ndarray:
+    """[N, h, w, C] → [N, size, size, C]; square centre crop first when h ≠ w."""
+    n, h, w, c = images.shape
+    if h != w:
+        s = min(h, w)
+        top, left = (h - s) // 2, (w - s) // 2
+        images = images[:, top:top + s, left:left + s]
+    if images.shape[1] == size:
+        return images
+    out = jax.image.resize(jnp.asarray(images), (n, size, size, c), method="linear",
+                           antialias=True)
+    return np.clip(np.asarray(out), -1.0, 1.0)
+
+
+def load_digits(image_size: int | None = None):
+    """scikit-learn's embedded 8×8 digits: images [1797, s, s, 1] in [−1, 1], labels [1797]."""
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    d = sk_load_digits()
+    images = to_unit_range(d.images[..., None], max_value=16.0)
+    if image_size is not None:
+        images = _resize(images, image_size)
+    return images, d.target.astype(np.int32)
+
+
+def load_npz(path: str, image_size: int | None = None):
+    """A .npz with "images" [N, H, W, C] or [N, H, W] (uint8 0..255 or float in [−1, 1]) and
+    optionally "labels" [N]."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such .npz file: {path}")
+    with np.load(path) as f:
+        if "images" not in f:
+            raise ValueError(f"{path} has no array named 'images' (found {list(f.keys())})")
+        images = f["images"]
+        labels = f["labels"].astype(np.int32) if "labels" in f else np.zeros(len(images), np.int32)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4:
+        raise ValueError(f"images in {path} must be [N, H, W, C]; got shape {images.shape}")
+    images = to_unit_range(images) if images.dtype == np.uint8 else images.astype(np.float32)
+    if images.min() < -1.0 - 1e-6 or images.max() > 1.0 + 1e-6:
+        raise ValueError(f"float images in {path} must lie in [-1, 1] "
+                         f"(found [{images.min():.3g}, {images.max():.3g}]); store uint8 0..255 "
+                         "or rescale")
+    if image_size is not None:
+        images = _resize(images, image_size)
+    return images, labels
+
+
+def load_tfds(name: str, split: str = "train", *, data_dir: str | None = None,
+              image_size: int = 32, max_examples: int | None = None, batch: int = 1024):
+    """A prepared TFDS data set as ([N, s, s, C] float32 in [−1, 1], labels [N] int32).
+
+    Read in batches (memory: the output plus one batch of full-size images)."""
+    if name not in TFDS_DATASETS:
+        raise ValueError(f"unknown TFDS data set {name!r}; choose one of {sorted(TFDS_DATASETS)}")
+    import tensorflow_datasets as tfds
+
+    data_dir = data_dir or os.environ.get("TFDS_DATA_DIR")
+    try:
+        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        n = len(source)
+    except Exception as err:  # tfds raises several types for "not prepared here"
+        where = data_dir or "the default TFDS data dir (~/tensorflow_datasets)"
+        raise DatasetUnavailableError(
+            f"TFDS data set {name!r} (split {split!r}) is not prepared in {where}, and "
+            "els_jax never downloads at run time. Prepare it once on a machine with internet: "
+            f"`pip install 'els-jax[prepare]' && tfds build {name} --data_dir DIR "
+            "--file_format array_record`, then pass --data-dir DIR (or set TFDS_DATA_DIR). "
+            "Or use the embedded data set: --dataset digits. "
+            f"(tfds said: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        ) from err
+    image_key, label_key = TFDS_DATASETS[name]
+    n = n if max_examples is None else min(n, int(max_examples))
+    images, labels = [], []
+    for start in range(0, n, batch):
+        rows = [source[i] for i in range(start, min(n, start + batch))]
+        imgs = to_unit_range(np.stack([r[image_key] for r in rows]))
+        images.append(_resize(imgs, image_size))
+        labels.append(np.array([r[label_key] if label_key else 0 for r in rows], np.int32))
+    if not images:
+        raise ValueError(f"TFDS data set {name!r} split {split!r} is empty")
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def load_dataset(name: str, split: str = "train", *, data_dir: str | None = None,
+                 image_size: int | None = None, max_examples: int | None = None):
+    """Dispatches on ``name``: "digits", a TFDS name, or a path to a .npz file.
+
+    ``image_size``: None keeps the native size for digits/.npz and means 32 for TFDS sets.
+    """
+    if name.endswith(".npz"):
+        images, labels = load_npz(name, image_size)
+    elif name == "digits":
+        images, labels = load_digits(image_size)
+    elif name in TFDS_DATASETS:
+        images, labels = load_tfds(name, split, data_dir=data_dir,
+                                   image_size=32 if image_size is None else image_size,
+                                   max_examples=max_examples)
+    else:
+        raise ValueError(f"unknown data set {name!r}; choose one of {list(DATASETS)} or a "
+                         "path to a .npz file")
+    if max_examples is not None:
+        images, labels = images[:max_examples], labels[:max_examples]
+    return images, labels

@@ -1,0 +1,101 @@
+"""The one softmax accumulation every analytic machine uses (SPEC §2).
+
+Every machine computes, for each query r (an image, or one pixel of one image),
+
+    x̂_0[r] = Σ_c w[r, c] · v[c],      w[r, :] = softmax_c(logit[r, c]),
+
+over ALL candidates c. The candidates are streamed in chunks; an online log-sum-exp keeps a
+running maximum per query, so memory does not grow with the number of candidates and the
+max-subtraction is never shared between queries. Absent candidates (padding of the last
+chunk, images excluded by a class mask) carry logit -inf and contribute exactly zero.
+
+    state = init((Q,), D)
+    for logits, values in chunks:            # logits [Q, M], values [M, D] or [Q, M, D]
+        state = update(state, logits, values)
+    mean = finalize(state)                   # [Q, D]
+
+``merge`` combines two partial states (e.g. from two devices holding different candidates).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["SoftmaxState", "init", "update", "merge", "finalize", "log_normalizer"]
+
+
+class SoftmaxState(NamedTuple):
+    """Running accumulators, for queries of shape ``batch``.
+
+    max:   [*batch]     running maximum logit m (−inf before any candidate).
+    total: [*batch]     Σ_c exp(logit_c − m).
+    acc:   [*batch, D]  Σ_c exp(logit_c − m) · v_c.
+    """
+
+    max: jax.Array
+    total: jax.Array
+    acc: jax.Array
+
+
+def init(batch_shape, value_dim: int, dtype=jnp.float32) -> SoftmaxState:
+    batch_shape = tuple(batch_shape)
+    return SoftmaxState(
+        max=jnp.full(batch_shape, -jnp.inf, dtype),
+        total=jnp.zeros(batch_shape, dtype),
+        acc=jnp.zeros(batch_shape + (value_dim,), dtype),
+    )
+
+
+def _finite_or_zero(m):
+    # A query that has seen only absent candidates has max = −inf; using 0 as its reference
+    # makes exp(−inf − 0) = 0 instead of exp(−inf + inf) = NaN.
+    return jnp.where(jnp.isfinite(m), m, 0.0)
+
+
+def update(state: SoftmaxState, logits, values) -> SoftmaxState:
+    """Adds one chunk of M candidates.
+
+    Args:
+      state: accumulators for queries of shape [*Q].
+      logits: [*Q, M].
+      values: [M, D] (the same values for every query) or [*Q, M, D] (per-query values).
+    """
+    new_max = jnp.maximum(state.max, jnp.max(logits, axis=-1))
+    ref = _finite_or_zero(new_max)
+    scale = jnp.exp(state.max - ref)
+    p = jnp.exp(logits - ref[..., None])
+    if values.ndim == 2:
+        contrib = jnp.matmul(p, values, precision=jax.lax.Precision.HIGHEST)
+    else:
+        contrib = jnp.einsum("...m,...md->...d", p, values,
+                             precision=jax.lax.Precision.HIGHEST)
+    return SoftmaxState(
+        max=new_max,
+        total=state.total * scale + jnp.sum(p, axis=-1),
+        acc=state.acc * scale[..., None] + contrib,
+    )
+
+
+def merge(s1: SoftmaxState, s2: SoftmaxState) -> SoftmaxState:
+    """Combines partial states over disjoint candidate sets (associative, commutative)."""
+    new_max = jnp.maximum(s1.max, s2.max)
+    ref = _finite_or_zero(new_max)
+    c1, c2 = jnp.exp(s1.max - ref), jnp.exp(s2.max - ref)
+    return SoftmaxState(
+        max=new_max,
+        total=s1.total * c1 + s2.total * c2,
+        acc=s1.acc * c1[..., None] + s2.acc * c2[..., None],
+    )
+
+
+def finalize(state: SoftmaxState):
+    """The softmax-weighted mean Σ_c w_c v_c, [*Q, D]. Zero where no candidate was present."""
+    return state.acc / jnp.maximum(state.total, jnp.finfo(state.total.dtype).tiny)[..., None]
+
+
+def log_normalizer(state: SoftmaxState):
+    """log Σ_c exp(logit_c), [*Q]."""
+    return state.max + jnp.log(state.total)
