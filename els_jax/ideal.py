@@ -28,13 +28,17 @@ from els_jax.validation import check_query_and_images, mask_log_weights
 __all__ = ["ideal_score", "ideal_x0"]
 
 
-def _chunked(arr, chunk_size: int, fill):
-    """[N, ...] → [ceil(N/chunk), chunk, ...], padding the tail with ``fill``."""
-    n = arr.shape[0]
+def chunk_starts(n: int, chunk_size: int):
+    """Start rows of ceil(n/chunk) chunks that each hold exactly ``chunk_size`` rows.
+
+    The last chunk is shifted back to end at row n (no padding copy of the data set); its
+    rows already seen by the previous chunk are excluded with ``first_new_row``.
+    Returns (starts [n_chunks], first_new_row [n_chunks]) as int32 arrays.
+    """
     n_chunks = -(-n // chunk_size)
-    pad = n_chunks * chunk_size - n
-    arr = jnp.pad(arr, [(0, pad)] + [(0, 0)] * (arr.ndim - 1), constant_values=fill)
-    return arr.reshape((n_chunks, chunk_size) + arr.shape[1:])
+    nominal = jnp.arange(n_chunks, dtype=jnp.int32) * chunk_size
+    starts = jnp.minimum(nominal, n - chunk_size)
+    return starts, nominal - starts
 
 
 @functools.partial(jax.jit, static_argnames=("schedule", "chunk_size"))
@@ -45,21 +49,28 @@ def _ideal_x0(x, t, images, log_w, *, schedule, chunk_size):
     a = jnp.broadcast_to(a, (bsz,))[:, None]
     b2 = jnp.maximum(jnp.broadcast_to(b2, (bsz,)), conversions.B2_FLOOR)[:, None]
 
-    cands = images.reshape(n, -1).astype(jnp.float32)
-    mu = jnp.mean(cands, axis=0)
-    cands = cands - mu
+    flat = images.reshape(n, -1).astype(jnp.float32)
+    mu = jnp.mean(flat, axis=0, keepdims=True)
+    # ‖c − μ‖²/2 for every image: N floats, computed from centred values for accuracy.
+    half_sq = 0.5 * jnp.sum((flat - mu) ** 2, axis=-1)
+    # Centred query q = x − a·μ. The logit −‖q − a(c − μ)‖²/(2b²) equals, up to terms that are
+    # the same for every candidate, (a q·c − a²‖c − μ‖²/2)/b²; a small q keeps q·c accurate.
     q = x.reshape(bsz, -1) - a * mu                       # [B, D]
-    chunks = (_chunked(cands, chunk_size, 0.0), _chunked(log_w, chunk_size, -jnp.inf))
+    starts, first_new = chunk_starts(n, chunk_size)
+    rows = jnp.arange(chunk_size, dtype=jnp.int32)
 
     def body(state, chunk):
-        c, lw = chunk                                        # [M, D], [M]
-        qc = jnp.matmul(q, c.T, precision=jax.lax.Precision.HIGHEST)      # [B, M]
-        half_sq = 0.5 * jnp.sum(c * c, axis=-1)
-        logits = (a * qc - (a * a) * half_sq) / b2 + lw
+        start, first = chunk
+        c = jax.lax.dynamic_slice_in_dim(flat, start, chunk_size)            # [M, D]
+        hs = jax.lax.dynamic_slice_in_dim(half_sq, start, chunk_size)
+        lw = jax.lax.dynamic_slice_in_dim(log_w, start, chunk_size)
+        lw = jnp.where(rows >= first, lw, -jnp.inf)                            # seen before
+        qc = jnp.matmul(q, c.T, precision=jax.lax.Precision.HIGHEST)          # [B, M]
+        logits = (a * qc - (a * a) * hs[None]) / b2 + lw[None]
         return softmax.update(state, logits, c), None
 
-    state, _ = jax.lax.scan(body, softmax.init((bsz,), cands.shape[1]), chunks)
-    return (softmax.finalize(state) + mu).reshape(x.shape)
+    state, _ = jax.lax.scan(body, softmax.init((bsz,), flat.shape[1]), (starts, first_new))
+    return softmax.finalize(state).reshape(x.shape)
 
 
 def ideal_x0(x, t, images, *, schedule=schedules_lib.Cosine(), mask=None, chunk_size: int = 256):

@@ -1,0 +1,65 @@
+"""Data loaders: embedded digits, TFDS via its own mock data, .npz, and clear offline errors."""
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+import els_jax as ej
+from els_jax import data
+
+
+def test_digits_are_the_real_embedded_images_in_unit_range():
+    from sklearn.datasets import load_digits
+
+    images, labels = ej.load_dataset("digits")
+    assert images.shape == (1797, 8, 8, 1) and images.dtype == np.float32
+    raw = load_digits()
+    np.testing.assert_allclose(images[5, :, :, 0], raw.images[5] / 8.0 - 1.0)
+    assert images.min() == -1.0 and images.max() == 1.0
+    np.testing.assert_array_equal(labels, raw.target)
+
+
+def test_digits_can_be_upscaled():
+    images, _ = ej.load_dataset("digits", image_size=16)
+    assert images.shape == (1797, 16, 16, 1)
+    assert -1.0 <= images.min() and images.max() <= 1.0
+    small, _ = ej.load_dataset("digits")
+    # Upscaling preserves the mean intensity of each digit approximately.
+    np.testing.assert_allclose(images.mean((1, 2, 3)), small.mean((1, 2, 3)), atol=0.05)
+
+
+@pytest.mark.parametrize("name,channels", [("mnist", 1), ("cifar10", 3)])
+def test_tfds_loader_on_mock_data(name, channels):
+    with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
+        images, labels = ej.load_dataset(name)
+    assert images.shape == (6, 32, 32, channels) and images.dtype == np.float32
+    assert images.min() >= -1.0 and images.max() <= 1.0 and images.std() > 0.1
+    assert labels.dtype == np.int32 and labels.shape == (6,)
+
+
+def test_celeba_is_cropped_square_and_resized():
+    with tfds.testing.mock_data(num_examples=3, policy=tfds.testing.MockPolicy.USE_CODE):
+        images, _ = ej.load_dataset("celeb_a", image_size=16)
+    assert images.shape == (3, 16, 16, 3)
+
+
+def test_missing_tfds_data_offline_says_what_to_do(tmp_path):
+    with pytest.raises(data.DatasetUnavailableError, match="tfds build mnist"):
+        ej.load_dataset("mnist", data_dir=str(tmp_path))
+
+
+def test_unknown_dataset_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown data set 'imagenet'"):
+        ej.load_dataset("imagenet")
+
+
+def test_npz_roundtrip(tmp_path, rng):
+    pix = rng.integers(0, 256, size=(4, 5, 5), dtype=np.uint8)
+    path = tmp_path / "d.npz"
+    np.savez(path, images=pix, labels=np.arange(4))
+    images, labels = ej.load_dataset(str(path))
+    np.testing.assert_allclose(images[..., 0], pix / 127.5 - 1.0, atol=1e-6)
+    np.testing.assert_array_equal(labels, np.arange(4))
+    np.savez(tmp_path / "bad.npz", images=np.full((2, 3, 3, 1), 5.0, np.float32))
+    with pytest.raises(ValueError, match=r"must lie in \[-1, 1\]"):
+        ej.load_dataset(str(tmp_path / "bad.npz"))
