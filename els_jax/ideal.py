@@ -28,19 +28,6 @@ from els_jax.validation import check_query_and_images, mask_log_weights
 __all__ = ["ideal_score", "ideal_x0"]
 
 
-def chunk_starts(n: int, chunk_size: int):
-    """Start rows of ceil(n/chunk) chunks that each hold exactly ``chunk_size`` rows.
-
-    The last chunk is shifted back to end at row n (no padding copy of the data set); its
-    rows already seen by the previous chunk are excluded with ``first_new_row``.
-    Returns (starts [n_chunks], first_new_row [n_chunks]) as int32 arrays.
-    """
-    n_chunks = -(-n // chunk_size)
-    nominal = jnp.arange(n_chunks, dtype=jnp.int32) * chunk_size
-    starts = jnp.minimum(nominal, n - chunk_size)
-    return starts, nominal - starts
-
-
 @functools.partial(jax.jit, static_argnames=("schedule", "chunk_size"))
 def _ideal_x0(x, t, images, log_w, *, schedule, chunk_size):
     bsz = x.shape[0]
@@ -56,7 +43,7 @@ def _ideal_x0(x, t, images, log_w, *, schedule, chunk_size):
     # Centred query q = x − a·μ. The logit −‖q − a(c − μ)‖²/(2b²) equals, up to terms that are
     # the same for every candidate, (a q·c − a²‖c − μ‖²/2)/b²; a small q keeps q·c accurate.
     q = x.reshape(bsz, -1) - a * mu                       # [B, D]
-    starts, first_new = chunk_starts(n, chunk_size)
+    starts, first_new = softmax.chunk_starts(n, chunk_size)
     rows = jnp.arange(chunk_size, dtype=jnp.int32)
 
     def body(state, chunk):

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-__all__ = ["SoftmaxState", "init", "update", "merge", "finalize", "log_normalizer"]
+__all__ = ["SoftmaxState", "init", "update", "update_with", "merge", "merge_across", "chunk_starts", "finalize", "log_normalizer"]
 
 
 class SoftmaxState(NamedTuple):
@@ -55,28 +55,41 @@ def _finite_or_zero(m):
     return jnp.where(jnp.isfinite(m), m, 0.0)
 
 
+def update_with(state: SoftmaxState, logits, weighted_sum) -> SoftmaxState:
+    """Adds one chunk of M candidates whose values are combined by ``weighted_sum``.
+
+    Args:
+      state: accumulators for queries of shape [*Q].
+      logits: [*Q, M]; −inf marks an absent candidate.
+      weighted_sum: p [*Q, M] ↦ Σ_c p_c·v_c, [*Q, D]. Lets a machine combine values without
+        materialising them per candidate (e.g. the equivariant machine uses an FFT).
+    """
+    new_max = jnp.maximum(state.max, jnp.max(logits, axis=-1))
+    ref = _finite_or_zero(new_max)
+    scale = jnp.exp(state.max - ref)
+    p = jnp.exp(logits - ref[..., None])
+    return SoftmaxState(
+        max=new_max,
+        total=state.total * scale + jnp.sum(p, axis=-1),
+        acc=state.acc * scale[..., None] + weighted_sum(p),
+    )
+
+
 def update(state: SoftmaxState, logits, values) -> SoftmaxState:
-    """Adds one chunk of M candidates.
+    """Adds one chunk of M candidates with explicit values.
 
     Args:
       state: accumulators for queries of shape [*Q].
       logits: [*Q, M].
       values: [M, D] (the same values for every query) or [*Q, M, D] (per-query values).
     """
-    new_max = jnp.maximum(state.max, jnp.max(logits, axis=-1))
-    ref = _finite_or_zero(new_max)
-    scale = jnp.exp(state.max - ref)
-    p = jnp.exp(logits - ref[..., None])
     if values.ndim == 2:
-        contrib = jnp.matmul(p, values, precision=jax.lax.Precision.HIGHEST)
+        def weighted_sum(p):
+            return jnp.matmul(p, values, precision=jax.lax.Precision.HIGHEST)
     else:
-        contrib = jnp.einsum("...m,...md->...d", p, values,
-                             precision=jax.lax.Precision.HIGHEST)
-    return SoftmaxState(
-        max=new_max,
-        total=state.total * scale + jnp.sum(p, axis=-1),
-        acc=state.acc * scale[..., None] + contrib,
-    )
+        def weighted_sum(p):
+            return jnp.einsum("...m,...md->...d", p, values, precision=jax.lax.Precision.HIGHEST)
+    return update_with(state, logits, weighted_sum)
 
 
 def merge(s1: SoftmaxState, s2: SoftmaxState) -> SoftmaxState:
@@ -89,6 +102,31 @@ def merge(s1: SoftmaxState, s2: SoftmaxState) -> SoftmaxState:
         total=s1.total * c1 + s2.total * c2,
         acc=s1.acc * c1[..., None] + s2.acc * c2[..., None],
     )
+
+
+def merge_across(state: SoftmaxState, axis_name) -> SoftmaxState:
+    """``merge`` over a mapped/sharded axis (inside shard_map or pmap): every device ends with
+    the state over the union of all devices' candidates."""
+    new_max = jax.lax.pmax(state.max, axis_name)
+    scale = jnp.exp(state.max - _finite_or_zero(new_max))
+    return SoftmaxState(
+        max=new_max,
+        total=jax.lax.psum(state.total * scale, axis_name),
+        acc=jax.lax.psum(state.acc * scale[..., None], axis_name),
+    )
+
+
+def chunk_starts(n: int, chunk_size: int):
+    """Start rows of ceil(n/chunk) chunks that each hold exactly ``chunk_size`` of n rows.
+
+    The last chunk is shifted back to end at row n, so a data set is never copied to pad it;
+    its rows already seen by the previous chunk must be excluded: row r of chunk j is new iff
+    r ≥ first_new[j]. Returns (starts, first_new), int32 [n_chunks].
+    """
+    n_chunks = -(-n // chunk_size)
+    nominal = jnp.arange(n_chunks, dtype=jnp.int32) * chunk_size
+    starts = jnp.minimum(nominal, n - chunk_size)
+    return starts, nominal - starts
 
 
 def finalize(state: SoftmaxState):

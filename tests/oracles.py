@@ -44,3 +44,95 @@ def ideal_score(x, t, images, mask=None, schedule="cosine"):
     ab = alpha_bar(t, schedule)
     x0 = ideal_x0(x, t, images, mask, schedule)
     return -(np.asarray(x, np.float64) - math.sqrt(ab) * x0) / (1.0 - ab)
+
+
+def _coeffs(t, schedule="cosine"):
+    ab = float(alpha_bar(t, schedule))
+    return math.sqrt(ab), 1.0 - ab
+
+
+def window(img, i, j, k, mode):
+    """k×k window of img [H, W, C] centred on (i, j): "circular" wraps, "zeros" pads with 0.
+    Returns (values [k, k, C], inside [k, k] bool)."""
+    h, w, c = img.shape
+    m = k // 2
+    out = np.zeros((k, k, c))
+    inside = np.zeros((k, k), bool)
+    for dy in range(-m, m + 1):
+        for dx in range(-m, m + 1):
+            y, x = i + dy, j + dx
+            if mode == "circular":
+                out[dy + m, dx + m] = img[y % h, x % w]
+                inside[dy + m, dx + m] = True
+            elif 0 <= y < h and 0 <= x < w:
+                out[dy + m, dx + m] = img[y, x]
+                inside[dy + m, dx + m] = True
+    return out, inside
+
+
+def local_x0(x, t, images, k, mask=None, schedule="cosine"):
+    """LS: window cut at the border, candidates = same-location windows of every image."""
+    a, b2 = _coeffs(t, schedule)
+    imgs = np.asarray(images, np.float64)
+    if mask is not None:
+        imgs = imgs[np.asarray(mask)]
+    x = np.asarray(x, np.float64)
+    out = np.zeros_like(x)
+    for bi in range(x.shape[0]):
+        for i in range(x.shape[1]):
+            for j in range(x.shape[2]):
+                q, inside = window(x[bi], i, j, k, "zeros")
+                logits, vals = [], []
+                for c in imgs:
+                    cw, _ = window(c, i, j, k, "zeros")
+                    logits.append(-np.sum(((q - a * cw) ** 2)[inside]) / (2 * b2))
+                    vals.append(c[i, j])
+                out[bi, i, j] = softmax_mean(logits, np.array(vals))
+    return out
+
+
+def equivariant_x0(x, t, images, mask=None, schedule="cosine"):
+    """ES: the ideal machine over every circular translate of every training image."""
+    imgs = np.asarray(images, np.float64)
+    if mask is not None:
+        imgs = imgs[np.asarray(mask)]
+    h, w = imgs.shape[1:3]
+    translates = np.stack([np.roll(c, (sy, sx), axis=(0, 1)) for c in imgs
+                           for sy in range(h) for sx in range(w)])
+    return ideal_x0(x, t, translates, schedule=schedule)
+
+
+def els_x0(x, t, images, k, boundary="circular", wrap_patches=False, mask=None,
+           schedule="cosine"):
+    """ELS, literally from the SPEC §2 table and notes."""
+    a, b2 = _coeffs(t, schedule)
+    imgs = np.asarray(images, np.float64)
+    if mask is not None:
+        imgs = imgs[np.asarray(mask)]
+    x = np.asarray(x, np.float64)
+    _, h, w, _ = x.shape
+    m = k // 2
+    if boundary == "zeros" and k >= min(h, w):
+        return local_x0(x, t, images, k, mask, schedule)
+
+    def centres(i, n):  # allowed candidate centre coordinates along one axis
+        if boundary == "circular":
+            return range(n) if wrap_patches else range(m, n - m)
+        if i < m or i >= n - m:
+            return [i]
+        return range(m, n - m)
+
+    out = np.zeros_like(x)
+    for bi in range(x.shape[0]):
+        for i in range(h):
+            for j in range(w):
+                q, _ = window(x[bi], i, j, k, boundary)
+                logits, vals = [], []
+                for c in imgs:
+                    for u in centres(i, h):
+                        for v in centres(j, w):
+                            cw, _ = window(c, u, v, k, boundary)
+                            logits.append(-np.sum((q - a * cw) ** 2) / (2 * b2))
+                            vals.append(c[u, v])
+                out[bi, i, j] = softmax_mean(logits, np.array(vals))
+    return out
