@@ -7,7 +7,14 @@ from els_jax.conversions import (eps_to_score, eps_to_x0, score_to_eps, score_to
 from els_jax.data import load_dataset
 from els_jax.forward import add_noise
 from els_jax.ideal import ideal_score, ideal_x0
+from els_jax.els import els_score, els_x0
+from els_jax.equivariant import equivariant_score, equivariant_x0
+from els_jax.local import local_score, local_x0
+from els_jax.machine import Machine, candidate_mesh, make_machine
 from els_jax.sampler import SampleResult, ddim_step, sample, uniform_times
+from els_jax.networks import ResNet, UNet, make_network, receptive_field
+from els_jax.train import (TrainConfig, create_train_state, load_trained,
+                           train_and_evaluate, train_step)
 
 __version__ = "0.1.0"
 
@@ -16,6 +23,10 @@ __all__ = [
     "add_noise",
     "score_to_eps", "eps_to_score", "score_to_x0", "x0_to_score", "eps_to_x0", "x0_to_eps",
     "ideal_score", "ideal_x0",
+    "local_score", "local_x0", "equivariant_score", "equivariant_x0", "els_score", "els_x0",
+    "make_machine", "Machine", "candidate_mesh",
     "uniform_times", "ddim_step", "sample", "SampleResult",
     "load_dataset",
+    "ResNet", "UNet", "make_network", "receptive_field",
+    "TrainConfig", "create_train_state", "train_step", "train_and_evaluate", "load_trained",
 ]

@@ -259,3 +259,117 @@ def els_score(x, t, images, *, k: int, boundary: str = "circular", wrap_patches:
     x0 = els_x0(x, t, images, k=k, boundary=boundary, wrap_patches=wrap_patches,
                 schedule=schedule, mask=mask, block=block)
     return conversions.x0_to_score(x0, x, t, schedule=schedule)
+
+
+# ----------------------------------------------------------------------------------------
+# Candidate banks: built once per (data set, k, boundary, mask), reused at every step.
+
+
+class CandidateBank(NamedTuple):
+    """The candidates of one pass, deduplicated and padded to whole chunks (arrays only).
+
+    keys [M, D] (windows minus the mean shift), half_sq [M], values [M, V],
+    log_w [M] (log multiplicity; −inf = padding), group [M] int32.
+    """
+
+    keys: jax.Array
+    half_sq: jax.Array
+    values: jax.Array
+    log_w: jax.Array
+    group: jax.Array
+
+
+def _dedup(rows: np.ndarray, counts: np.ndarray):
+    """Merges identical rows, adding their counts. rows [M, F] float32, counts [M]."""
+    uniq, inverse = np.unique(rows, axis=0, return_inverse=True)
+    return uniq, np.bincount(inverse.reshape(-1), weights=counts, minlength=len(uniq))
+
+
+def build_bank(images, *, k: int, boundary: str = "circular", wrap_patches: bool = False,
+               dedup: bool = True, chunk: int = 4096, n_shards: int = 1, ideal: bool = False,
+               images_per_step: int = 64):
+    """Precomputes the candidates of every pass of the ELS machine (or of the ideal machine).
+
+    Built on the host, ``images_per_step`` images at a time; with ``dedup`` identical windows
+    (same pixels, same value, same group) are merged as they arrive, so memory holds the
+    unique candidates plus one step. The mask (class-conditional) is applied by passing only
+    the selected images.
+
+    Returns (mu [C], list of CandidateBank, each padded to a multiple of chunk·n_shards).
+    """
+    images = np.asarray(images, np.float32)
+    n, h, w, c = images.shape
+    mu = images.mean(axis=(0, 1, 2))
+    passes = _ideal_layout(h, w) if ideal else layout(k, boundary, wrap_patches, h, w)
+    banks = []
+    for ps in passes:
+        shift = np.asarray(_shift_vector(jnp.asarray(mu), k, ps.cand_mode, h, w))
+        rows, counts = None, None
+        make = jax.jit(lambda im, ps=ps, shift=shift: _candidates(
+            im, jnp.zeros(im.shape[0]), k, ps, jnp.asarray(shift)))
+        for start in range(0, n, images_per_step):
+            cand = make(jnp.asarray(images[start:start + images_per_step]))
+            new = np.concatenate([np.asarray(cand.keys), np.asarray(cand.values),
+                                  np.asarray(cand.group, np.float32)[:, None]], axis=1)
+            new_counts = np.ones(len(new))
+            if rows is not None:
+                new, new_counts = np.concatenate([rows, new]), np.concatenate([counts, new_counts])
+            rows, counts = _dedup(new, new_counts) if dedup else (new, new_counts)
+        d = np.asarray(cand.keys).shape[1]
+        v = np.asarray(cand.values).shape[1]
+        m = len(rows)
+        per = chunk * n_shards
+        total = -(-m // per) * per
+        pad = total - m
+        keys = np.pad(rows[:, :d], ((0, pad), (0, 0)))
+        values = np.pad(rows[:, d:d + v], ((0, pad), (0, 0)))
+        group = np.pad(rows[:, d + v].astype(np.int32), (0, pad))
+        log_w = np.concatenate([np.log(counts), np.full(pad, -np.inf)]).astype(np.float32)
+        banks.append(CandidateBank(jnp.asarray(keys), jnp.asarray(0.5 * np.sum(keys * keys, 1)),
+                                   jnp.asarray(values), jnp.asarray(log_w), jnp.asarray(group)))
+    return jnp.asarray(mu), banks
+
+
+def _stream_bank(state, q, q_group, a, b2, bank: CandidateBank, chunk: int):
+    n_chunks = bank.keys.shape[0] // chunk
+
+    def body(state, j):
+        sl = lambda arr: jax.lax.dynamic_slice_in_dim(arr, j * chunk, chunk)
+        return _accumulate(state, q, q_group, a, b2, _Chunk(*map(sl, bank))), None
+
+    state, _ = jax.lax.scan(body, state, jnp.arange(n_chunks))
+    return state
+
+
+@functools.partial(jax.jit, static_argnames=("k", "boundary", "wrap_patches", "schedule",
+                                             "chunk", "mesh", "ideal"))
+def bank_x0(x, t, mu, banks, *, k, boundary, wrap_patches, schedule, chunk, mesh=None,
+            ideal=False):
+    """x̂_0 [B, H, W, C] from precomputed banks (``build_bank``), optionally sharded.
+
+    With a ``mesh`` (one axis, "cands"), each bank's candidates are split over the devices;
+    each device streams its own part and the partial softmax states are merged exactly
+    (softmax.merge_across), so the result equals the single-device one.
+    """
+    bsz, h, w, c = x.shape
+    a, b2 = _coeffs(t, bsz, schedule)
+    passes = _ideal_layout(h, w) if ideal else layout(k, boundary, wrap_patches, h, w)
+    results = []
+    for ps, bank in zip(passes, banks):
+        q = _queries(x, a, k, ps, mu)
+        q_group = None if ps.query_group is None else jnp.asarray(ps.query_group, jnp.int32)
+        init = softmax.init(q.shape[:2], bank.values.shape[1])
+        if mesh is None:
+            state = _stream_bank(init, q, q_group, a, b2, bank, chunk)
+        else:
+            from jax.sharding import PartitionSpec as P
+
+            def local(q, a, b2, bank, q_group=q_group, init=init):
+                st = _stream_bank(init, q, q_group, a, b2, bank, chunk)
+                return softmax.merge_across(st, "cands")
+
+            spec = CandidateBank(*([P("cands")] * 5))
+            state = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), spec),
+                                  out_specs=P(), check_vma=False)(q, a, b2, bank)
+        results.append((ps, softmax.finalize(state)))
+    return _scatter(x.shape, results)

@@ -97,7 +97,9 @@ def sample(eps_fn: Callable, x_T, times=None, *, schedule=schedules_lib.Cosine()
     """Runs the reverse process from x_T over the descending grid ``times``.
 
     Args:
-      eps_fn: ε̂ = eps_fn(x, t, i); i is the step index (0 = first step, at times[0]).
+      eps_fn: ε̂ = eps_fn(x, t, i); i is the step index (0 = first step, at times[0]). If
+        it has an int attribute ``num_steps`` (a machine with a scale list), the grid must
+        have exactly that many steps.
       x_T: starting noise [B, H, W, C] (e.g. jax.random.normal(key, shape)).
       times: descending grid [n + 1] (default uniform_times(20)).
       schedule: a Schedule or its name; must be the one the model was built for.
@@ -114,6 +116,11 @@ def sample(eps_fn: Callable, x_T, times=None, *, schedule=schedules_lib.Cosine()
     times_np = _check_times(uniform_times(20) if times is None else times)
     if eta > 0 and key is None:
         raise ValueError("a stochastic sampler (eta > 0) needs a PRNG key")
+    num_steps = getattr(eps_fn, "num_steps", None)
+    if num_steps is not None and num_steps != len(times_np) - 1:
+        raise ValueError(f"the model has one patch size per step for {num_steps} steps, but the "
+                         f"time grid has {len(times_np) - 1} steps; pass a grid of that length "
+                         "or a scale list with one entry per step")
     x = jnp.asarray(x_T, jnp.float32)
     if x.ndim != 4:
         raise ValueError(f"x_T must be [B, H, W, C]; got shape {x.shape}")
