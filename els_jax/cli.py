@@ -1,6 +1,7 @@
 """The ``els-jax`` command line. Thin: parses arguments and calls library functions.
 
     els-jax sample --dataset digits --machine ideal --num 16 --steps 20 --out runs/is
+    els-jax train --config experiments/configs/digits_resnet.py --workdir runs/digits_resnet
 """
 
 from __future__ import annotations
@@ -92,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default: a new one under ./runs)")
     p.set_defaults(func=_cmd_sample)
+
+    from els_jax.train import add_train_subcommand
+    add_train_subcommand(sub)
     return parser
 
 
