@@ -2,6 +2,7 @@
 
     els-jax sample --dataset digits --machine ideal --num 16 --steps 20 --out runs/is
     els-jax train --config experiments/configs/digits_resnet.py --workdir runs/digits_resnet
+    els-jax reproduce --dataset digits --seeds 32 --out runs/digits
 """
 
 from __future__ import annotations
@@ -96,7 +97,62 @@ def build_parser() -> argparse.ArgumentParser:
 
     from els_jax.train import add_train_subcommand
     add_train_subcommand(sub)
+
+    p = sub.add_parser(
+        "reproduce", help="the paper's experiment: train, calibrate, compare ELS/LS/IS with the "
+                          "network, write report.json + figures (resumes an interrupted run)")
+    p.add_argument("--dataset", default="digits",
+                   help="digits | mnist | fashion_mnist | cifar10 | celeb_a | path.npz")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--max-examples", type=int, default=None)
+    p.add_argument("--data-dir", default=None, help="prepared TFDS data dir (no downloads)")
+    p.add_argument("--arch", default="resnet", choices=["resnet", "unet"])
+    p.add_argument("--padding", default="zeros", choices=["zeros", "circular"])
+    p.add_argument("--conditional", action="store_true", help="class-conditional network and "
+                   "machines (seed s gets label s mod #classes)")
+    p.add_argument("--checkpoint", default=None,
+                   help="reuse the network trained in this directory (els-jax train --workdir)")
+    p.add_argument("--train-steps", type=int, default=None, help="override the training length")
+    p.add_argument("--seeds", type=int, default=32, help="comparison seeds")
+    p.add_argument("--calib-seeds", type=int, default=8, help="calibration seeds (other seeds)")
+    p.add_argument("--machine-steps", type=int, default=20)
+    p.add_argument("--network-steps", type=int, default=20, help="the paper uses 150")
+    p.add_argument("--candidates", type=_odd_sizes, default=None,
+                   help="patch sizes for the calibration, e.g. 3,5,7 (default 3, 5, …, image size)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="run folder (default: a new one under ./runs); "
+                   "an existing one is resumed")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_reproduce)
     return parser
+
+
+def _odd_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated odd sizes, got {text!r}")
+    if not sizes or any(k < 1 or k % 2 == 0 for k in sizes):
+        raise argparse.ArgumentTypeError(f"patch sizes must be odd and positive, got {text!r}")
+    return sizes
+
+
+def _cmd_reproduce(args) -> int:
+    from els_jax.reproduce import ReproduceConfig, reproduce
+
+    cfg = ReproduceConfig(
+        dataset=args.dataset, image_size=args.image_size, max_examples=args.max_examples,
+        data_dir=args.data_dir, arch=args.arch, padding=args.padding,
+        conditional=args.conditional, checkpoint=args.checkpoint,
+        train=None if args.train_steps is None else {"steps": args.train_steps},
+        n_seeds=args.seeds, calib_seeds=args.calib_seeds, machine_steps=args.machine_steps,
+        network_steps=args.network_steps, candidates=args.candidates, seed=args.seed)
+    out = args.out or _new_run_dir(f"reproduce-{args.dataset}-{args.arch}-{args.padding}")
+    print(f"els-jax reproduce → {out}", flush=True)
+    report = reproduce(cfg, out, progress=not args.no_progress)
+    keys = ("median_r2", "median_R2", "frac_els_beats_is", "scales", "n_seeds", "elapsed_s")
+    print(json.dumps({k: report[k] for k in keys} | {"out": out}, indent=1))
+    return 0
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,503 @@
+"""The paper's experiment end to end (SPEC §4): train → calibrate → compare → report.
+
+    report = reproduce(ReproduceConfig(dataset="digits", n_seeds=32), out="runs/digits")
+
+Stages, each written atomically into ``out`` and skipped when a resumed run finds it done:
+
+  1. network/        the trained ε-network (``train_and_evaluate``, which itself resumes from
+                     its last checkpoint), or an existing run passed as ``checkpoint``.
+  2. scales.json     calibration of ELS (boundary = the network's padding) and LS along the
+                     network's own DDIM trajectory from ``calib_seeds`` seeds that are NOT
+                     among the comparison seeds (so the comparison is not fitted to itself).
+  3. parts/*.npz     one file per model: the final images and x̂_0 at every step for the
+                     comparison seeds, all started from the same x_T (and labels).
+  4. samples.npz, report.json, report.md, figures/*.png.
+
+The models share the noise x_T (seed s: normal(fold_in(PRNGKey(seed), s))), the labels, and
+the machines' time grid; the network may use a finer grid (``network_steps``, the paper uses
+150 against 20). Before any metric is computed the stored x_T, labels and grids of every model
+are checked to be identical: a mismatch is an error, not a silent bias.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from els_jax import calibrate as calibrate_lib
+from els_jax import data as data_lib
+from els_jax import machine as machine_lib
+from els_jax import metrics, networks, sampler
+from els_jax import schedules as schedules_lib
+from els_jax import train as train_lib
+
+__all__ = ["ReproduceConfig", "reproduce", "default_train_config", "digits_train_config",
+           "MACHINE_NAMES"]
+
+MACHINE_NAMES = ("els", "ls", "is")
+_CONFIG_FILE, _SCALES_FILE, _TIMINGS_FILE = "config.json", "scales.json", "timings.json"
+
+
+def digits_train_config(**overrides) -> train_lib.TrainConfig:
+    """The small ResNet on the embedded 8×8 digits that the main job trains on 2 CPU cores.
+
+    The paper's ResNet (6 residual 3×3 layers, zero padding, no normalisation) at width 64
+    instead of 256; a 5× larger learning rate with a faster decay and an EMA so that a few
+    thousand steps suffice (the paper trains 300 epochs at lr 1e-4).
+    """
+    base = dict(dataset="digits", arch="resnet", padding="zeros", conditional=False,
+                channels=64, depth=6, batch_size=128, steps=3000, epochs=None, lr=5e-4,
+                lr_decay=0.9997, ema=0.999, seed=0, checkpoint_every=500, log_every=100)
+    base.update(overrides)
+    return train_lib.TrainConfig(**base)
+
+
+def default_train_config(dataset: str, arch: str, padding: str, conditional: bool,
+                         image_size: int | None = None) -> train_lib.TrainConfig:
+    """The paper's recipe (SPEC §5) for a data set; the CPU-sized one for the digits."""
+    if dataset == "digits":
+        return digits_train_config(arch=arch, padding=padding, conditional=conditional,
+                                   image_size=image_size)
+    return train_lib.TrainConfig(dataset=dataset, arch=arch, padding=padding,
+                                 conditional=conditional, image_size=image_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReproduceConfig:
+    """One run of the experiment. JSON-serialisable; saved as ``config.json`` in the run.
+
+    dataset, image_size, max_examples, data_dir: the training set (SPEC §6).
+    arch, padding, conditional: the network (ignored when ``checkpoint`` or ``train`` is set).
+    train: optional TrainConfig fields (dict) overriding ``default_train_config``.
+    checkpoint: reuse the network trained in this directory instead of training one.
+    n_seeds: comparison seeds; calib_seeds: calibration seeds (disjoint from them).
+    machine_steps / network_steps: DDIM steps for the machines and for the network.
+    candidates: patch sizes tried by the calibration (default 3, 5, …, image size).
+    seed: base of the noise seeds.
+    """
+
+    dataset: str = "digits"
+    image_size: int | None = None
+    max_examples: int | None = None
+    data_dir: str | None = None
+    arch: str = "resnet"
+    padding: str = "zeros"
+    conditional: bool = False
+    train: dict | None = None
+    checkpoint: str | None = None
+    n_seeds: int = 32
+    calib_seeds: int = 8
+    machine_steps: int = 20
+    network_steps: int = 20
+    candidates: tuple[int, ...] | None = None
+    seed: int = 0
+
+    def validate(self):
+        if self.n_seeds < 2:
+            raise ValueError(f"n_seeds must be at least 2 (medians over seeds); got {self.n_seeds}")
+        if self.calib_seeds < 1:
+            raise ValueError(f"calib_seeds must be at least 1; got {self.calib_seeds}")
+        if self.machine_steps < 1 or self.network_steps < 1:
+            raise ValueError("machine_steps and network_steps must be at least 1")
+        if self.padding not in ("zeros", "circular"):
+            raise ValueError(f"unknown padding {self.padding!r}; choose 'zeros' or 'circular'")
+        for k in self.candidates or ():
+            if k < 1 or k % 2 == 0:
+                raise ValueError(f"candidate patch sizes must be odd and positive; got {k}")
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["candidates"] = None if self.candidates is None else list(self.candidates)
+        return d
+
+
+# ---------------------------------------------------------------------------------------------
+# small helpers
+
+
+def _atomic_write_text(path: str, text: str):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)          # readers see the old file or the new one, never half
+
+
+def _atomic_json(path: str, obj):
+    _atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def _atomic_npz(path: str, **arrays):
+    tmp = f"{path}.tmp-{os.getpid()}.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _digest(*arrays) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(str((a.dtype, a.shape)).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+class _Timer:
+    """Seconds per stage, accumulated over resumed sessions in timings.json."""
+
+    def __init__(self, out):
+        self.path = os.path.join(out, _TIMINGS_FILE)
+        self.times = _read_json(self.path) if os.path.exists(self.path) else {}
+
+    def add(self, stage, seconds):
+        self.times[stage] = round(self.times.get(stage, 0.0) + seconds, 3)
+        _atomic_json(self.path, self.times)
+
+    @property
+    def total(self):
+        return round(sum(self.times.values()), 3)
+
+
+def seed_noise(seed: int, seeds: Sequence[int], shape) -> jax.Array:
+    """x_T for each seed s: normal(fold_in(PRNGKey(seed), s), shape): [S, *shape]."""
+    base = jax.random.PRNGKey(seed)
+    return jnp.stack([jax.random.normal(jax.random.fold_in(base, int(s)), tuple(shape),
+                                        jnp.float32) for s in seeds])
+
+
+def seed_labels(seeds: Sequence[int], num_classes: int | None):
+    """Labels for conditional runs: seed s gets class s mod num_classes (balanced)."""
+    if num_classes is None:
+        return None
+    return np.asarray(seeds, np.int32) % num_classes
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling every model the same way
+
+
+def _by_label(labels):
+    """Runs fn(index array, label or None) per label group; None labels = one group."""
+    if labels is None:
+        return [(None, None)]
+    return [(np.flatnonzero(labels == c), int(c)) for c in np.unique(labels)]
+
+
+def sample_machine(kind: str, images, train_labels, x_T, labels, times, *, scales=None,
+                   boundary="zeros", schedule) -> sampler.SampleResult:
+    """Samples machine ``kind`` from x_T; for conditional runs one machine per label (mask).
+
+    Returns a SampleResult with x0 [S, ...] and x0_hat [m, S, ...] in the seeds' order.
+    """
+    x_T = jnp.asarray(x_T)
+    m = len(times) - 1
+    x0 = np.zeros(x_T.shape, np.float32)
+    x0_hat = np.zeros((m,) + x_T.shape, np.float32)
+    for idx, label in _by_label(labels):
+        sel = slice(None) if idx is None else idx
+        mask = None if label is None else (np.asarray(train_labels) == label)
+        eps_fn = machine_lib.make_machine(kind, images, scales=scales, boundary=boundary,
+                                          schedule=schedule, mask=mask)
+        res = sampler.sample(eps_fn, x_T[sel], times, schedule=schedule,
+                             return_trajectory=True)
+        x0[sel] = np.asarray(res.x0)
+        x0_hat[:, sel] = np.asarray(res.x0_hat)
+    return sampler.SampleResult(x0=x0, trajectory=None, x0_hat=x0_hat,
+                                times=np.asarray(times))
+
+
+def sample_network(model, params, x_T, labels, times, *, schedule) -> sampler.SampleResult:
+    eps_fn = networks.make_network(model, params, label=None if labels is None else labels)
+    res = sampler.sample(eps_fn, x_T, times, schedule=schedule, return_trajectory=True)
+    return sampler.SampleResult(x0=np.asarray(res.x0), trajectory=None,
+                                x0_hat=np.asarray(res.x0_hat), times=np.asarray(times))
+
+
+def _align(times_net, times_machine) -> np.ndarray:
+    """For each machine step, the network step at the nearest time (identical grids → i)."""
+    tn, tm = np.asarray(times_net)[:-1], np.asarray(times_machine)[:-1]
+    return np.abs(tn[None, :] - tm[:, None]).argmin(axis=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the pipeline
+
+
+def _check_config(out: str, cfg: ReproduceConfig):
+    path = os.path.join(out, _CONFIG_FILE)
+    new = cfg.to_json()
+    if os.path.exists(path):
+        old = _read_json(path)
+        if old != new:
+            diff = {k: (old.get(k), new.get(k)) for k in set(old) | set(new)
+                    if old.get(k) != new.get(k)}
+            raise ValueError(f"{out} holds a run with another configuration (saved, requested: "
+                             f"{diff}); resume it with the same options or choose a new --out")
+    else:
+        _atomic_json(path, new)
+
+
+def _network(cfg: ReproduceConfig, out: str, timer: _Timer, progress: bool):
+    """Stage 1: trains (resuming) or reuses the network; returns (model, params, train config)."""
+    if cfg.checkpoint:
+        return train_lib.load_trained(cfg.checkpoint)
+    workdir = os.path.join(out, "network")
+    tcfg = default_train_config(cfg.dataset, cfg.arch, cfg.padding, cfg.conditional,
+                                cfg.image_size)
+    tcfg = dataclasses.replace(tcfg, max_examples=cfg.max_examples, data_dir=cfg.data_dir,
+                               **(cfg.train or {}))
+    done_marker = os.path.join(workdir, "DONE")
+    if not os.path.exists(done_marker):
+        t0 = time.perf_counter()
+        train_lib.train_and_evaluate(tcfg, workdir, progress=progress)
+        _atomic_write_text(done_marker, "trained\n")
+        timer.add("train", time.perf_counter() - t0)
+    return train_lib.load_trained(workdir)
+
+
+def _calibrate(cfg, out, model, params, images, train_labels, num_classes, boundary, schedule,
+               timer, progress):
+    """Stage 2: scales.json for ELS and LS (median over calibration seeds)."""
+    path = os.path.join(out, _SCALES_FILE)
+    if os.path.exists(path):
+        return _read_json(path)
+    t0 = time.perf_counter()
+    h, w = images.shape[1:3]
+    cands = tuple(cfg.candidates or calibrate_lib.default_candidates(h, w))
+    seeds = list(range(cfg.n_seeds, cfg.n_seeds + cfg.calib_seeds))   # disjoint from comparison
+    x_T = seed_noise(cfg.seed, seeds, images.shape[1:])
+    labels = seed_labels(seeds, num_classes)
+    times = sampler.uniform_times(cfg.machine_steps)
+    result = {"candidates": list(cands), "calibration_seeds": seeds,
+              "times": np.asarray(times).tolist()}
+    for name, kind in (("els", "els"), ("ls", "local")):
+        best, cos = [], []
+        for idx, label in _by_label(labels):
+            sel = slice(None) if idx is None else idx
+            mask = None if label is None else (train_labels == label)
+            net = networks.make_network(model, params,
+                                        label=None if labels is None else labels[sel])
+            local_cands = [k for k in cands if kind == "els" or k <= 2 * min(h, w) - 1]
+            machines = calibrate_lib.candidate_machines(
+                kind, images, local_cands, boundary=boundary, schedule=schedule, mask=mask)
+            cal = calibrate_lib.calibrate(net, machines, x_T[sel], times, schedule=schedule,
+                                          progress=progress)
+            best.append(cal.best)
+            cos.append(cal.cosine)
+        best = np.concatenate(best, axis=1)
+        per_step = calibrate_lib.median_odd(best, axis=1)
+        result[name] = {"scales": [int(k) for k in per_step[::-1]],
+                        "per_step": per_step.tolist(), "best_per_seed": best.tolist(),
+                        "mean_cosine": np.concatenate(cos, axis=2).mean(axis=2).tolist()}
+    _atomic_json(path, result)
+    timer.add("calibrate", time.perf_counter() - t0)
+    return result
+
+
+def _compare(cfg, out, model, params, images, train_labels, num_classes, boundary, scales,
+             schedule, timer, progress):
+    """Stage 3: parts/<model>.npz for the network and every machine, from the same seeds."""
+    parts = os.path.join(out, "parts")
+    os.makedirs(parts, exist_ok=True)
+    seeds = list(range(cfg.n_seeds))
+    x_T = seed_noise(cfg.seed, seeds, images.shape[1:])
+    labels = seed_labels(seeds, num_classes)
+    t_machine = sampler.uniform_times(cfg.machine_steps)
+    t_net = sampler.uniform_times(cfg.network_steps)
+    jobs = [("network", None), ("els", "els"), ("ls", "local"), ("is", "ideal")]
+    if progress:
+        from tqdm.auto import tqdm
+        jobs = tqdm(jobs, desc="compare", leave=False)
+    for name, kind in jobs:
+        path = os.path.join(parts, f"{name}.npz")
+        if os.path.exists(path):
+            continue
+        t0 = time.perf_counter()
+        if kind is None:
+            res = sample_network(model, params, x_T, labels, t_net, schedule=schedule)
+        else:
+            res = sample_machine(kind, images, train_labels, x_T, labels, t_machine,
+                                 scales=scales.get(name), boundary=boundary, schedule=schedule)
+        # What this model was actually started from, recorded with its result: checked below.
+        _atomic_npz(path, x0=res.x0, x0_hat=res.x0_hat, times=np.asarray(res.times),
+                    x_T=np.asarray(x_T), seeds=np.asarray(seeds),
+                    labels=np.asarray([] if labels is None else labels))
+        timer.add(f"sample_{name}", time.perf_counter() - t0)
+    return {name: dict(np.load(os.path.join(parts, f"{name}.npz")))
+            for name in ("network",) + MACHINE_NAMES}
+
+
+def check_same_inputs(results: dict, machine_times) -> None:
+    """Raises if the models were not started from identical x_T, seeds and labels, or if the
+    machines did not share one time grid (the network may have its own, finer grid)."""
+    ref = results["network"]
+    for name, r in results.items():
+        for key in ("x_T", "seeds", "labels"):
+            if _digest(r[key]) != _digest(ref[key]):
+                raise AssertionError(f"{name} and network were sampled from different {key}")
+        if name != "network" and not np.array_equal(r["times"], np.asarray(machine_times)):
+            raise AssertionError(f"machine {name} was sampled on another time grid")
+
+
+def _report(cfg, out, results, scales, timer, boundary, t_start):
+    net = results["network"]
+    per_seed = {name: metrics.compare_images(net["x0"], results[name]["x0"])
+                for name in MACHINE_NAMES}
+    summary = metrics.summarize(per_seed, reference="is", challenger="els", seed=cfg.seed)
+    # Where along the trajectory the machines and the network diverge: r² of x̂_0 per step.
+    t_machine = results["els"]["times"]
+    align = _align(net["times"], t_machine)
+    agreement = {name: [float(np.median(metrics.r_squared(net["x0_hat"][j],
+                                                          results[name]["x0_hat"][i])))
+                        for i, j in enumerate(align)] for name in MACHINE_NAMES}
+    _atomic_npz(os.path.join(out, "samples.npz"), network=net["x0"],
+                **{name: results[name]["x0"] for name in MACHINE_NAMES},
+                x_T=net["x_T"], seeds=net["seeds"], labels=net["labels"],
+                times_machine=t_machine, times_network=net["times"],
+                **{f"{m}_{name}": v for name in MACHINE_NAMES
+                   for m, v in per_seed[name].items()})
+    report = dict(summary)
+    report.update({
+        "scales": {"els": scales["els"]["scales"], "ls": scales["ls"]["scales"]},
+        "n_seeds": cfg.n_seeds, "calib_seeds": cfg.calib_seeds,
+        "machine_steps": cfg.machine_steps, "network_steps": cfg.network_steps,
+        "dataset": cfg.dataset, "boundary": boundary, "conditional": cfg.conditional,
+        "agreement_x0_r2": {"times": np.asarray(t_machine[:-1]).tolist(), **agreement},
+        "per_seed": {name: {m: v.tolist() for m, v in per_seed[name].items()}
+                     for name in MACHINE_NAMES},
+        "timings_s": timer.times,
+    })
+    report["elapsed_s"] = round(timer.total + (time.perf_counter() - t_start), 3)
+    figs = _figures(out, net, results, per_seed, scales, report)
+    report["figures"] = figs
+    _atomic_json(os.path.join(out, "report.json"), report)
+    _atomic_write_text(os.path.join(out, "report.md"), _markdown(cfg, report, figs))
+    return report
+
+
+def _figures(out, net, results, per_seed, scales, report) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from els_jax.plotting import image_grid
+
+    fdir = os.path.join(out, "figures")
+    os.makedirs(fdir, exist_ok=True)
+    paths = {}
+    # 1. Image grid: one row per seed, columns network | ELS | LS | IS.
+    rows = min(12, len(net["x0"]))
+    cols = [net["x0"][:rows]] + [results[n]["x0"][:rows] for n in MACHINE_NAMES]
+    stack = np.stack(cols, axis=1).reshape((-1,) + net["x0"].shape[1:])
+    grid = image_grid(stack, ncols=4)
+    fig, ax = plt.subplots(figsize=(4, rows * 1.0 + 0.6))
+    ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1,
+              interpolation="nearest")
+    ax.set_xticks([(i + 0.5) * grid.shape[1] / 4 for i in range(4)])
+    ax.set_xticklabels(["network", "ELS", "LS", "IS"])
+    ax.set_yticks([])
+    fig.savefig(os.path.join(fdir, "grid.png"), dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    paths["grid"] = "figures/grid.png"
+    # 2. r² of ELS vs IS per seed (the paper's scatter).
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.scatter(per_seed["is"]["r2"], per_seed["els"]["r2"], s=12)
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_xlabel("r² (IS vs network)")
+    ax.set_ylabel("r² (ELS vs network)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    fig.savefig(os.path.join(fdir, "scatter_els_vs_is.png"), dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    paths["scatter"] = "figures/scatter_els_vs_is.png"
+    # 3. Calibrated patch size vs t (step order: first step = t near 1).
+    times = np.asarray(scales["times"])[:-1]
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for name in ("els", "ls"):
+        ax.step(times, scales[name]["per_step"], where="mid", label=name.upper())
+    ax.set_xlabel("t")
+    ax.set_ylabel("patch size k")
+    ax.legend()
+    fig.savefig(os.path.join(fdir, "scales.png"), dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    paths["scales"] = "figures/scales.png"
+    # 4. Per-step agreement of x̂_0 with the network.
+    agree = report["agreement_x0_r2"]
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for name in MACHINE_NAMES:
+        ax.plot(agree["times"], agree[name], marker="o", ms=3, label=name.upper())
+    ax.set_xlabel("t")
+    ax.set_ylabel("median r² of x̂₀ vs network")
+    ax.invert_xaxis()
+    ax.legend()
+    fig.savefig(os.path.join(fdir, "agreement.png"), dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    paths["agreement"] = "figures/agreement.png"
+    return paths
+
+
+def _markdown(cfg, report, figs) -> str:
+    lines = [f"# ELS vs network: {cfg.dataset}, {cfg.arch}, {report['boundary']} padding"
+             f"{', conditional' if cfg.conditional else ''}", "",
+             f"{report['n_seeds']} seeds; machines {report['machine_steps']} DDIM steps, "
+             f"network {report['network_steps']}; calibration on {report['calib_seeds']} other "
+             f"seeds. Total time {report['elapsed_s']:.0f} s.", "",
+             "| machine | median r | median r² (95% CI) | median R² |", "|---|---|---|---|"]
+    for name in MACHINE_NAMES:
+        lo, hi = report["ci_r2"][name]
+        lines.append(f"| {name.upper()} | {report['median_r'][name]:.3f} | "
+                     f"{report['median_r2'][name]:.3f} ({lo:.3f}–{hi:.3f}) | "
+                     f"{report['median_R2'][name]:.3f} |")
+    lines += ["", f"ELS beats IS (higher r²) on {100 * report['frac_els_beats_is']:.0f}% of "
+              "the seeds.", "",
+              f"Calibrated ELS scales (index 0 = last step): {report['scales']['els']}", "",
+              f"![samples]({figs['grid']})", "", f"![scatter]({figs['scatter']})", "",
+              f"![scales]({figs['scales']})", "", f"![agreement]({figs['agreement']})", ""]
+    return "\n".join(lines)
+
+
+def reproduce(cfg: ReproduceConfig, out: str, *, progress: bool = True) -> dict:
+    """Runs (or resumes) the whole experiment in ``out`` and returns the report dict.
+
+    Returns: the contents of report.json: median_r / median_r2 / median_R2 ({"els", "ls",
+    "is"} → value), their bootstrap intervals ci_*, frac_els_beats_is, scales, n_seeds,
+    elapsed_s (summed over resumed sessions), per-seed metrics and per-step agreement.
+    """
+    cfg.validate()
+    t_start = time.perf_counter()
+    os.makedirs(out, exist_ok=True)
+    _check_config(out, cfg)
+    timer = _Timer(out)
+    model, params, tcfg = _network(cfg, out, timer, progress)
+    t_start = time.perf_counter()
+    images, train_labels = data_lib.load_dataset(tcfg.dataset, data_dir=tcfg.data_dir,
+                                                 image_size=tcfg.image_size,
+                                                 max_examples=tcfg.max_examples)
+    images = np.asarray(images, np.float32)
+    num_classes = getattr(model, "num_classes", None)
+    boundary = tcfg.padding
+    schedule = schedules_lib.get(tcfg.schedule)
+    t_prep = time.perf_counter() - t_start
+    scales = _calibrate(cfg, out, model, params, images, train_labels, num_classes, boundary,
+                        schedule, timer, progress)
+    scale_lists = {"els": scales["els"]["scales"], "ls": scales["ls"]["scales"]}
+    results = _compare(cfg, out, model, params, images, train_labels, num_classes, boundary,
+                       scale_lists, schedule, timer, progress)
+    check_same_inputs(results, sampler.uniform_times(cfg.machine_steps))
+    t0 = time.perf_counter()
+    timer.add("load", t_prep)
+    report = _report(cfg, out, results, scales, timer, boundary, t0)
+    return report

@@ -1,0 +1,178 @@
+"""Calibration, metrics and the reproduce pipeline (SPEC §4)."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import els_jax as ej
+from els_jax import calibrate as cal
+from els_jax import metrics
+from els_jax import reproduce as rp
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def test_metrics_match_hand_computation():
+    y = np.array([[1.0, 2.0, 3.0, 4.0]])
+    # p = 2y: perfectly correlated, but far off in value.
+    # R² = 1 − Σ(y − 2y)² / Σ(y − 2.5)² = 1 − (1 + 4 + 9 + 16) / 5 = −5.
+    out = metrics.compare_images(y, 2 * y)
+    assert out["r"][0] == pytest.approx(1.0)
+    assert out["R2"][0] == pytest.approx(-5.0)
+    # p = [1, 2, 3, 5]: r = cov / (sd_y sd_p) with centred y = [-1.5, -.5, .5, 1.5],
+    # centred p = [-1.75, -.75, .25, 2.25]: Σ y p = 2.625 + .375 + .125 + 3.375 = 6.5,
+    # Σ y² = 5, Σ p² = 3.0625 + .5625 + .0625 + 5.0625 = 8.75 → r = 6.5 / sqrt(43.75).
+    # R² = 1 − 1 / 5 = 0.8.
+    p = np.array([[1.0, 2.0, 3.0, 5.0]])
+    out = metrics.compare_images(y, p)
+    assert out["r"][0] == pytest.approx(6.5 / np.sqrt(43.75))
+    assert out["r2"][0] == pytest.approx(6.5**2 / 43.75)
+    assert out["R2"][0] == pytest.approx(0.8)
+
+
+def test_metrics_per_image_against_numpy_corrcoef():
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=(5, 4, 4, 1))
+    p = y + 0.5 * rng.normal(size=y.shape)
+    r = metrics.pearson_r(y, p)
+    for s in range(5):
+        assert r[s] == pytest.approx(np.corrcoef(y[s].ravel(), p[s].ravel())[0, 1])
+    # A constant image carries no linear relation: r = 0, never NaN.
+    assert metrics.pearson_r(np.ones((1, 4)), np.arange(4.0)[None])[0] == 0.0
+    with pytest.raises(ValueError):
+        metrics.pearson_r(y, p[:, :2])
+
+
+def test_bootstrap_and_summary():
+    med, lo, hi = metrics.bootstrap_median([0.5] * 10)
+    assert (med, lo, hi) == (0.5, 0.5, 0.5)
+    v = np.linspace(0, 1, 101)
+    med, lo, hi = metrics.bootstrap_median(v)
+    assert med == pytest.approx(0.5) and lo < 0.5 < hi and hi - lo < 0.3
+    per_seed = {"els": {"r": np.array([.9, .8, .95]), "r2": np.array([.81, .64, .9025]),
+                        "R2": np.array([.8, .6, .9])},
+                "is": {"r": np.array([.5, .9, .1]), "r2": np.array([.25, .81, .01]),
+                       "R2": np.array([.2, .8, .0])}}
+    s = metrics.summarize(per_seed)
+    assert s["median_r2"] == {"els": pytest.approx(.81), "is": pytest.approx(.25)}
+    assert s["frac_els_beats_is"] == pytest.approx(2 / 3)
+
+
+def test_median_odd_rounds_to_odd_sizes():
+    assert list(cal.median_odd(np.array([[3, 5], [3, 3], [5, 7], [3, 7], [9, 9]]))) == \
+        [5, 3, 7, 5, 9]
+    assert list(cal.median_odd(np.array([[3, 3, 5, 7], [3, 3, 3, 11]]))) == [5, 3]
+
+
+# ----------------------------------------------------------------------------- calibration
+
+@pytest.fixture(scope="module")
+def digits_small():
+    images, labels = ej.load_dataset("digits", max_examples=96)
+    return np.asarray(images), np.asarray(labels)
+
+
+@pytest.mark.parametrize("kind,boundary,k_true", [("els", "zeros", 5), ("els", "circular", 3),
+                                                   ("local", "zeros", 5)])
+def test_calibration_recovers_the_patch_size_of_a_machine(digits_small, kind, boundary, k_true):
+    """Self-consistency: if the 'network' is itself a machine of size k, calibration says k."""
+    images, _ = digits_small
+    teacher = ej.make_machine(kind, images, scales=k_true, boundary=boundary)
+    machines = cal.candidate_machines(kind, images, (3, 5, 7), boundary=boundary)
+    x_T = jax.random.normal(jax.random.PRNGKey(1), (3,) + images.shape[1:])
+    times = ej.uniform_times(6)
+    c = cal.calibrate(teacher, machines, x_T, times)
+    assert c.scales == (k_true,) * 6
+    assert c.best.shape == (6, 3)
+    # The teacher's own size has cosine 1 at every step; the others are below.
+    j = c.candidates.index(k_true)
+    np.testing.assert_allclose(c.cosine[:, j], 1.0, atol=1e-5)
+
+
+def test_sample_machine_groups_seeds_by_label(digits_small):
+    """Conditional: each seed is sampled by the machine restricted to its label's images."""
+    images, labels = digits_small
+    x_T = jax.random.normal(jax.random.PRNGKey(2), (4,) + images.shape[1:])
+    seed_lab = np.array([1, 0, 1, 0])
+    times = ej.uniform_times(3)
+    res = rp.sample_machine("els", images, labels, x_T, seed_lab, times, scales=3,
+                            boundary="zeros", schedule=ej.schedules.cosine())
+    for c in (0, 1):
+        idx = np.flatnonzero(seed_lab == c)
+        ref = ej.sample(ej.make_machine("els", images, scales=3, boundary="zeros",
+                                        mask=labels == c), x_T[idx], times)
+        np.testing.assert_allclose(res.x0[idx], np.asarray(ref), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+TINY = rp.ReproduceConfig(
+    max_examples=256, n_seeds=3, calib_seeds=2, machine_steps=4, network_steps=6,
+    candidates=(3, 5),
+    train=dict(steps=10, channels=8, depth=1, batch_size=64, checkpoint_every=5, log_every=5,
+               ema=None))
+
+
+def test_reproduce_end_to_end_and_resume(tmp_path):
+    out = str(tmp_path / "run")
+    report = rp.reproduce(TINY, out, progress=False)
+    for name in ("config.json", "scales.json", "samples.npz", "report.json", "report.md",
+                 "figures/grid.png", "figures/scatter_els_vs_is.png", "figures/scales.png",
+                 "figures/agreement.png", "network/DONE"):
+        assert os.path.exists(os.path.join(out, name)), name
+    with open(os.path.join(out, "report.json")) as f:
+        saved = json.load(f)
+    for key in ("median_r", "median_r2", "median_R2"):
+        assert set(saved[key]) == {"els", "ls", "is"}
+        assert all(np.isfinite(v) for v in saved[key].values())
+    assert all(0.0 <= v <= 1.0 for v in saved["median_r2"].values())
+    assert saved["n_seeds"] == 3 and saved["elapsed_s"] > 0
+    assert len(saved["scales"]["els"]) == 4 and set(saved["scales"]["els"]) <= {3, 5}
+    assert 0.0 <= saved["frac_els_beats_is"] <= 1.0
+
+    # The stored per-seed metrics are the metrics of the stored images.
+    s = np.load(os.path.join(out, "samples.npz"))
+    np.testing.assert_allclose(s["r2_els"], metrics.r_squared(s["network"], s["els"]))
+    # Every model started from the same noise, labels and (machines) grid: checked, then a
+    # tampered part must be refused.
+    parts = {n: dict(np.load(os.path.join(out, "parts", f"{n}.npz")))
+             for n in ("network", "els", "ls", "is")}
+    np.testing.assert_array_equal(parts["network"]["x_T"], parts["els"]["x_T"])
+    np.testing.assert_allclose(parts["els"]["times"], ej.uniform_times(4))
+    np.testing.assert_allclose(parts["network"]["times"], ej.uniform_times(6))
+    rp.check_same_inputs(parts, ej.uniform_times(4))
+    bad = dict(parts)
+    bad["is"] = dict(parts["is"], x_T=parts["is"]["x_T"] + 1e-3)
+    with pytest.raises(AssertionError, match="x_T"):
+        rp.check_same_inputs(bad, ej.uniform_times(4))
+    bad = dict(parts)
+    bad["ls"] = dict(parts["ls"], times=np.asarray(ej.uniform_times(5)))
+    with pytest.raises(AssertionError, match="time grid"):
+        rp.check_same_inputs(bad, ej.uniform_times(4))
+
+    # Resume: an interrupted comparison (one part lost) is redone; nothing else is, and the
+    # network is not retrained.
+    os.remove(os.path.join(out, "parts", "ls.npz"))
+    mtime = os.path.getmtime(os.path.join(out, "scales.json"))
+    again = rp.reproduce(TINY, out, progress=False)
+    assert os.path.getmtime(os.path.join(out, "scales.json")) == mtime
+    with open(os.path.join(out, "timings.json")) as f:
+        timings = json.load(f)
+    assert timings["train"] == saved["timings_s"]["train"]
+    assert again["median_r2"] == pytest.approx(report["median_r2"], abs=1e-6)
+
+    # Another configuration in the same folder is refused, not mixed in.
+    import dataclasses
+    with pytest.raises(ValueError, match="another configuration"):
+        rp.reproduce(dataclasses.replace(TINY, n_seeds=4), out, progress=False)
+
+
+def test_reproduce_rejects_bad_config():
+    import dataclasses
+    with pytest.raises(ValueError, match="odd"):
+        dataclasses.replace(TINY, candidates=(3, 4)).validate()
+    with pytest.raises(ValueError, match="n_seeds"):
+        dataclasses.replace(TINY, n_seeds=1).validate()
