@@ -15,9 +15,9 @@ from els_jax.sampler import SampleResult, ddim_step, sample, uniform_times
 from els_jax.networks import ResNet, UNet, make_network, receptive_field
 from els_jax.train import (TrainConfig, create_train_state, load_trained,
                            train_and_evaluate, train_step)
-from els_jax import metrics
-from els_jax.calibrate import Calibration, calibrate, candidate_machines
-from els_jax.reproduce import ReproduceConfig, reproduce
+from els_jax import calibration, experiment, metrics
+from els_jax.calibration import Calibration, calibrate, candidate_machines
+from els_jax.experiment import ReproduceConfig, reproduce
 
 __version__ = "0.1.0"
 
@@ -32,5 +32,6 @@ __all__ = [
     "load_dataset",
     "ResNet", "UNet", "make_network", "receptive_field",
     "TrainConfig", "create_train_state", "train_step", "train_and_evaluate", "load_trained",
-    "metrics", "Calibration", "calibrate", "candidate_machines", "ReproduceConfig", "reproduce",
+    "metrics", "calibration", "experiment",
+    "Calibration", "calibrate", "candidate_machines", "ReproduceConfig", "reproduce",
 ]

@@ -138,7 +138,7 @@ def _odd_sizes(text: str) -> tuple[int, ...]:
 
 
 def _cmd_reproduce(args) -> int:
-    from els_jax.reproduce import ReproduceConfig, reproduce
+    from els_jax.experiment import ReproduceConfig, reproduce
 
     cfg = ReproduceConfig(
         dataset=args.dataset, image_size=args.image_size, max_examples=args.max_examples,

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from els_jax import calibrate as calibrate_lib
+from els_jax import calibration as calibrate_lib
 from els_jax import data as data_lib
 from els_jax import machine as machine_lib
 from els_jax import metrics, networks, sampler

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import els_jax as ej
-from els_jax import calibrate as cal
+from els_jax import calibration as cal
 from els_jax import metrics
-from els_jax import reproduce as rp
+from els_jax import experiment as rp
 
 
 # ----------------------------------------------------------------------------- metrics
