@@ -351,7 +351,7 @@ def check_same_inputs(results: dict, machine_times) -> None:
             raise AssertionError(f"machine {name} was sampled on another time grid")
 
 
-def _report(cfg, out, results, scales, timer, boundary, t_start):
+def _report(cfg, tcfg, out, results, scales, timer, t_start):
     net = results["network"]
     per_seed = {name: metrics.compare_images(net["x0"], results[name]["x0"])
                 for name in MACHINE_NAMES}
@@ -373,7 +373,10 @@ def _report(cfg, out, results, scales, timer, boundary, t_start):
         "scales": {"els": scales["els"]["scales"], "ls": scales["ls"]["scales"]},
         "n_seeds": cfg.n_seeds, "calib_seeds": cfg.calib_seeds,
         "machine_steps": cfg.machine_steps, "network_steps": cfg.network_steps,
-        "dataset": cfg.dataset, "boundary": boundary, "conditional": cfg.conditional,
+        # What was actually compared: the trained network's own settings (a reused
+        # checkpoint overrides the dataset/arch/padding options of the run).
+        "dataset": tcfg.dataset, "arch": tcfg.arch, "boundary": tcfg.padding,
+        "conditional": bool(tcfg.conditional), "image_shape": list(tcfg.image_shape or []),
         "agreement_x0_r2": {"times": np.asarray(t_machine[:-1]).tolist(), **agreement},
         "per_seed": {name: {m: v.tolist() for m, v in per_seed[name].items()}
                      for name in MACHINE_NAMES},
@@ -383,7 +386,7 @@ def _report(cfg, out, results, scales, timer, boundary, t_start):
     figs = _figures(out, net, results, per_seed, scales, report)
     report["figures"] = figs
     _atomic_json(os.path.join(out, "report.json"), report)
-    _atomic_write_text(os.path.join(out, "report.md"), _markdown(cfg, report, figs))
+    _atomic_write_text(os.path.join(out, "report.md"), _markdown(report, figs))
     return report
 
 
@@ -449,9 +452,9 @@ def _figures(out, net, results, per_seed, scales, report) -> dict:
     return paths
 
 
-def _markdown(cfg, report, figs) -> str:
-    lines = [f"# ELS vs network: {cfg.dataset}, {cfg.arch}, {report['boundary']} padding"
-             f"{', conditional' if cfg.conditional else ''}", "",
+def _markdown(report, figs) -> str:
+    lines = [f"# ELS vs network: {report['dataset']}, {report['arch']}, {report['boundary']} "
+             f"padding{', conditional' if report['conditional'] else ''}", "",
              f"{report['n_seeds']} seeds; machines {report['machine_steps']} DDIM steps, "
              f"network {report['network_steps']}; calibration on {report['calib_seeds']} other "
              f"seeds. Total time {report['elapsed_s']:.0f} s.", "",
@@ -483,6 +486,8 @@ def reproduce(cfg: ReproduceConfig, out: str, *, progress: bool = True) -> dict:
     timer = _Timer(out)
     model, params, tcfg = _network(cfg, out, timer, progress)
     t_start = time.perf_counter()
+    if cfg.data_dir:          # the data may live elsewhere on this machine than where trained
+        tcfg = dataclasses.replace(tcfg, data_dir=cfg.data_dir)
     images, train_labels = data_lib.load_dataset(tcfg.dataset, data_dir=tcfg.data_dir,
                                                  image_size=tcfg.image_size,
                                                  max_examples=tcfg.max_examples)
@@ -499,5 +504,5 @@ def reproduce(cfg: ReproduceConfig, out: str, *, progress: bool = True) -> dict:
     check_same_inputs(results, sampler.uniform_times(cfg.machine_steps))
     t0 = time.perf_counter()
     timer.add("load", t_prep)
-    report = _report(cfg, out, results, scales, timer, boundary, t0)
+    report = _report(cfg, tcfg, out, results, scales, timer, t0)
     return report

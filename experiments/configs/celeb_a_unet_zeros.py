@@ -1,6 +1,6 @@
 """Paper run: UNet, zeros padding, CelebA at 32×32 (Kamb & Ganguli 2025).
 
-Centre-cropped, resized to 32×32; ELS vs network r = .85 (SPEC §4).
+Centre-cropped, resized to 32×32; ELS vs network median r² = .85 (SPEC §4).
 Training as in the paper (SPEC §5): ε-prediction, AdamW lr 1e-4 ×0.999965 per step, batch
 128, 300 epochs, no weight decay. Needs the TFDS data prepared once (see els_jax.data).
 

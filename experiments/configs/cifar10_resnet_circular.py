@@ -1,6 +1,6 @@
 """Paper run: ResNet, circular padding, CIFAR10 at 32×32 (Kamb & Ganguli 2025).
 
-Class-conditional, circular padding; ELS vs network r = .94 (SPEC §4).
+Class-conditional, circular padding; ELS vs network median r² = .94 (SPEC §4).
 Training as in the paper (SPEC §5): ε-prediction, AdamW lr 1e-4 ×0.999965 per step, batch
 128, 300 epochs, no weight decay. Needs the TFDS data prepared once (see els_jax.data).
 

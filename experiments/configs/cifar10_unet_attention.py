@@ -1,6 +1,6 @@
 """Paper run: UNet + self-attention, zeros padding, CIFAR10 at 32×32 (Kamb & Ganguli 2025).
 
-Class-conditional UNet with self-attention at 16×16 and 8×8; ELS vs network r = .77 (attention
+Class-conditional UNet with self-attention at 16×16 and 8×8; ELS vs network median r² = .77 (attention
 is not local, so the ELS machine explains it less well) (SPEC §4).
 Training as in the paper (SPEC §5): ε-prediction, AdamW lr 1e-4 ×0.999965 per step, batch
 128, 300 epochs, no weight decay. Needs the TFDS data prepared once (see els_jax.data).

@@ -1,6 +1,6 @@
 """Paper run: ResNet, zeros padding, MNIST at 32×32 (Kamb & Ganguli 2025).
 
-ELS vs network r = .94 (IS .61); calibrated scales in SPEC §5 (SPEC §4).
+ELS vs network median r² = .94 (IS .61); calibrated scales in SPEC §5 (SPEC §4).
 Training as in the paper (SPEC §5): ε-prediction, AdamW lr 1e-4 ×0.999965 per step, batch
 128, 300 epochs, no weight decay. Needs the TFDS data prepared once (see els_jax.data).
 
