@@ -279,18 +279,37 @@ class CandidateBank(NamedTuple):
     group: jax.Array
 
 
+_HASH_MULT = np.random.default_rng(0x5EED).integers(1, 2**63, size=1 << 16, dtype=np.uint64) | 1
+
+
 def _dedup(rows: np.ndarray, counts: np.ndarray):
-    """Merges identical rows, adding their counts. rows [M, F] float32, counts [M]."""
-    uniq, inverse = np.unique(rows, axis=0, return_inverse=True)
-    return uniq, np.bincount(inverse.reshape(-1), weights=counts, minlength=len(uniq))
+    """Merges identical rows, adding their counts. rows [M, F] float32, counts [M].
+
+    Rows are grouped by a 64-bit hash of their bits (one 1-D sort instead of the much slower
+    row-wise ``np.unique(axis=0)``); the grouping is then verified row by row, and on the
+    (never yet seen) hash collision the exact row-wise unique is used instead. Exact either way.
+    """
+    rows = np.ascontiguousarray(rows + np.float32(0.0))   # −0.0 → +0.0: equal values, equal bits
+    f = rows.shape[1]
+    mult = (_HASH_MULT[:f] if f <= _HASH_MULT.size else
+            np.random.default_rng(f).integers(1, 2**63, size=f, dtype=np.uint64) | 1)
+    with np.errstate(over="ignore"):
+        hashes = (rows.view(np.uint32).astype(np.uint64) * mult).sum(axis=1)   # mod 2^64
+    _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    if not np.array_equal(rows, rows[first][inverse]):
+        uniq, inverse = np.unique(rows, axis=0, return_inverse=True)
+        return uniq, np.bincount(inverse.reshape(-1), weights=counts, minlength=len(uniq))
+    return rows[first], np.bincount(inverse, weights=counts, minlength=len(first))
 
 
 def build_bank(images, *, k: int, boundary: str = "circular", wrap_patches: bool = False,
                dedup: bool = True, chunk: int = 4096, n_shards: int = 1, ideal: bool = False,
-               images_per_step: int = 64):
+               images_per_step: int | None = None):
     """Precomputes the candidates of every pass of the ELS machine (or of the ideal machine).
 
-    Built on the host, ``images_per_step`` images at a time; with ``dedup`` identical windows
+    Built on the host, ``images_per_step`` images at a time (default: about 2^18 windows per
+    step, so that re-merging the running set stays cheap); with ``dedup`` identical windows
     (same pixels, same value, same group) are merged as they arrive, so memory holds the
     unique candidates plus one step. The mask (class-conditional) is applied by passing only
     the selected images.
@@ -307,8 +326,9 @@ def build_bank(images, *, k: int, boundary: str = "circular", wrap_patches: bool
         rows, counts = None, None
         make = jax.jit(lambda im, ps=ps, shift=shift: _candidates(
             im, jnp.zeros(im.shape[0]), k, ps, jnp.asarray(shift)))
-        for start in range(0, n, images_per_step):
-            cand = make(jnp.asarray(images[start:start + images_per_step]))
+        step = images_per_step or max(1, (1 << 18) // max(1, len(ps.cand_pixels)))
+        for start in range(0, n, step):
+            cand = make(jnp.asarray(images[start:start + step]))
             new = np.concatenate([np.asarray(cand.keys), np.asarray(cand.values),
                                   np.asarray(cand.group, np.float32)[:, None]], axis=1)
             new_counts = np.ones(len(new))
