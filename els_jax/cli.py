@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=32, help="comparison seeds")
     p.add_argument("--calib-seeds", type=int, default=8, help="calibration seeds (other seeds)")
     p.add_argument("--machine-steps", type=int, default=20)
-    p.add_argument("--network-steps", type=int, default=20, help="the paper uses 150")
+    p.add_argument("--network-steps", type=int, default=150,
+                   help="DDIM steps for the network (the paper's 150; machines use --machine-steps)")
     p.add_argument("--candidates", type=_odd_sizes, default=None,
                    help="patch sizes for the calibration, e.g. 3,5,7 (default 3, 5, …, image size)")
     p.add_argument("--seed", type=int, default=0)

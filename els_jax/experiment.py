@@ -96,7 +96,7 @@ class ReproduceConfig:
     n_seeds: int = 32
     calib_seeds: int = 8
     machine_steps: int = 20
-    network_steps: int = 20
+    network_steps: int = 150
     candidates: tuple[int, ...] | None = None
     seed: int = 0
 

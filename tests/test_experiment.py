@@ -164,6 +164,16 @@ def test_reproduce_end_to_end_and_resume(tmp_path):
     assert timings["train"] == saved["timings_s"]["train"]
     assert again["median_r2"] == pytest.approx(report["median_r2"], abs=1e-6)
 
+    # The gather script tabulates the run.
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "gather", os.path.join(os.path.dirname(__file__), "..", "experiments", "gather.py"))
+    gather = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gather)
+    (row,) = gather.rows(gather.find_reports([str(tmp_path)]))
+    assert row["dataset"] == "digits" and row["r2_els"] == pytest.approx(report["median_r2"]["els"])
+    assert "| digits |" in gather.markdown([row])
+
     # Another configuration in the same folder is refused, not mixed in.
     import dataclasses
     with pytest.raises(ValueError, match="another configuration"):

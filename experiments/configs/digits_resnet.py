@@ -9,24 +9,10 @@ Launch:
     els-jax train --config experiments/configs/digits_resnet.py --workdir /tmp/runs/digits_resnet
 """
 
+from els_jax.experiment import digits_train_config
 from els_jax.train import TrainConfig
 
 
 def get_config() -> TrainConfig:
-    return TrainConfig(
-        dataset="digits",
-        arch="resnet",
-        padding="zeros",
-        conditional=False,
-        channels=64,
-        depth=6,
-        batch_size=128,
-        steps=3000,
-        epochs=None,
-        lr=5e-4,
-        lr_decay=0.9997,
-        ema=0.999,
-        seed=0,
-        checkpoint_every=500,
-        log_every=100,
-    )
+    # The one definition lives in the library: it is what `els-jax reproduce` trains.
+    return digits_train_config()
