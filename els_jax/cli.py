@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--machine-steps", type=int, default=20)
     p.add_argument("--network-steps", type=int, default=150,
                    help="DDIM steps for the network (the paper's 150; machines use --machine-steps)")
+    p.add_argument("--t-max", type=float, default=1.0,
+                   help="first time of the grids (SPEC: 1; the authors' machines start at 0.95)")
     p.add_argument("--candidates", type=_odd_sizes, default=None,
                    help="patch sizes for the calibration, e.g. 3,5,7 (default 3, 5, …, image size)")
     p.add_argument("--seed", type=int, default=0)
@@ -147,7 +149,8 @@ def _cmd_reproduce(args) -> int:
         conditional=args.conditional, checkpoint=args.checkpoint,
         train=None if args.train_steps is None else {"steps": args.train_steps},
         n_seeds=args.seeds, calib_seeds=args.calib_seeds, machine_steps=args.machine_steps,
-        network_steps=args.network_steps, candidates=args.candidates, seed=args.seed)
+        network_steps=args.network_steps, candidates=args.candidates, seed=args.seed,
+        t_max=args.t_max)
     out = args.out or _new_run_dir(f"reproduce-{args.dataset}-{args.arch}-{args.padding}")
     print(f"els-jax reproduce → {out}", flush=True)
     report = reproduce(cfg, out, progress=not args.no_progress)

@@ -82,6 +82,10 @@ class ReproduceConfig:
     machine_steps / network_steps: DDIM steps for the machines and for the network.
     candidates: patch sizes tried by the calibration (default 3, 5, …, image size).
     seed: base of the noise seeds.
+    t_max: first time of every grid (SPEC default 1; the authors' machines start at
+      (n−1)/n). With the unshifted cosine schedule ᾱ(1) ≈ 1.5e-4, so the first DDIM step from
+      t = 1 multiplies the network's ε̂ error by |b' − sqrt(ᾱ'/ᾱ)·b| ≈ 6 at 20 steps: where
+      machine and network part ways (see the per-step agreement figure).
     """
 
     dataset: str = "digits"
@@ -99,12 +103,15 @@ class ReproduceConfig:
     network_steps: int = 150
     candidates: tuple[int, ...] | None = None
     seed: int = 0
+    t_max: float = 1.0
 
     def validate(self):
         if self.n_seeds < 2:
             raise ValueError(f"n_seeds must be at least 2 (medians over seeds); got {self.n_seeds}")
         if self.calib_seeds < 1:
             raise ValueError(f"calib_seeds must be at least 1; got {self.calib_seeds}")
+        if not 0.0 < self.t_max <= 1.0:
+            raise ValueError(f"t_max must lie in (0, 1]; got {self.t_max}")
         if self.machine_steps < 1 or self.network_steps < 1:
             raise ValueError("machine_steps and network_steps must be at least 1")
         if self.padding not in ("zeros", "circular"):
@@ -279,7 +286,7 @@ def _calibrate(cfg, out, model, params, images, train_labels, num_classes, bound
     seeds = list(range(cfg.n_seeds, cfg.n_seeds + cfg.calib_seeds))   # disjoint from comparison
     x_T = seed_noise(cfg.seed, seeds, images.shape[1:])
     labels = seed_labels(seeds, num_classes)
-    times = sampler.uniform_times(cfg.machine_steps)
+    times = sampler.uniform_times(cfg.machine_steps, t_max=cfg.t_max)
     result = {"candidates": list(cands), "calibration_seeds": seeds,
               "times": np.asarray(times).tolist()}
     for name, kind in (("els", "els"), ("ls", "local")):
@@ -314,8 +321,8 @@ def _compare(cfg, out, model, params, images, train_labels, num_classes, boundar
     seeds = list(range(cfg.n_seeds))
     x_T = seed_noise(cfg.seed, seeds, images.shape[1:])
     labels = seed_labels(seeds, num_classes)
-    t_machine = sampler.uniform_times(cfg.machine_steps)
-    t_net = sampler.uniform_times(cfg.network_steps)
+    t_machine = sampler.uniform_times(cfg.machine_steps, t_max=cfg.t_max)
+    t_net = sampler.uniform_times(cfg.network_steps, t_max=cfg.t_max)
     jobs = [("network", None), ("els", "els"), ("ls", "local"), ("is", "ideal")]
     if progress:
         from tqdm.auto import tqdm
@@ -373,6 +380,7 @@ def _report(cfg, tcfg, out, results, scales, timer, t_start):
         "scales": {"els": scales["els"]["scales"], "ls": scales["ls"]["scales"]},
         "n_seeds": cfg.n_seeds, "calib_seeds": cfg.calib_seeds,
         "machine_steps": cfg.machine_steps, "network_steps": cfg.network_steps,
+        "t_max": cfg.t_max,
         # What was actually compared: the trained network's own settings (a reused
         # checkpoint overrides the dataset/arch/padding options of the run).
         "dataset": tcfg.dataset, "arch": tcfg.arch, "boundary": tcfg.padding,
@@ -456,8 +464,8 @@ def _markdown(report, figs) -> str:
     lines = [f"# ELS vs network: {report['dataset']}, {report['arch']}, {report['boundary']} "
              f"padding{', conditional' if report['conditional'] else ''}", "",
              f"{report['n_seeds']} seeds; machines {report['machine_steps']} DDIM steps, "
-             f"network {report['network_steps']}; calibration on {report['calib_seeds']} other "
-             f"seeds. Total time {report['elapsed_s']:.0f} s.", "",
+             f"network {report['network_steps']}, both from t = {report['t_max']:g}; "
+             f"calibration on {report['calib_seeds']} other seeds. Total time {report['elapsed_s']:.0f} s.", "",
              "| machine | median r | median r² (95% CI) | median R² |", "|---|---|---|---|"]
     for name in MACHINE_NAMES:
         lo, hi = report["ci_r2"][name]
@@ -501,7 +509,7 @@ def reproduce(cfg: ReproduceConfig, out: str, *, progress: bool = True) -> dict:
     scale_lists = {"els": scales["els"]["scales"], "ls": scales["ls"]["scales"]}
     results = _compare(cfg, out, model, params, images, train_labels, num_classes, boundary,
                        scale_lists, schedule, timer, progress)
-    check_same_inputs(results, sampler.uniform_times(cfg.machine_steps))
+    check_same_inputs(results, sampler.uniform_times(cfg.machine_steps, t_max=cfg.t_max))
     t0 = time.perf_counter()
     timer.add("load", t_prep)
     report = _report(cfg, tcfg, out, results, scales, timer, t0)
