@@ -102,18 +102,13 @@ def equivariant_x0(x, t, images, mask=None, schedule="cosine"):
     return ideal_x0(x, t, translates, schedule=schedule)
 
 
-def els_x0(x, t, images, k, boundary="circular", wrap_patches=False, mask=None,
-           schedule="cosine"):
-    """ELS, literally from the SPEC §2 table and notes."""
+def els_candidates(xb, i, j, t, images, k, boundary="circular", wrap_patches=False,
+                   schedule="cosine"):
+    """ELS candidates of pixel (i, j) of one query xb [H,W,C], literally from SPEC §2.
+    Returns (logits [M], values [M, C], image index [M], centre row [M], centre col [M])."""
     a, b2 = _coeffs(t, schedule)
-    imgs = np.asarray(images, np.float64)
-    if mask is not None:
-        imgs = imgs[np.asarray(mask)]
-    x = np.asarray(x, np.float64)
-    _, h, w, _ = x.shape
+    h, w = xb.shape[:2]
     m = k // 2
-    if boundary == "zeros" and k >= min(h, w):
-        return local_x0(x, t, images, k, mask, schedule)
 
     def centres(i, n):  # allowed candidate centre coordinates along one axis
         if boundary == "circular":
@@ -122,17 +117,32 @@ def els_x0(x, t, images, k, boundary="circular", wrap_patches=False, mask=None,
             return [i]
         return range(m, n - m)
 
+    q, _ = window(np.asarray(xb, np.float64), i, j, k, boundary)
+    out = [], [], [], [], []
+    for n, c in enumerate(np.asarray(images, np.float64)):
+        for u in centres(i, h):
+            for v in centres(j, w):
+                cw, _ = window(c, u, v, k, boundary)
+                for lst, val in zip(out, (-np.sum((q - a * cw) ** 2) / (2 * b2), c[u, v], n, u, v)):
+                    lst.append(val)
+    return tuple(np.array(o) for o in out)
+
+
+def els_x0(x, t, images, k, boundary="circular", wrap_patches=False, mask=None,
+           schedule="cosine"):
+    """ELS, literally from the SPEC §2 table and notes."""
+    imgs = np.asarray(images, np.float64)
+    if mask is not None:
+        imgs = imgs[np.asarray(mask)]
+    x = np.asarray(x, np.float64)
+    _, h, w, _ = x.shape
+    if boundary == "zeros" and k >= min(h, w):
+        return local_x0(x, t, images, k, mask, schedule)
     out = np.zeros_like(x)
     for bi in range(x.shape[0]):
         for i in range(h):
             for j in range(w):
-                q, _ = window(x[bi], i, j, k, boundary)
-                logits, vals = [], []
-                for c in imgs:
-                    for u in centres(i, h):
-                        for v in centres(j, w):
-                            cw, _ = window(c, u, v, k, boundary)
-                            logits.append(-np.sum((q - a * cw) ** 2) / (2 * b2))
-                            vals.append(c[u, v])
-                out[bi, i, j] = softmax_mean(logits, np.array(vals))
+                logits, vals, *_ = els_candidates(x[bi], i, j, t, imgs, k, boundary,
+                                                  wrap_patches, schedule)
+                out[bi, i, j] = softmax_mean(logits, vals)
     return out
