@@ -127,7 +127,60 @@ def build_parser() -> argparse.ArgumentParser:
                    "an existing one is resumed")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_reproduce)
+
+    p = sub.add_parser(
+        "mosaic", help="show which training patches each pixel of an ELS (and network) sample "
+                       "came from: source maps, top source images, entropy over time")
+    p.add_argument("--run", default=None, help="a reproduce run folder: uses its network, "
+                   "data set, padding, calibrated scales and seeds")
+    p.add_argument("--dataset", default="digits", help="without --run: the training set")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--scales", type=_odd_sizes, default=(3,),
+                   help="without --run: one patch size, or one per step (index 0 = last step)")
+    p.add_argument("--boundary", default="zeros", choices=["zeros", "circular"])
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    p.add_argument("--t-query", type=float, default=0.02,
+                   help="small t at which a final image is explained by its candidates")
+    p.add_argument("--out", default=None, help="output folder (default RUN/mosaic or ./runs/...)")
+    p.set_defaults(func=_cmd_mosaic)
     return parser
+
+
+def _cmd_mosaic(args) -> int:
+    import numpy as np
+
+    import els_jax as ej
+    from els_jax.experiment import seed_noise
+    from els_jax.mosaic import mosaic_run
+
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    network_eps, network_steps, seed_base = None, None, 0
+    if args.run:
+        with open(os.path.join(args.run, "config.json")) as f:
+            run_cfg = json.load(f)
+        with open(os.path.join(args.run, "scales.json")) as f:
+            scales = json.load(f)["els"]["scales"]
+        model, params, tcfg = ej.load_trained(run_cfg.get("checkpoint") or
+                                              os.path.join(args.run, "network"))
+        if getattr(model, "num_classes", None) is not None:
+            raise SystemExit("mosaic does not support class-conditional runs yet")
+        images, _ = ej.load_dataset(tcfg.dataset, data_dir=args.data_dir or tcfg.data_dir,
+                                    image_size=tcfg.image_size, max_examples=tcfg.max_examples)
+        boundary, seed_base = tcfg.padding, run_cfg.get("seed", 0)
+        network_eps, network_steps = ej.make_network(model, params), run_cfg.get("network_steps")
+        out = args.out or os.path.join(args.run, "mosaic")
+    else:
+        images, _ = ej.load_dataset(args.dataset, data_dir=args.data_dir,
+                                    image_size=args.image_size)
+        scales = args.scales[0] if len(args.scales) == 1 else list(args.scales)
+        boundary = args.boundary
+        out = args.out or _new_run_dir(f"mosaic-{args.dataset}")
+    x_T = seed_noise(seed_base, seeds, np.asarray(images).shape[1:])
+    info = mosaic_run(images, x_T, scales, boundary=boundary, network_eps=network_eps,
+                      network_steps=network_steps, t_query=args.t_query, out=out, seeds=seeds)
+    print(json.dumps({"out": out, "creativity": info["creativity"]}))
+    return 0
 
 
 def _odd_sizes(text: str) -> tuple[int, ...]:
