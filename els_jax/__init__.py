@@ -18,7 +18,7 @@ from els_jax.train import (TrainConfig, create_train_state, load_trained,
 from els_jax import calibration, experiment, metrics
 from els_jax.calibration import Calibration, calibrate, candidate_machines
 from els_jax.experiment import ReproduceConfig, reproduce
-from els_jax.provenance import Provenance, creativity, mosaic_image, provenance
+from els_jax.posterior import Provenance, creativity, mosaic_image, provenance
 
 __version__ = "0.1.0"
 

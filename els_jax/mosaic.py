@@ -16,7 +16,7 @@ import os
 import numpy as np
 
 from els_jax import machine as machine_lib
-from els_jax import provenance as pv
+from els_jax import posterior as pv
 from els_jax import sampler
 from els_jax import schedules as schedules_lib
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import els_jax as ej
-from els_jax import provenance as pv
+from els_jax import posterior as pv
 from tests import oracles
 
 
