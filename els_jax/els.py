@@ -17,23 +17,39 @@ Boundaries:
     pixels the windows at the same distance from their edge, corners only their own location.
     k ≥ min(H, W) falls back to the local score machine (as the authors' code does).
 
-Engine. A "pass" pairs a set of query pixels with a set of candidate centres (and, for the
-zero-padded border, a group id per query and per candidate: a pair counts only when the ids
-agree). Candidates come either straight from the images, a chunk of images at a time (memory
-independent of N, the pure functional API), or from a precomputed ``CandidateBank`` (built
-once per data set, k, boundary and mask, with identical windows merged into one candidate
-whose log-multiplicity is added to its logit: exact, and large savings on data with blank
-background), optionally sharded over devices. Every chunk goes through ``softmax.update``.
+Layout. ``layout`` lists the passes: a set of query pixels, a set of candidate centres, and
+for the zero-padded border a group id per query and per candidate (a pair counts only when
+the ids agree). The engines split a grouped pass into batches of equal-sized groups (edge
+rows, edge columns, corners), so no pair of different groups is ever computed.
 
-Numerics: logits are (a·q·c − a²‖c‖²/2)/b² (‖q‖² is the same for every candidate), with query
-and candidates shifted by the per-channel data mean μ (an exact shift, padding included), so
-float32 stays accurate at small t.
+Two exact engines compute the logits ℓ = (a·q·c − a²‖c‖²/2)/b² + log w (‖q‖² is the same for
+every candidate), and both feed every chunk through ``softmax.update_with``:
+
+  - "window": one dot product per (query pixel, candidate window) of length D = k²C + 2: the
+    query is augmented to [(a/b²)·q, −a²/b², 1] and the candidate to [c, ‖c‖²/2, log w], so the
+    matmul yields the logits directly. Candidates come either straight from the images, a
+    chunk of images at a time (memory independent of N), or from a precomputed
+    ``WindowBank`` (identical windows merged into one candidate whose log-multiplicity is its
+    log w: exact, and large savings on data with blank background), optionally sharded.
+    Cost per pair ∝ k²C.
+  - "row": the k×k window dot product split into k row dot products (length kC) summed over
+    the window's rows. For a vertical offset s between query and candidate, the row products
+    of every query row with the candidate row s below form one batched matmul, and a k-row
+    box sum (``lax.reduce_window``) over them gives every window dot product at that offset;
+    the row norms and log w/k ride along in the same matmul. Cost per pair ∝ kC + k instead of
+    k²C, without dedup (it works on whole images). Used for the main pass; the thin
+    zero-padded border passes always use "window".
+
+``choose_method`` picks the cheaper engine per k from a cost model measured on CPU
+(experiments/bench_machines.py); ``method="window" | "row"`` forces one.
+
+Numerics: query and candidates are shifted by the per-channel data mean μ (an exact shift,
+padding included), so float32 stays accurate at small t.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -44,12 +60,14 @@ from els_jax import conversions, patches, softmax
 from els_jax import schedules as schedules_lib
 from els_jax.validation import check_patch_size, check_query_and_images, mask_log_weights
 
-__all__ = ["els_score", "els_x0", "CandidateBank", "build_bank", "bank_x0", "layout",
-           "Pass", "DEFAULT_BLOCK"]
+__all__ = ["els_score", "els_x0", "MachineBank", "WindowBank", "RowBank", "BankSpec",
+           "build_bank", "bank_x0", "estimate_unique_fraction", "layout", "Pass",
+           "choose_method", "METHODS", "DEFAULT_BLOCK"]
 
 # Logits per streamed chunk (B × query pixels × candidates). 2^20 floats = 4 MiB: large enough
-# to amortise the scan step, small enough to stay in cache.
+# to amortise the per-iteration cost of a scan step (~0.1 ms on CPU), small enough for cache.
 DEFAULT_BLOCK = 1 << 20
+METHODS = ("auto", "window", "row")
 _HI = jax.lax.Precision.HIGHEST
 
 
@@ -72,7 +90,8 @@ class Pass(NamedTuple):
 
 
 def layout(k: int, boundary: str, wrap_patches: bool, h: int, w: int) -> list[Pass]:
-    """The passes that make up the ELS machine for an H×W image (see module docstring)."""
+    """The passes that make up the ELS machine for an H×W image (see module docstring).
+    The first pass is the main one (every pixel, or the interior for "zeros")."""
     allpix = np.arange(h * w)
     rows, cols = np.divmod(allpix, w)
     m = k // 2
@@ -97,6 +116,28 @@ def _ideal_layout(h: int, w: int) -> list[Pass]:
     return [Pass(zero, "whole", zero, "whole", None, None)]
 
 
+class _Grouped(NamedTuple):
+    """G groups of Pq queries, each group matched with its own Pc candidate centres."""
+
+    query_pixels: np.ndarray    # [G, Pq]
+    query_mode: str
+    cand_pixels: np.ndarray     # [G, Pc]
+    cand_mode: str
+
+
+def _grouped(ps: Pass) -> list[_Grouped]:
+    """Splits a pass into batches of equal-sized groups (one batch if it has no groups)."""
+    if ps.query_group is None:
+        return [_Grouped(ps.query_pixels[None], ps.query_mode, ps.cand_pixels[None],
+                         ps.cand_mode)]
+    by_size: dict = {}
+    for g in np.unique(ps.query_group):
+        qp, cp = ps.query_pixels[ps.query_group == g], ps.cand_pixels[ps.cand_group == g]
+        by_size.setdefault((len(qp), len(cp)), []).append((qp, cp))
+    return [_Grouped(np.stack([q for q, _ in v]), ps.query_mode, np.stack([c for _, c in v]),
+                     ps.cand_mode) for _, v in sorted(by_size.items())]
+
+
 def _windows(images, k: int, mode: str, pixels: np.ndarray):
     """[B, H, W, C] → windows centred at ``pixels``: [B, P, D] (D = k²C, or H·W·C for "whole")."""
     b = images.shape[0]
@@ -115,7 +156,8 @@ class _Chunk(NamedTuple):
 
 
 def _candidates(images, log_w, k, ps: Pass, shift):
-    """All candidates of ``ps`` from a chunk of images [n, H, W, C] with log weights [n]."""
+    """All candidates of ``ps`` from a chunk of images [n, H, W, C] with log weights [n]
+    (flat, with group ids; the reference layout other modules stream, e.g. posterior.py)."""
     n, h, w, c = images.shape
     keys = _windows(images, k, ps.cand_mode, ps.cand_pixels) - shift[None, None]   # [n, P, D]
     pc = keys.shape[1]
@@ -128,17 +170,6 @@ def _candidates(images, log_w, k, ps: Pass, shift):
              else jnp.tile(jnp.asarray(ps.cand_group, jnp.int32), n))
     return _Chunk(keys, 0.5 * jnp.sum(keys * keys, axis=-1), values.reshape(n * pc, -1),
                   jnp.repeat(log_w, pc), group)
-
-
-def _accumulate(state, q, q_group, a, b2, cand: _Chunk):
-    """One chunk into the running softmax. q [B, Pq, D]; a, b2 [B]."""
-    qc = jnp.einsum("bpd,md->bpm", q, cand.keys, precision=_HI)
-    a3, b3 = a[:, None, None], b2[:, None, None]
-    logits = (a3 * qc - (a3 * a3) * cand.half_sq[None, None]) / b3 + cand.log_w[None, None]
-    if q_group is not None:
-        same = q_group[None, :, None] == cand.group[None, None, :]
-        logits = jnp.where(same, logits, -jnp.inf)
-    return softmax.update(state, logits, cand.values)
 
 
 def _shift_vector(mu, k, mode, h, w):
@@ -154,27 +185,261 @@ def _coeffs(t, bsz, schedule):
 
 
 def _queries(x, a, k, ps: Pass, mu):
+    """Query windows of ``ps`` minus the mean shift, [B, Pq, D]."""
     h, w = x.shape[1], x.shape[2]
     shift = _shift_vector(mu, k, ps.query_mode, h, w)
     q = _windows(x, k, ps.query_mode, ps.query_pixels)
     return q - a[:, None, None] * shift[None, None]
 
 
+def _augment_queries(q, a, b2):
+    """q [B, ..., D] → [B, ..., D+2] = [(a/b²)·q, −a²/b², 1] (a, b² per query image, [B]):
+    its dot product with an augmented key [c, ‖c‖²/2, log w] is the logit."""
+    lead = q.shape[:-1]
+    per_b = (-1,) + (1,) * (q.ndim - 1)
+    return jnp.concatenate([q * (a / b2).reshape(per_b),
+                            jnp.broadcast_to((-(a * a) / b2).reshape(per_b), lead + (1,)),
+                            jnp.ones(lead + (1,), q.dtype)], axis=-1)
+
+
+def _augment_keys(keys, log_w):
+    """keys [..., D] (mean-shifted), log_w [...] → [..., D+2] = [c, ‖c‖²/2, log w]."""
+    return jnp.concatenate([keys, 0.5 * jnp.sum(keys * keys, axis=-1, keepdims=True),
+                            log_w[..., None]], axis=-1)
+
+
+# ----------------------------------------------------------------------------------------
+# The window engine: one augmented dot product per (query, candidate window).
+
+
+def _window_queries(x, a, b2, k, gp: _Grouped, mu):
+    """Augmented query windows [G, B·Pq, D+2] (group first: the batch axis of the matmuls)."""
+    b, h, w, _ = x.shape
+    g, pq = gp.query_pixels.shape
+    shift = _shift_vector(mu, k, gp.query_mode, h, w)
+    q = _windows(x, k, gp.query_mode, gp.query_pixels.reshape(-1))
+    q = _augment_queries(q - a[:, None, None] * shift[None, None], a, b2)   # [B, G·Pq, D']
+    return jnp.swapaxes(q.reshape(b, g, pq, -1), 0, 1).reshape(g, b * pq, -1)
+
+
+def _window_candidates(images, log_w, k, gp: _Grouped, shift):
+    """Candidates of ``gp`` from images [n, H, W, C] with log weights [n]:
+    augmented keys [G, n·Pc, D+2] and values [G, n·Pc, V]."""
+    n, h, w, c = images.shape
+    g, pc = gp.cand_pixels.shape
+    keys = _windows(images, k, gp.cand_mode, gp.cand_pixels.reshape(-1)) - shift[None, None]
+    keys = _augment_keys(keys.reshape(n, g, pc, -1),
+                         jnp.broadcast_to(log_w[:, None, None], (n, g, pc)))
+    if gp.cand_mode == "whole":
+        values = images.reshape(n, 1, 1, h * w * c)
+    else:
+        values = images.reshape(n, h * w, c)[:, gp.cand_pixels.reshape(-1)].reshape(n, g, pc, c)
+
+    def by_group(arr):
+        return jnp.swapaxes(arr, 0, 1).reshape(g, n * pc, arr.shape[-1])
+    return by_group(keys), by_group(values)
+
+
+def _window_update(state, q, keys, values):
+    """One chunk into the running softmax. q [G, Q, D'], keys [G, M, D'], values [G, M, V]."""
+    g, q_len = q.shape[0], q.shape[1]
+    if g == 1:                  # plain 2-D matmuls: XLA lays them out without transposes
+        logits = jnp.matmul(q[0], keys[0].T, precision=_HI)[None]
+        return softmax.update_with(
+            state, logits, lambda p: jnp.matmul(p[0], values[0], precision=_HI)[None])
+    if q_len <= 8:              # many tiny groups (corners): XLA's batched matvec is slow
+        logits = jnp.sum(q[:, :, None, :] * keys[:, None, :, :], axis=-1)
+        return softmax.update_with(
+            state, logits, lambda p: jnp.sum(p[..., None] * values[:, None], axis=-2))
+
+    def one(args):              # edges: group by group, each a 2-D matmul (faster on CPU than
+        st, qq, kk, vv = args   # XLA's small batched matmuls)
+        st = jax.tree.map(lambda v: v[None], st)
+        return jax.tree.map(lambda v: v[0], _window_update(st, qq[None], kk[None], vv[None]))
+    return jax.lax.map(one, (state, q, keys, values))
+
+
+def _window_result(gp: _Grouped, state, bsz):
+    """(pixels [G·Pq] or None for the ideal machine, x̂_0 [B, G·Pq, V])."""
+    g, pq = gp.query_pixels.shape
+    x0 = softmax.finalize(state).reshape(g, bsz, pq, -1)
+    x0 = jnp.swapaxes(x0, 0, 1).reshape(bsz, g * pq, -1)
+    return (None if gp.query_mode == "whole" else gp.query_pixels.reshape(-1)), x0
+
+
+# ----------------------------------------------------------------------------------------
+# The row engine: window dot products as k-row box sums of row dot products.
+
+
+class _RowLayout(NamedTuple):
+    """Static description of the main pass for the row engine (centre coordinates)."""
+
+    q_cols: np.ndarray      # query centre columns
+    q_col_mode: str         # padding of query rows ("circular" | "zeros")
+    q_rows: np.ndarray      # query centre rows kept in the output
+    c_cols: np.ndarray      # candidate centre columns
+    c_col_mode: str
+    c_rows: np.ndarray      # candidate centre rows (contiguous)
+    wrap_rows: bool         # candidate windows wrap vertically
+
+
+def _row_layout(k: int, boundary: str, wrap_patches: bool, h: int, w: int) -> _RowLayout:
+    m = k // 2
+    inner_r, inner_c = np.arange(m, h - m), np.arange(m, w - m)
+    if boundary == "circular" and wrap_patches:
+        return _RowLayout(np.arange(w), "circular", np.arange(h), np.arange(w), "circular",
+                          np.arange(h), True)
+    if boundary == "circular":
+        return _RowLayout(np.arange(w), "circular", np.arange(h), inner_c, "zeros", inner_r,
+                          False)
+    # Zero padding: interior queries only (their windows never touch the padding).
+    return _RowLayout(inner_c, "zeros", inner_r, inner_c, "zeros", inner_r, False)
+
+
+def _row_windows(images, k: int, mode: str, cols: np.ndarray):
+    """[..., H, W, C] → row windows [..., H, len(cols), k·C]: the k pixels of each row centred on
+    each column of ``cols``, laid out (dx, c) as in a k×k window, padded per ``mode``."""
+    m = k // 2
+    h, w = images.shape[-3], images.shape[-2]
+    padded = patches.pad(images, m, mode)[..., m:m + h, :, :]          # pad the columns only
+    rows = jnp.stack([padded[..., dx:dx + w, :] for dx in range(k)], axis=-2)
+    rows = rows[..., cols, :, :]
+    return rows.reshape(rows.shape[:-2] + (k * images.shape[-1],))
+
+
+def _row_queries(x, a, b2, k, lay: _RowLayout, mu):
+    """Augmented query rows [H, B·Wq, kC+2] (rows first, for the batched row matmul)."""
+    b, h = x.shape[0], x.shape[1]
+    q = _row_windows(x, k, lay.q_col_mode, lay.q_cols)
+    q = q - a[:, None, None, None] * jnp.tile(mu, k)[None, None, None]
+    q = _augment_queries(q, a, b2)                                       # [B, H, Wq, D']
+    return jnp.transpose(q, (1, 0, 2, 3)).reshape(h, b * len(lay.q_cols), q.shape[-1])
+
+
+def _row_candidates(images, log_w, k, lay: _RowLayout, mu):
+    """Candidates from images [n, H, W, C], log weights [n]: keys [H, kC+2, n·Wc] = each row
+    window, its half squared norm and log w / k (a window's sum over its k rows gives
+    ‖c‖²/2 and log w); values [Hc, n·Wc, C], the centre pixels."""
+    n, h, _, c = images.shape
+    wc = len(lay.c_cols)
+    rows = _row_windows(images, k, lay.c_col_mode, lay.c_cols) - jnp.tile(mu, k)[None, None, None]
+    lw = jnp.broadcast_to((log_w / k)[:, None, None, None], (n, h, wc, 1))
+    keys = jnp.concatenate([rows, 0.5 * jnp.sum(rows * rows, -1, keepdims=True), lw], -1)
+    keys = jnp.transpose(keys, (1, 3, 0, 2)).reshape(h, keys.shape[-1], n * wc)
+    values = images[:, lay.c_rows][:, :, lay.c_cols]                     # [n, Hc, Wc, C]
+    values = jnp.transpose(values, (1, 0, 2, 3)).reshape(len(lay.c_rows), n * wc, c)
+    return keys, values
+
+
+def _row_offset_state(xs, keys, values, k, wrap_rows):
+    """Softmax state of every candidate of one chunk at one vertical offset.
+
+    xs [H, Q, D']: query rows, rolled so that row r holds the query row paired with candidate
+    row r. Returns a state over [Hc, Q] indexed by candidate centre row."""
+    t = jnp.einsum("rqd,rdm->rqm", xs, keys, precision=_HI)             # [H, Q, M]
+    m = k // 2
+    if wrap_rows and m:
+        t = jnp.concatenate([t[-m:], t, t[:m]], axis=0)
+    logits = jax.lax.reduce_window(t, 0.0, jax.lax.add, (k, 1, 1), (1, 1, 1), "VALID")
+    init = softmax.init(logits.shape[:2], values.shape[-1])
+    return softmax.update_with(
+        init, logits, lambda p: jnp.einsum("uqm,umc->uqc", p, values, precision=_HI))
+
+
+def _row_stream(state, x_rows, n_chunks, get_chunk, k, lay: _RowLayout):
+    """Streams candidate chunks (outer) and vertical offsets s (inner) into ``state``, a
+    softmax state over [H, Q] indexed by query centre row."""
+    h = x_rows.shape[0]
+    doubled = jnp.concatenate([x_rows, x_rows], axis=0)
+    lo = int(lay.c_rows[0])
+    pad_rows = ((lo, h - lo - len(lay.c_rows)),)
+
+    def to_query_rows(st, s):
+        # Candidate centre row u pairs with query centre row (u − s) mod H.
+        def move(arr, fill):
+            full = jnp.pad(arr, pad_rows + ((0, 0),) * (arr.ndim - 1), constant_values=fill)
+            return jax.lax.dynamic_slice_in_dim(jnp.concatenate([full, full]), s, h, 0)
+        return softmax.SoftmaxState(move(st.max, -jnp.inf), move(st.total, 0.0),
+                                    move(st.acc, 0.0))
+
+    def per_chunk(state, j):
+        keys, values = get_chunk(j)
+
+        def per_offset(state, s):
+            xs = jax.lax.dynamic_slice_in_dim(doubled, h - s, h, 0)     # xs[r] = x_rows[r − s]
+            part = _row_offset_state(xs, keys, values, k, lay.wrap_rows)
+            return softmax.merge(state, to_query_rows(part, s)), None
+
+        state, _ = jax.lax.scan(per_offset, state, jnp.arange(h))
+        return state, None
+
+    state, _ = jax.lax.scan(per_chunk, state, jnp.arange(n_chunks))
+    return state
+
+
+def _row_output(state, bsz, lay: _RowLayout):
+    """[H, B·Wq] state → x̂_0 at the query pixels (``_row_pixels``), [B, Hq·Wq, C]."""
+    h = state.max.shape[0]
+    wq = len(lay.q_cols)
+    x0 = softmax.finalize(state).reshape(h, bsz, wq, -1)[lay.q_rows]     # [Hq, B, Wq, C]
+    return jnp.transpose(x0, (1, 0, 2, 3)).reshape(bsz, len(lay.q_rows) * wq, -1)
+
+
+def _row_pixels(lay: _RowLayout, w: int) -> np.ndarray:
+    return (lay.q_rows[:, None] * w + lay.q_cols[None, :]).reshape(-1)
+
+
+# ----------------------------------------------------------------------------------------
+# Choosing the engine.
+
+# Cost per computed pair (ns), fitted to wall times measured on the 2-core AMD EPYC (XLA CPU,
+# float32, N = 250, B = 1; experiments/bench_machines.py): window ≈ W0 + W1·C^0.63·(k²C + 2),
+# the matmul of length k²C + 2 dominating for k ≥ 5; row ≈ R0 + R1·k·C^1.3 (a matmul of
+# length kC + 2 and a k-term box sum). With zero padding the row engine also computes
+# query rows it discards: H/(H−k+1) more box sums and softmax work and (H/(H−k+1))² more
+# row products, modelled as a factor (H/(H−k+1))^1.5.
+_W0, _W1 = 0.6, 0.0165
+_R0, _R1 = 0.55, 0.125
+
+
+def choose_method(k: int, c: int, h: int, boundary: str, unique_fraction: float = 1.0) -> str:
+    """The cheaper exact engine for the main pass: "window" or "row" (cost model above).
+
+    unique_fraction: fraction of candidate windows left after merging duplicates (window
+    engine with a deduplicated bank only)."""
+    window = unique_fraction * (_W0 + _W1 * c ** 0.63 * (k * k * c + 2))
+    waste = h / max(1, h - k + 1) if boundary == "zeros" else 1.0
+    row = waste ** 1.5 * (_R0 + _R1 * k * c ** 1.3)
+    return "row" if row < window else "window"
+
+
+def _resolve_method(method, k, c, h, boundary, unique_fraction=1.0):
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if method == "auto":
+        return choose_method(k, c, h, boundary, unique_fraction)
+    return method
+
+
 def _scatter(x_shape, results):
-    """Puts each pass's x̂_0 [B, Pq, C] back at its pixels; returns [B, H, W, C]."""
+    """Puts each pass's x̂_0 [B, P, V] back at its pixels [P]; returns [B, H, W, C]."""
     b, h, w, c = x_shape
     out = jnp.zeros((b, h * w, c), jnp.float32)
-    for ps, r in results:
-        if ps.query_mode == "whole":
+    for pixels, r in results:
+        if pixels is None:                                           # the ideal machine
             return r.reshape(x_shape)
-        out = out.at[:, ps.query_pixels].set(r)
+        out = out.at[:, pixels].set(r.reshape(b, -1, c))
     return out.reshape(x_shape)
 
 
+# ----------------------------------------------------------------------------------------
+# The functional API: candidates streamed straight from the images (no bank).
+
+
 @functools.partial(jax.jit, static_argnames=("k", "boundary", "wrap_patches", "schedule",
-                                             "block", "ideal"))
+                                             "block", "ideal", "method"))
 def _stream_images_x0(x, t, images, log_w, *, k, boundary, wrap_patches, schedule, block,
-                      ideal=False):
+                      ideal=False, method="window"):
     """x̂_0 with candidates extracted from the images chunk by chunk (no bank)."""
     bsz, h, w, c = x.shape
     n = images.shape[0]
@@ -182,26 +447,44 @@ def _stream_images_x0(x, t, images, log_w, *, k, boundary, wrap_patches, schedul
     mu = jnp.mean(images, axis=(0, 1, 2))
     passes = _ideal_layout(h, w) if ideal else layout(k, boundary, wrap_patches, h, w)
     results = []
-    for ps in passes:
-        q = _queries(x, a, k, ps, mu)
-        q_group = None if ps.query_group is None else jnp.asarray(ps.query_group, jnp.int32)
-        shift = _shift_vector(mu, k, ps.cand_mode, h, w)
-        pc = len(ps.cand_pixels)
-        n_img = int(min(n, max(1, block // max(1, bsz * q.shape[1] * pc))))
+    if method == "row":
+        lay = _row_layout(k, boundary, wrap_patches, h, w)
+        x_rows = _row_queries(x, a, b2, k, lay, mu)
+        q = x_rows.shape[1]
+        n_img = int(min(n, max(1, block // max(1, len(lay.c_rows) * q * len(lay.c_cols)))))
         starts, first_new = softmax.chunk_starts(n, n_img)
         rows = jnp.arange(n_img, dtype=jnp.int32)
 
-        def body(state, chunk, q=q, q_group=q_group, ps=ps, shift=shift, n_img=n_img):
-            start, first = chunk
-            imgs = jax.lax.dynamic_slice_in_dim(images, start, n_img)
-            lw = jax.lax.dynamic_slice_in_dim(log_w, start, n_img)
-            lw = jnp.where(rows >= first, lw, -jnp.inf)
-            cand = _candidates(imgs, lw, k, ps, shift)
-            return _accumulate(state, q, q_group, a, b2, cand), None
+        def get_chunk(j):
+            imgs = jax.lax.dynamic_slice_in_dim(images, starts[j], n_img)
+            lw = jax.lax.dynamic_slice_in_dim(log_w, starts[j], n_img)
+            return _row_candidates(imgs, jnp.where(rows >= first_new[j], lw, -jnp.inf), k,
+                                   lay, mu)
 
-        v = h * w * c if ps.cand_mode == "whole" else c
-        state, _ = jax.lax.scan(body, softmax.init(q.shape[:2], v), (starts, first_new))
-        results.append((ps, softmax.finalize(state)))
+        state = _row_stream(softmax.init((h, q), c), x_rows, len(starts), get_chunk, k, lay)
+        results.append((_row_pixels(lay, w), _row_output(state, bsz, lay)))
+        passes = passes[1:]
+    for ps in passes:
+        for gp in _grouped(ps):
+            q = _window_queries(x, a, b2, k, gp, mu)
+            shift = _shift_vector(mu, k, gp.cand_mode, h, w)
+            g, pq = gp.query_pixels.shape
+            pc = gp.cand_pixels.shape[1]
+            n_img = int(min(n, max(1, block // max(1, bsz * g * pq * pc))))
+            starts, first_new = softmax.chunk_starts(n, n_img)
+            rows = jnp.arange(n_img, dtype=jnp.int32)
+
+            def body(state, chunk, q=q, gp=gp, shift=shift, n_img=n_img, rows=rows):
+                start, first = chunk
+                imgs = jax.lax.dynamic_slice_in_dim(images, start, n_img)
+                lw = jax.lax.dynamic_slice_in_dim(log_w, start, n_img)
+                keys, values = _window_candidates(imgs, jnp.where(rows >= first, lw, -jnp.inf),
+                                                  k, gp, shift)
+                return _window_update(state, q, keys, values), None
+
+            v = h * w * c if gp.cand_mode == "whole" else c
+            state, _ = jax.lax.scan(body, softmax.init(q.shape[:2], v), (starts, first_new))
+            results.append(_window_result(gp, state, bsz))
     return _scatter(x.shape, results)
 
 
@@ -220,7 +503,8 @@ def _check_els_k(k, h, w, boundary, wrap_patches):
 
 
 def els_x0(x, t, images, *, k: int, boundary: str = "circular", wrap_patches: bool = False,
-           schedule=schedules_lib.Cosine(), mask=None, block: int = DEFAULT_BLOCK):
+           schedule=schedules_lib.Cosine(), mask=None, block: int = DEFAULT_BLOCK,
+           method: str = "auto"):
     """Denoised mean x̂_0 of the ELS machine, [B, H, W, C]. See ``els_score``."""
     check_query_and_images(x, images)
     h, w = x.shape[1], x.shape[2]
@@ -230,15 +514,18 @@ def els_x0(x, t, images, *, k: int, boundary: str = "circular", wrap_patches: bo
     if boundary == "zeros" and k >= min(h, w):
         from els_jax.local import local_x0         # SPEC: zero-padded ELS with k ≥ H is LS
         return local_x0(x, t, images, k=k, schedule=schedule, mask=mask)
+    method = _resolve_method(method, k, x.shape[3], h, boundary)
     log_w = mask_log_weights(mask, images.shape[0])
     return _stream_images_x0(jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32),
                              jnp.asarray(images, jnp.float32), log_w, k=k, boundary=boundary,
                              wrap_patches=bool(wrap_patches),
-                             schedule=schedules_lib.get(schedule), block=int(block))
+                             schedule=schedules_lib.get(schedule), block=int(block),
+                             method=method)
 
 
 def els_score(x, t, images, *, k: int, boundary: str = "circular", wrap_patches: bool = False,
-              schedule=schedules_lib.Cosine(), mask=None, block: int = DEFAULT_BLOCK):
+              schedule=schedules_lib.Cosine(), mask=None, block: int = DEFAULT_BLOCK,
+              method: str = "auto"):
     """Score of the equivariant local score machine.
 
     Args:
@@ -251,13 +538,14 @@ def els_score(x, t, images, *, k: int, boundary: str = "circular", wrap_patches:
       schedule: a Schedule or its name.
       mask: optional boolean [N] selecting the candidate images (class-conditional).
       block: logits per streamed chunk (memory knob only).
+      method: "auto" (cheaper engine for this k), "window" or "row" (same result).
     Returns:
       score [B, H, W, C].
 
         >>> s = els_score(x, 0.3, images, k=5, boundary="zeros")
     """
     x0 = els_x0(x, t, images, k=k, boundary=boundary, wrap_patches=wrap_patches,
-                schedule=schedule, mask=mask, block=block)
+                schedule=schedule, mask=mask, block=block, method=method)
     return conversions.x0_to_score(x0, x, t, schedule=schedule)
 
 
@@ -265,131 +553,287 @@ def els_score(x, t, images, *, k: int, boundary: str = "circular", wrap_patches:
 # Candidate banks: built once per (data set, k, boundary, mask), reused at every step.
 
 
-class CandidateBank(NamedTuple):
-    """The candidates of one pass, deduplicated and padded to whole chunks (arrays only).
+class WindowBank(NamedTuple):
+    """The candidates of one batch of groups, deduplicated and padded to whole chunks.
 
-    keys [M, D] (windows minus the mean shift), half_sq [M], values [M, V],
-    log_w [M] (log multiplicity; −inf = padding), group [M] int32.
+    keys [G, M, D+2]: augmented windows [c − μ, ‖c − μ‖²/2, log multiplicity] (−inf = padding);
+    values [G, M, V].
     """
 
     keys: jax.Array
-    half_sq: jax.Array
     values: jax.Array
-    log_w: jax.Array
-    group: jax.Array
+
+    @property
+    def log_w(self):
+        return self.keys[..., -1]
 
 
-_HASH_MULT = np.random.default_rng(0x5EED).integers(1, 2**63, size=1 << 16, dtype=np.uint64) | 1
+class RowBank(NamedTuple):
+    """The row engine's candidates for all images: keys [H, kC+2, N'·Wc], values [Hc, N'·Wc, C]
+    (see ``_row_candidates``); N' = N padded with absent images to whole chunks."""
+
+    keys: jax.Array
+    values: jax.Array
 
 
-def _dedup(rows: np.ndarray, counts: np.ndarray):
-    """Merges identical rows, adding their counts. rows [M, F] float32, counts [M].
+class MachineBank(NamedTuple):
+    """Everything an ELS (or ideal) machine precomputes: the data mean, a row bank for the main
+    pass (row engine) or None, and one window bank per remaining batch of groups."""
 
-    Rows are grouped by a 64-bit hash of their bits (one 1-D sort instead of the much slower
-    row-wise ``np.unique(axis=0)``); the grouping is then verified row by row, and on the
-    (never yet seen) hash collision the exact row-wise unique is used instead. Exact either way.
-    """
-    rows = np.ascontiguousarray(rows + np.float32(0.0))   # −0.0 → +0.0: equal values, equal bits
-    f = rows.shape[1]
-    mult = (_HASH_MULT[:f] if f <= _HASH_MULT.size else
-            np.random.default_rng(f).integers(1, 2**63, size=f, dtype=np.uint64) | 1)
-    with np.errstate(over="ignore"):
-        hashes = (rows.view(np.uint32).astype(np.uint64) * mult).sum(axis=1)   # mod 2^64
-    _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    if not np.array_equal(rows, rows[first][inverse]):
-        uniq, inverse = np.unique(rows, axis=0, return_inverse=True)
-        return uniq, np.bincount(inverse.reshape(-1), weights=counts, minlength=len(uniq))
-    return rows[first], np.bincount(inverse, weights=counts, minlength=len(first))
+    mu: jax.Array
+    row: RowBank | None
+    windows: tuple
+
+
+class BankSpec(NamedTuple):
+    """Static (hashable) facts about a MachineBank, for jit."""
+
+    k: int
+    boundary: str
+    wrap_patches: bool
+    ideal: bool
+    method: str            # engine of the main pass: "window" | "row"
+    chunks: tuple          # candidates per chunk (power of two) of each window bank
+    row_images: int        # images per chunk of the row bank (power of two), 0 if none
+    unique_fraction: float
+
+
+def _hash_rows(u32):
+    mult = np.random.default_rng(0).integers(1, 2 ** 62, size=u32.shape[1], dtype=np.uint64)
+    return (u32.astype(np.uint64) * (2 * mult + 1)).sum(axis=1)      # wraps mod 2^64
+
+
+def _unique_rows(rows: np.ndarray):
+    """Unique rows of a float32 [M, F] array (bitwise) and how often each occurs."""
+    rows = np.ascontiguousarray(rows, np.float32)
+    u32 = rows.view(np.uint32)
+    _, first, inverse, counts = np.unique(_hash_rows(u32), return_index=True,
+                                          return_inverse=True, return_counts=True)
+    if not np.array_equal(u32, u32[first[inverse.reshape(-1)]]):     # a hash collision: rare
+        void = u32.view(np.dtype((np.void, 4 * u32.shape[1]))).reshape(-1)
+        _, first, counts = np.unique(void, return_index=True, return_counts=True)
+    return rows[first], counts
+
+
+def _pow2_floor(v: int) -> int:
+    return 1 << max(0, int(v).bit_length() - 1)
+
+
+def _grouped_passes(k, boundary, wrap_patches, h, w, ideal, method):
+    passes = _ideal_layout(h, w) if ideal else layout(k, boundary, wrap_patches, h, w)
+    if method == "row":
+        passes = passes[1:]
+    return [gp for ps in passes for gp in _grouped(ps)]
+
+
+def _host_windows(images: np.ndarray, k: int, mode: str, pixels: np.ndarray) -> np.ndarray:
+    """Numpy twin of ``_windows`` for building banks (a gather: no per-k compile):
+    [n, H, W, C] → [n, P, D], windows laid out (dy, dx, c) as ``patches.extract_windows``."""
+    n, h, w, c = images.shape
+    if mode == "whole":
+        return images.reshape(n, 1, -1)
+    m = k // 2
+    padded = np.asarray(patches.pad(jnp.asarray(images), m, mode))          # [n, H+2m, W+2m, C]
+    rows, cols = np.divmod(np.asarray(pixels), w)
+    d = np.arange(k)
+    rr = rows[:, None, None] + d[None, :, None]                             # [P, k, 1]
+    cc = cols[:, None, None] + d[None, None, :]                             # [P, 1, k]
+    return padded[:, rr, cc, :].reshape(n, len(pixels), k * k * c)
+
+
+def _host_window_candidates(images, k, gp, mu, images_per_step):
+    """All candidates of ``gp`` as numpy: keys [G, N·Pc, D] (mean-shifted), values [G, N·Pc, V]."""
+    n, h, w, c = images.shape
+    g, pc = gp.cand_pixels.shape
+    shift = np.asarray(_shift_vector(jnp.asarray(mu), k, gp.cand_mode, h, w))
+    keys, values = [], []
+    for start in range(0, n, images_per_step):
+        im = images[start:start + images_per_step]
+        kk = _host_windows(im, k, gp.cand_mode, gp.cand_pixels.reshape(-1)) - shift
+        if gp.cand_mode == "whole":
+            vv = im.reshape(len(im), 1, -1)
+        else:
+            vv = im.reshape(len(im), h * w, c)[:, gp.cand_pixels.reshape(-1)]
+        keys.append(np.swapaxes(kk.reshape(len(im), g, pc, -1), 0, 1).reshape(g, -1, kk.shape[-1]))
+        values.append(np.swapaxes(vv.reshape(len(im), g, pc, -1), 0, 1).reshape(g, -1, vv.shape[-1]))
+    return np.concatenate(keys, axis=1), np.concatenate(values, axis=1)
+
+
+def estimate_unique_fraction(images, *, k, boundary="circular", wrap_patches=False,
+                             sample=256, ideal=False):
+    """Fraction of the main pass's candidate windows left after merging duplicates, estimated
+    on the first ``sample`` images (an upper bound: more images hold more duplicates)."""
+    images = np.asarray(images[:sample], np.float32)
+    n, h, w, _ = images.shape
+    gp = _grouped_passes(k, boundary, wrap_patches, h, w, ideal, "window")[0]
+    mu = images.mean(axis=(0, 1, 2))
+    keys, values = _host_window_candidates(images, k, gp, mu, 64)
+    rows = np.concatenate([keys[0], values[0]], axis=1)
+    return len(_unique_rows(rows)[0]) / len(rows)
 
 
 def build_bank(images, *, k: int, boundary: str = "circular", wrap_patches: bool = False,
-               dedup: bool = True, chunk: int = 4096, n_shards: int = 1, ideal: bool = False,
-               images_per_step: int | None = None):
-    """Precomputes the candidates of every pass of the ELS machine (or of the ideal machine).
+               dedup: bool = True, method: str = "auto", block: int = DEFAULT_BLOCK,
+               n_shards: int = 1, ideal: bool = False, chunk: int | None = None,
+               dedup_threshold: float = 0.9, images_per_step: int = 64,
+               unique_fraction: float | None = None):
+    """Precomputes the candidates of the ELS machine (or of the ideal machine).
 
-    Built on the host, ``images_per_step`` images at a time (default: about 2^18 windows per
-    step, so that re-merging the running set stays cheap); with ``dedup`` identical windows
-    (same pixels, same value, same group) are merged as they arrive, so memory holds the
-    unique candidates plus one step. The mask (class-conditional) is applied by passing only
-    the selected images.
+    With ``dedup``, identical candidate windows (same pixels, same value) are merged into one
+    candidate with their count, when an estimate on a sample says that removes at least
+    1 − ``dedup_threshold`` of them (set 1.0 to always merge). The main pass uses the engine
+    ``method`` ("auto": the cheaper one given that estimate). The mask (class-conditional) is
+    applied by passing only the selected images.
 
-    Returns (mu [C], list of CandidateBank, each padded to a multiple of chunk·n_shards).
+    Returns (MachineBank, BankSpec); banks are padded to whole chunks × ``n_shards``.
+    ``unique_fraction``: a precomputed ``estimate_unique_fraction`` (skips the estimate).
     """
     images = np.asarray(images, np.float32)
     n, h, w, c = images.shape
     mu = images.mean(axis=(0, 1, 2))
-    passes = _ideal_layout(h, w) if ideal else layout(k, boundary, wrap_patches, h, w)
-    banks = []
-    for ps in passes:
-        shift = np.asarray(_shift_vector(jnp.asarray(mu), k, ps.cand_mode, h, w))
-        rows, counts = None, None
-        make = jax.jit(lambda im, ps=ps, shift=shift: _candidates(
-            im, jnp.zeros(im.shape[0]), k, ps, jnp.asarray(shift)))
-        step = images_per_step or max(1, (1 << 18) // max(1, len(ps.cand_pixels)))
-        for start in range(0, n, step):
-            cand = make(jnp.asarray(images[start:start + step]))
-            new = np.concatenate([np.asarray(cand.keys), np.asarray(cand.values),
-                                  np.asarray(cand.group, np.float32)[:, None]], axis=1)
-            new_counts = np.ones(len(new))
-            if rows is not None:
-                new, new_counts = np.concatenate([rows, new]), np.concatenate([counts, new_counts])
-            rows, counts = _dedup(new, new_counts) if dedup else (new, new_counts)
-        d = np.asarray(cand.keys).shape[1]
-        v = np.asarray(cand.values).shape[1]
-        m = len(rows)
-        per = chunk * n_shards
+    if not dedup:
+        unique_fraction = 1.0
+    elif unique_fraction is None:
+        unique_fraction = estimate_unique_fraction(images, k=k, boundary=boundary,
+                                                   wrap_patches=wrap_patches, ideal=ideal)
+    dedup = dedup and unique_fraction <= dedup_threshold
+    if ideal:
+        method = "window"
+    else:
+        method = _resolve_method(method, k, c, h, boundary,
+                                 unique_fraction if dedup else 1.0)
+    windows, chunks = [], []
+    for gp in _grouped_passes(k, boundary, wrap_patches, h, w, ideal, method):
+        keys, values = _host_window_candidates(images, k, gp, mu, images_per_step)
+        g, d = keys.shape[0], keys.shape[-1]
+        per_group = []
+        for gi in range(g):
+            rows = np.concatenate([keys[gi], values[gi]], axis=1)
+            uniq, counts = _unique_rows(rows) if dedup else (rows, np.ones(len(rows)))
+            per_group.append((uniq, counts))
+        m = max(len(u) for u, _ in per_group)
+        pq = gp.query_pixels.shape[1]
+        ch = chunk or _pow2_floor(max(1, block // (g * pq)))
+        ch = min(ch, 1 << int(np.ceil(np.log2(max(1, m)))))
+        per = ch * n_shards
         total = -(-m // per) * per
-        pad = total - m
-        keys = np.pad(rows[:, :d], ((0, pad), (0, 0)))
-        values = np.pad(rows[:, d:d + v], ((0, pad), (0, 0)))
-        group = np.pad(rows[:, d + v].astype(np.int32), (0, pad))
-        log_w = np.concatenate([np.log(counts), np.full(pad, -np.inf)]).astype(np.float32)
-        banks.append(CandidateBank(jnp.asarray(keys), jnp.asarray(0.5 * np.sum(keys * keys, 1)),
-                                   jnp.asarray(values), jnp.asarray(log_w), jnp.asarray(group)))
-    return jnp.asarray(mu), banks
+        bank_keys = np.zeros((g, total, d + 2), np.float32)
+        bank_values = np.zeros((g, total, values.shape[-1]), np.float32)
+        bank_keys[..., -1] = -np.inf
+        for gi, (uniq, counts) in enumerate(per_group):
+            kk = uniq[:, :d]
+            bank_keys[gi, :len(uniq), :d] = kk
+            bank_keys[gi, :len(uniq), d] = 0.5 * np.sum(kk.astype(np.float64) ** 2, axis=1)
+            bank_keys[gi, :len(uniq), d + 1] = np.log(counts)
+            bank_values[gi, :len(uniq)] = uniq[:, d:]
+        windows.append(WindowBank(jnp.asarray(bank_keys), jnp.asarray(bank_values)))
+        chunks.append(int(ch))
+    row, row_images = None, 0
+    if method == "row":
+        lay = _row_layout(k, boundary, wrap_patches, h, w)
+        per_image = len(lay.c_rows) * len(lay.q_cols) * len(lay.c_cols)
+        row_images = min(_pow2_floor(max(1, block // per_image)),
+                         1 << int(np.ceil(np.log2(n))))
+        per = row_images * n_shards
+        total = -(-n // per) * per
+        padded = np.concatenate([images, np.zeros((total - n,) + images.shape[1:], np.float32)])
+        log_w = np.where(np.arange(total) < n, 0.0, -np.inf).astype(np.float32)
+        make = jax.jit(lambda im, lw: _row_candidates(im, lw, k, lay, jnp.asarray(mu)))
+        parts = [make(jnp.asarray(padded[s:s + row_images]), jnp.asarray(log_w[s:s + row_images]))
+                 for s in range(0, total, row_images)]
+        row = RowBank(jnp.concatenate([p[0] for p in parts], axis=-1),
+                      jnp.concatenate([p[1] for p in parts], axis=1))
+    spec = BankSpec(int(k), boundary, bool(wrap_patches), bool(ideal), method, tuple(chunks),
+                    int(row_images), float(unique_fraction))
+    return MachineBank(jnp.asarray(mu), row, tuple(windows)), spec
 
 
-def _stream_bank(state, q, q_group, a, b2, bank: CandidateBank, chunk: int):
-    n_chunks = bank.keys.shape[0] // chunk
+def _call_chunk(chunk: int, rows_per_candidate: int, block: int) -> int:
+    """Halves a bank's power-of-two chunk until chunk × rows_per_candidate ≤ block."""
+    while chunk > 1 and chunk * rows_per_candidate > block:
+        chunk //= 2
+    return chunk
+
+
+def _stream_window_bank(state, q, bank: WindowBank, chunk: int):
+    """Streams a window bank's chunks into ``state`` (over [G, Q])."""
+    n_chunks = bank.keys.shape[1] // chunk
 
     def body(state, j):
-        sl = lambda arr: jax.lax.dynamic_slice_in_dim(arr, j * chunk, chunk)
-        return _accumulate(state, q, q_group, a, b2, _Chunk(*map(sl, bank))), None
+        keys = jax.lax.dynamic_slice_in_dim(bank.keys, j * chunk, chunk, axis=1)
+        values = jax.lax.dynamic_slice_in_dim(bank.values, j * chunk, chunk, axis=1)
+        return _window_update(state, q, keys, values), None
 
     state, _ = jax.lax.scan(body, state, jnp.arange(n_chunks))
     return state
 
 
-@functools.partial(jax.jit, static_argnames=("k", "boundary", "wrap_patches", "schedule",
-                                             "chunk", "mesh", "ideal"))
-def bank_x0(x, t, mu, banks, *, k, boundary, wrap_patches, schedule, chunk, mesh=None,
-            ideal=False):
-    """x̂_0 [B, H, W, C] from precomputed banks (``build_bank``), optionally sharded.
+def _stream_row_bank(state, x_rows, bank: RowBank, n_img: int, k: int, lay: _RowLayout):
+    wc = len(lay.c_cols)
+    size = n_img * wc
+    n_chunks = bank.keys.shape[-1] // size
+
+    def get_chunk(j):
+        return (jax.lax.dynamic_slice_in_dim(bank.keys, j * size, size, axis=2),
+                jax.lax.dynamic_slice_in_dim(bank.values, j * size, size, axis=1))
+
+    return _row_stream(state, x_rows, n_chunks, get_chunk, k, lay)
+
+
+def _sharded(fn, mesh, bank_specs):
+    """Runs fn(replicated args..., bank) on each device with its share of the bank's candidate
+    axis, and merges the partial softmax states exactly (softmax.merge_across)."""
+    from jax.sharding import PartitionSpec as P
+
+    def local(*args):
+        return softmax.merge_across(fn(*args), "cands")
+
+    def call(*args):
+        *rest, bank = args
+        return jax.shard_map(local, mesh=mesh, in_specs=tuple(P() for _ in rest) + (bank_specs,),
+                             out_specs=P(), check_vma=False)(*args)
+    return call
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "schedule", "mesh", "block"))
+def bank_x0(x, t, bank: MachineBank, *, spec: BankSpec, schedule, mesh=None,
+            block: int = DEFAULT_BLOCK):
+    """x̂_0 [B, H, W, C] from a precomputed bank (``build_bank``), optionally sharded.
 
     With a ``mesh`` (one axis, "cands"), each bank's candidates are split over the devices;
     each device streams its own part and the partial softmax states are merged exactly
     (softmax.merge_across), so the result equals the single-device one.
     """
+    from jax.sharding import PartitionSpec as P
+
     bsz, h, w, c = x.shape
     a, b2 = _coeffs(t, bsz, schedule)
-    passes = _ideal_layout(h, w) if ideal else layout(k, boundary, wrap_patches, h, w)
+    k = spec.k
     results = []
-    for ps, bank in zip(passes, banks):
-        q = _queries(x, a, k, ps, mu)
-        q_group = None if ps.query_group is None else jnp.asarray(ps.query_group, jnp.int32)
-        init = softmax.init(q.shape[:2], bank.values.shape[1])
-        if mesh is None:
-            state = _stream_bank(init, q, q_group, a, b2, bank, chunk)
-        else:
-            from jax.sharding import PartitionSpec as P
+    if spec.method == "row":
+        lay = _row_layout(k, spec.boundary, spec.wrap_patches, h, w)
+        x_rows = _row_queries(x, a, b2, k, lay, bank.mu)
+        q = x_rows.shape[1]
+        n_img = _call_chunk(spec.row_images, len(lay.c_rows) * q * len(lay.c_cols), block)
+        init = softmax.init((h, q), c)
 
-            def local(q, a, b2, bank, q_group=q_group, init=init):
-                st = _stream_bank(init, q, q_group, a, b2, bank, chunk)
-                return softmax.merge_across(st, "cands")
+        def run(x_rows, row_bank):
+            return _stream_row_bank(init, x_rows, row_bank, n_img, k, lay)
 
-            spec = CandidateBank(*([P("cands")] * 5))
-            state = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), spec),
-                                  out_specs=P(), check_vma=False)(q, a, b2, bank)
-        results.append((ps, softmax.finalize(state)))
+        if mesh is not None:
+            run = _sharded(run, mesh, RowBank(P(None, None, "cands"), P(None, "cands", None)))
+        state = run(x_rows, bank.row)
+        results.append((_row_pixels(lay, w), _row_output(state, bsz, lay)))
+    groups = _grouped_passes(k, spec.boundary, spec.wrap_patches, h, w, spec.ideal, spec.method)
+    for gp, wbank, chunk in zip(groups, bank.windows, spec.chunks):
+        q = _window_queries(x, a, b2, k, gp, bank.mu)
+        ch = _call_chunk(chunk, bsz * gp.query_pixels.size, block)
+        init = softmax.init(q.shape[:2], wbank.values.shape[-1])
+
+        def run(q, wbank, init=init, ch=ch):
+            return _stream_window_bank(init, q, wbank, ch)
+
+        if mesh is not None:
+            run = _sharded(run, mesh, WindowBank(P(None, "cands"), P(None, "cands")))
+        results.append(_window_result(gp, run(q, wbank), bsz))
     return _scatter(x.shape, results)

@@ -16,6 +16,7 @@ size (optionally sharded over the devices of a mesh); each patch size compiles o
 
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
 import jax
@@ -25,8 +26,8 @@ import numpy as np
 from els_jax import conversions, els, patches
 from els_jax import schedules as schedules_lib
 from els_jax.equivariant import equivariant_x0
-from els_jax.local import _check_local_k, local_x0
-from els_jax.validation import check_patch_size
+from els_jax import local as local_lib
+from els_jax.local import _check_local_k
 
 __all__ = ["Machine", "make_machine", "MACHINES", "candidate_mesh"]
 
@@ -65,6 +66,22 @@ class Machine:
             raise ValueError(f"step index {i} is outside the {len(self.scales)}-step scale list")
         return self.scales[len(self.scales) - 1 - i]
 
+    def lower(self, x, t, i: int):
+        """The jitted computation of ``x0(x, t, i)`` lowered for these shapes (``.compile()``
+        it to compile ahead of the first call, or for its ``memory_analysis()``); None for
+        machines without a precomputed bank (ES, streamed data sets)."""
+        fn = self._x0_fns[self.patch_size(i)]
+        return fn.lower(x, t) if hasattr(fn, "lower") else None
+
+    def engine(self, i: int) -> dict:
+        """How step i is computed: {"engine": "window" | "row" | "local" | ..., "bank": bool,
+        "unique_fraction": estimated fraction of distinct candidate windows}."""
+        return dict(getattr(self._x0_fns[self.patch_size(i)], "info", {"engine": self.kind}))
+
+    def bank_spec(self, i: int):
+        """The ``els.BankSpec`` used at step i (engine, chunking, dedup), or None (no bank)."""
+        return getattr(self._x0_fns[self.patch_size(i)], "spec", None)
+
     def x0(self, x, t, i: int):
         return self._x0_fns[self.patch_size(i)](x, t)
 
@@ -76,6 +93,34 @@ class Machine:
 
     def __repr__(self):
         return f"Machine({self.kind!r}, scales={self.scales}, num_steps={self.num_steps})"
+
+
+def _stream_fn(images_j, k, boundary, wrap_patches, schedule, method, block, unique):
+    """ELS x̂_0 with candidates streamed straight from the images (no bank)."""
+    log_w = jnp.zeros((images_j.shape[0],), jnp.float32)
+    kw = dict(k=k, boundary=boundary, wrap_patches=wrap_patches, schedule=schedule,
+              block=block, method=method)
+
+    def fn(x, t):
+        return els._stream_images_x0(jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32),
+                                     images_j, log_w, **kw)
+    fn.lower = lambda x, t: els._stream_images_x0.lower(
+        jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32), images_j, log_w, **kw)
+    fn.info = {"engine": method, "bank": False, "unique_fraction": round(unique, 4)}
+    return fn
+
+
+def _local_fn(images_t, k, schedule, block):
+    log_w = jnp.zeros((images_t.shape[3],), jnp.float32)
+
+    def fn(x, t):
+        return local_lib._local_x0_t(jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32),
+                                     images_t, log_w, k=k, schedule=schedule, block=block)
+    fn.info = {"engine": "local", "bank": False}
+    fn.lower = lambda x, t: local_lib._local_x0_t.lower(
+        jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32), images_t, log_w, k=k,
+        schedule=schedule, block=block)
+    return fn
 
 
 def _normalise_scales(kind, scales):
@@ -94,7 +139,9 @@ def _normalise_scales(kind, scales):
 def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None,
                  boundary: str = "circular", wrap_patches: bool = False,
                  schedule=schedules_lib.Cosine(), mask=None, dedup: bool = True,
-                 mesh=None, chunk: int = 2048, bank_bytes: int = 2 << 30) -> Machine:
+                 mesh=None, chunk: int | None = None, method: str = "auto",
+                 block: int = els.DEFAULT_BLOCK, bank_bytes: int = 2 << 30,
+                 dedup_threshold: float = 0.9) -> Machine:
     """Builds an analytic machine as a sampler model.
 
     Args:
@@ -104,13 +151,22 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
       boundary, wrap_patches: els only (see ``els_score``).
       schedule: the noise schedule (a Schedule or its name).
       mask: optional boolean [N] (class-conditional: the images of one label).
-      dedup: merge identical candidate windows (exact; ideal and els).
-      mesh: optional ``candidate_mesh()``: shard the candidate banks over its devices.
-      chunk: candidates per streamed chunk of a bank.
-      bank_bytes: largest bank (before dedup) to precompute; larger data sets are streamed
-        straight from the images instead (memory independent of N).
+      dedup: merge identical candidate windows (exact; ideal and els). An ELS machine
+        precomputes a deduplicated bank per patch size when an estimate on 256 images says
+        merging leaves at most ``dedup_threshold`` of the candidates (digit-like data with
+        blank background); otherwise (or with dedup=False) candidates are streamed straight
+        from the images: as fast on CPU, with no build time and no bank memory.
+      mesh: optional ``candidate_mesh()``: shard the candidate banks over its devices
+        (always builds banks).
+      chunk: candidates per streamed chunk of a window bank (default: from ``block``).
+      method: els only: "auto" (the cheaper exact engine per patch size, see
+        ``els.choose_method``), "window" or "row".
+      block: logits per streamed chunk (memory knob).
+      bank_bytes: largest bank to precompute; larger data sets are streamed straight from
+        the images instead (memory independent of N).
     Returns:
-      a Machine: ``eps_fn(x, t, i)`` for ``els_jax.sample``.
+      a Machine: ``eps_fn(x, t, i)`` for ``els_jax.sample``. ``machine.build_seconds`` holds
+      the time spent building banks.
     """
     if kind not in MACHINES:
         raise ValueError(f"unknown machine {kind!r}; choose one of {MACHINES}")
@@ -134,16 +190,32 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
     n_shards = 1 if mesh is None else mesh.devices.size
     images_j = jnp.asarray(images)
 
-    def bank_fn(k, ideal=False):
-        mu, banks = els.build_bank(images, k=k, boundary=boundary, wrap_patches=wrap_patches,
-                                   dedup=dedup, chunk=chunk, n_shards=n_shards, ideal=ideal)
+    def bank_fn(k, ideal=False, method="auto", unique_fraction=None):
+        bank, spec = els.build_bank(images, k=k, boundary=boundary, wrap_patches=wrap_patches,
+                                    dedup=dedup, method=method, block=block,
+                                    n_shards=n_shards, ideal=ideal, chunk=chunk,
+                                    dedup_threshold=dedup_threshold,
+                                    unique_fraction=unique_fraction)
 
         def fn(x, t):
-            return els.bank_x0(jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32), mu,
-                               banks, k=k, boundary=boundary, wrap_patches=wrap_patches,
-                               schedule=schedule, chunk=chunk, mesh=mesh, ideal=ideal)
+            return els.bank_x0(jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32), bank,
+                               spec=spec, schedule=schedule, mesh=mesh, block=block)
+        fn.spec, fn.bank = spec, bank
+        fn.info = {"engine": spec.method, "bank": True,
+                   "unique_fraction": round(spec.unique_fraction, 4)}
+        fn.lower = lambda x, t: els.bank_x0.lower(
+            jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32), bank, spec=spec,
+            schedule=schedule, mesh=mesh, block=block)
         return fn
 
+    cache = {}
+
+    def images_t():                       # the LS layout, transposed once per machine
+        if "t" not in cache:
+            cache["t"] = local_lib.transpose_images(images_j)
+        return cache["t"]
+
+    start = time.perf_counter()
     fns = {}
     if kind == "ideal":
         fns[None] = bank_fn(0, ideal=True)
@@ -153,15 +225,30 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
         for k in sizes:
             if kind == "local" or (boundary == "zeros" and k >= min(h, w)):
                 k = _check_local_k(k, h, w)          # SPEC: zero-padded ELS with k ≥ H is LS
-                fns[k] = lambda x, t, k=k: local_x0(x, t, images_j, k=k, schedule=schedule)
+                fns[k] = _local_fn(images_t(), k, schedule, block)
                 continue
             k = els._check_els_k(k, h, w, boundary, wrap_patches)
-            n_cand = n * (h * w if (wrap_patches or boundary == "zeros") else
-                          (h - k + 1) * (w - k + 1))
-            if n_cand * (k * k * c + c + 2) * 4 <= bank_bytes:
-                fns[k] = bank_fn(k)
+            # A bank pays only when merging duplicate windows removes many candidates (or to
+            # shard them); otherwise streaming straight from the images is as fast, with no
+            # build time or memory.
+            unique = (els.estimate_unique_fraction(images, k=k, boundary=boundary,
+                                                   wrap_patches=wrap_patches)
+                      if dedup else 1.0)
+            chosen = els._resolve_method(method, k, c, h, boundary, unique)
+            if chosen == "row":
+                lay = els._row_layout(k, boundary, wrap_patches, h, w)
+                size = h * (k * c + 2) * n * len(lay.c_cols) + n * h * w * c
             else:
-                fns[k] = lambda x, t, k=k: els.els_x0(x, t, images_j, k=k, boundary=boundary,
-                                                      wrap_patches=wrap_patches,
-                                                      schedule=schedule)
-    return Machine(kind, fns, scale_list, schedule, k_const)
+                n_cand = n * (h * w if (wrap_patches or boundary == "zeros") else
+                              (h - k + 1) * (w - k + 1))
+                size = n_cand * (k * k * c + 2 + c)
+            use_bank = mesh is not None or (dedup and unique <= dedup_threshold)
+            if use_bank and size * 4 <= bank_bytes:
+                fns[k] = bank_fn(k, method=method, unique_fraction=unique)
+            else:
+                fns[k] = _stream_fn(images_j, k, boundary, wrap_patches, schedule,
+                                    els._resolve_method(method, k, c, h, boundary), block,
+                                    unique)
+    machine = Machine(kind, fns, scale_list, schedule, k_const)
+    machine.build_seconds = time.perf_counter() - start
+    return machine

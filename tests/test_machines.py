@@ -36,21 +36,31 @@ def _close(got, want, tol=3e-4):
 @pytest.mark.parametrize("t", [0.02, 0.5, 0.95])
 @pytest.mark.parametrize("k", [3, 5])
 @pytest.mark.parametrize("boundary,wrap", [("circular", False), ("circular", True), ("zeros", False)])
-def test_els_matches_oracle(t, k, boundary, wrap):
+@pytest.mark.parametrize("method", ["window", "row"])
+def test_els_matches_oracle(t, k, boundary, wrap, method):
+    """Both exact engines (k²-long window dot products; row dot products + k-row box sums)."""
     x, images = _setup(t)
-    got = ej.els_x0(x, t, images, k=k, boundary=boundary, wrap_patches=wrap, block=50)
+    got = ej.els_x0(x, t, images, k=k, boundary=boundary, wrap_patches=wrap, block=50,
+                    method=method)
     _close(got, oracles.els_x0(x, t, images, k, boundary, wrap))
 
 
 @pytest.mark.parametrize("boundary,wrap", [("circular", False), ("circular", True), ("zeros", False)])
-def test_els_with_mask_matches_oracle_and_bank(boundary, wrap):
+@pytest.mark.parametrize("method", ["window", "row"])
+def test_els_with_mask_matches_oracle_and_bank(boundary, wrap, method):
     t = 0.5
     x, images = _setup(t, n=4)
     mask = np.array([True, False, True, True])
     want = oracles.els_x0(x, t, images, 3, boundary, wrap, mask=mask)
-    _close(ej.els_x0(x, t, images, k=3, boundary=boundary, wrap_patches=wrap, mask=jnp.asarray(mask)), want)
-    m = ej.make_machine("els", images, scales=3, boundary=boundary, wrap_patches=wrap, mask=mask, chunk=8)
-    _close(m.x0(x, jnp.float32(t), 0), want)
+    _close(ej.els_x0(x, t, images, k=3, boundary=boundary, wrap_patches=wrap,
+                     mask=jnp.asarray(mask), method=method, block=30), want)
+    for threshold in (0.0, 1.0):           # streamed from the images / a (deduplicated) bank
+        m = ej.make_machine("els", images, scales=3, boundary=boundary, wrap_patches=wrap,
+                            mask=mask, chunk=8, method=method, dedup_threshold=threshold,
+                            block=200)
+        assert m.engine(0) == {"engine": method, "bank": threshold == 1.0,
+                               "unique_fraction": 1.0}
+        _close(m.x0(x, jnp.float32(t), 0), want)
     score = m.score(x, jnp.float32(t), 0)
     ab = oracles.alpha_bar(t)
     _close(score, -(np.asarray(x) - math.sqrt(ab) * want) / (1 - ab), tol=3e-3)
@@ -189,6 +199,59 @@ def test_els_sample_is_a_patch_mosaic():
 # ---------------------------------------------------------------- engine properties
 
 
+@pytest.mark.parametrize("boundary,wrap", [("circular", False), ("circular", True), ("zeros", False)])
+def test_engines_agree_on_a_larger_case(boundary, wrap):
+    """Window and row engines, streamed and banked, several chunks (incl. a padded last one),
+    per-query times, C = 3, k = 1 … 7 on 12×10 images: the same x̂_0 (to float32 rounding of
+    logits ~1e4 at t = 0.02, which the softmax amplifies by 1/b² ≈ 1e3)."""
+    rng = np.random.default_rng(3)
+    images = rng.uniform(-1, 1, size=(13, 12, 10, 3)).astype(np.float32)
+    x = jnp.asarray(rng.normal(size=(3, 12, 10, 3)).astype(np.float32))
+    t = jnp.asarray([0.02, 0.3, 0.9], jnp.float32)
+    for k in (1, 5, 7):
+        ref = ej.els_x0(x, t, images, k=k, boundary=boundary, wrap_patches=wrap, method="window")
+        got = ej.els_x0(x, t, images, k=k, boundary=boundary, wrap_patches=wrap, method="row",
+                        block=3000)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-3)
+        np.testing.assert_allclose(np.asarray(got)[1:], np.asarray(ref)[1:], atol=2e-5)
+        for method in ("window", "row"):
+            m = ej.make_machine("els", images, scales=k, boundary=boundary, wrap_patches=wrap,
+                                method=method, dedup_threshold=1.0, block=4000)
+            np.testing.assert_allclose(np.asarray(m.x0(x, t, 0)), np.asarray(ref), atol=1e-3)
+
+
+def test_auto_engine_choice_and_machine_introspection():
+    """The cost model picks the window engine for small k and the row engine for large k on a
+    circular 32×32 machine; Machine.engine / lower report and compile what x0 runs."""
+    assert els.choose_method(3, 1, 32, "circular") == "window"
+    assert els.choose_method(11, 1, 32, "circular") == "row"
+    assert els.choose_method(11, 3, 32, "circular") == "row"
+    # A bank whose duplicates remove most candidates makes the window engine cheaper.
+    assert els.choose_method(11, 1, 32, "circular", unique_fraction=0.1) == "window"
+    with pytest.raises(ValueError, match="unknown method"):
+        ej.els_x0(jnp.zeros((1, H, W, C)), 0.5, jnp.zeros((2, H, W, C)), k=3, method="fft")
+    _, images = _setup(0.5)
+    m = ej.make_machine("els", images, scales=[3, 5], boundary="zeros", method="row")
+    x = jnp.zeros((1, H, W, C))
+    assert m.engine(0)["engine"] == "row" and not m.engine(0)["bank"]
+    compiled = m.lower(x, jnp.float32(0.5), 0).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes > 0
+    np.testing.assert_allclose(np.asarray(compiled(x, jnp.float32(0.5), jnp.asarray(images),
+                                                   jnp.zeros(3))),
+                               np.asarray(m.x0(x, jnp.float32(0.5), 0)), atol=1e-6)
+
+
+def test_host_windows_match_patch_extraction():
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, size=(3, H, W, C)).astype(np.float32)
+    pixels = np.array([0, 5, 17, H * W - 1])
+    for k in (1, 3, 5):
+        for mode in ("circular", "zeros"):
+            want = np.asarray(ej.patches.extract_windows(jnp.asarray(images), k, mode))
+            np.testing.assert_array_equal(els._host_windows(images, k, mode, pixels),
+                                          want.reshape(3, H * W, -1)[:, pixels])
+
+
 def test_dedup_and_bank_equal_plain_streaming():
     images, _ = ej.load_dataset("digits")
     images = jnp.asarray(images[:150])          # blank background: many identical windows
@@ -196,13 +259,16 @@ def test_dedup_and_bank_equal_plain_streaming():
     for boundary in ("circular", "zeros"):
         ref = ej.els_x0(x, 0.4, images, k=3, boundary=boundary)
         for dedup in (True, False):
-            m = ej.make_machine("els", images, scales=3, boundary=boundary, dedup=dedup, chunk=512)
+            m = ej.make_machine("els", images, scales=3, boundary=boundary, dedup=dedup, chunk=512,
+                                dedup_threshold=1.0)
+            assert m.engine(0)["bank"] == dedup
             np.testing.assert_allclose(np.asarray(m.x0(x, jnp.float32(0.4), 0)), np.asarray(ref), atol=2e-5)
     twice = np.concatenate([np.asarray(images)] * 2)
-    mu, banks = els.build_bank(twice, k=3, boundary="circular", dedup=True, chunk=1)
+    bank, spec = els.build_bank(twice, k=3, boundary="circular", dedup=True, chunk=1,
+                                method="window", dedup_threshold=1.0)
     total = 300 * 6 * 6
-    assert len(banks[0].keys) < total / 2            # every window at least twice
-    np.testing.assert_allclose(float(jnp.exp(banks[0].log_w).sum()), total, rtol=1e-6)
+    assert bank.windows[0].keys.shape[1] < total / 2            # every window at least twice
+    np.testing.assert_allclose(float(jnp.exp(bank.windows[0].log_w).sum()), total, rtol=1e-6)
 
 
 def test_ideal_machine_merges_duplicate_images_exactly():
@@ -271,7 +337,8 @@ _SHARDED = textwrap.dedent("""
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 1))
     mesh = ej.candidate_mesh()
     for kind, kw in [("els", dict(scales=3, boundary="zeros")), ("els", dict(scales=5)),
-                     ("ideal", {})]:
+                     ("els", dict(scales=5, method="row")),
+                     ("els", dict(scales=3, boundary="zeros", method="row")), ("ideal", {})]:
         one = ej.make_machine(kind, images, chunk=16, **kw).x0(x, jnp.float32(0.3), 0)
         four = ej.make_machine(kind, images, chunk=16, mesh=mesh, **kw).x0(x, jnp.float32(0.3), 0)
         np.testing.assert_allclose(np.asarray(four), np.asarray(one), atol=2e-6)
