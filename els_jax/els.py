@@ -139,10 +139,19 @@ def _grouped(ps: Pass) -> list[_Grouped]:
 
 
 def _windows(images, k: int, mode: str, pixels: np.ndarray):
-    """[B, H, W, C] → windows centred at ``pixels``: [B, P, D] (D = k²C, or H·W·C for "whole")."""
-    b = images.shape[0]
+    """[B, H, W, C] → windows centred at ``pixels``: [B, P, D] (D = k²C, or H·W·C for "whole").
+    Few pixels (the zero-padded border): one gather from the padded images; many: all windows
+    by k² slices (``patches.extract_windows``), then the pixels."""
+    b, h, w = images.shape[:3]
     if mode == "whole":
         return images.reshape(b, 1, -1)
+    if 4 * len(pixels) < h * w:
+        rows, cols = np.divmod(np.asarray(pixels), w)
+        d = np.arange(k)
+        rr = rows[:, None, None] + d[None, :, None]                     # [P, k, 1]
+        cc = cols[:, None, None] + d[None, None, :]                     # [P, 1, k]
+        win = patches.pad(images, k // 2, mode)[:, rr, cc, :]           # [B, P, k, k, C]
+        return win.reshape(b, len(pixels), -1)
     win = patches.extract_windows(images, k, mode)
     return win.reshape(b, -1, win.shape[-1])[:, pixels]
 
@@ -471,6 +480,8 @@ def _stream_images_x0(x, t, images, log_w, *, k, boundary, wrap_patches, schedul
             g, pq = gp.query_pixels.shape
             pc = gp.cand_pixels.shape[1]
             n_img = int(min(n, max(1, block // max(1, bsz * g * pq * pc))))
+            extract = len(shift) * (g * pc if 4 * g * pc < h * w else h * w)  # floats/image
+            n_img = int(min(n_img, max(1, 4 * block // extract)))
             starts, first_new = softmax.chunk_starts(n, n_img)
             rows = jnp.arange(n_img, dtype=jnp.int32)
 
@@ -704,28 +715,40 @@ def build_bank(images, *, k: int, boundary: str = "circular", wrap_patches: bool
                                  unique_fraction if dedup else 1.0)
     windows, chunks = [], []
     for gp in _grouped_passes(k, boundary, wrap_patches, h, w, ideal, method):
-        keys, values = _host_window_candidates(images, k, gp, mu, images_per_step)
-        g, d = keys.shape[0], keys.shape[-1]
-        per_group = []
-        for gi in range(g):
-            rows = np.concatenate([keys[gi], values[gi]], axis=1)
-            uniq, counts = _unique_rows(rows) if dedup else (rows, np.ones(len(rows)))
-            per_group.append((uniq, counts))
-        m = max(len(u) for u, _ in per_group)
-        pq = gp.query_pixels.shape[1]
+        g, pq = gp.query_pixels.shape
+        d = c * (h * w if gp.cand_mode == "whole" else k * k)
+        v = h * w * c if gp.cand_mode == "whole" else c
+        if dedup:
+            keys, values = _host_window_candidates(images, k, gp, mu, images_per_step)
+            groups = [_unique_rows(np.concatenate([keys[gi], values[gi]], axis=1))
+                      for gi in range(g)]
+            m = max(len(u) for u, _ in groups)
+        else:
+            m = n * gp.cand_pixels.shape[1]
         ch = chunk or _pow2_floor(max(1, block // (g * pq)))
         ch = min(ch, 1 << int(np.ceil(np.log2(max(1, m)))))
         per = ch * n_shards
         total = -(-m // per) * per
         bank_keys = np.zeros((g, total, d + 2), np.float32)
-        bank_values = np.zeros((g, total, values.shape[-1]), np.float32)
-        bank_keys[..., -1] = -np.inf
-        for gi, (uniq, counts) in enumerate(per_group):
-            kk = uniq[:, :d]
-            bank_keys[gi, :len(uniq), :d] = kk
-            bank_keys[gi, :len(uniq), d] = 0.5 * np.sum(kk.astype(np.float64) ** 2, axis=1)
-            bank_keys[gi, :len(uniq), d + 1] = np.log(counts)
-            bank_values[gi, :len(uniq)] = uniq[:, d:]
+        bank_values = np.zeros((g, total, v), np.float32)
+        bank_keys[:, m:, -1] = -np.inf                                  # padding: absent
+        if dedup:
+            for gi, (uniq, counts) in enumerate(groups):
+                kk = uniq[:, :d]
+                bank_keys[gi, :len(uniq), :d] = kk
+                bank_keys[gi, :len(uniq), d] = 0.5 * np.einsum("md,md->m", kk, kk)
+                bank_keys[gi, :len(uniq), d + 1] = np.log(counts)
+                bank_keys[gi, len(uniq):, d + 1] = -np.inf
+                bank_values[gi, :len(uniq)] = uniq[:, d:]
+        else:                       # fill in place, a step of images at a time
+            pc = gp.cand_pixels.shape[1]
+            for start in range(0, n, images_per_step):
+                kk, vv = _host_window_candidates(images[start:start + images_per_step], k, gp,
+                                                 mu, images_per_step)
+                rows = slice(start * pc, start * pc + kk.shape[1])
+                bank_keys[:, rows, :d] = kk
+                bank_keys[:, rows, d] = 0.5 * np.einsum("gmd,gmd->gm", kk, kk)
+                bank_values[:, rows] = vv
         windows.append(WindowBank(jnp.asarray(bank_keys), jnp.asarray(bank_values)))
         chunks.append(int(ch))
     row, row_images = None, 0

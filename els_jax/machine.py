@@ -151,19 +151,17 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
       boundary, wrap_patches: els only (see ``els_score``).
       schedule: the noise schedule (a Schedule or its name).
       mask: optional boolean [N] (class-conditional: the images of one label).
-      dedup: merge identical candidate windows (exact; ideal and els). An ELS machine
-        precomputes a deduplicated bank per patch size when an estimate on 256 images says
-        merging leaves at most ``dedup_threshold`` of the candidates (digit-like data with
-        blank background); otherwise (or with dedup=False) candidates are streamed straight
-        from the images: as fast on CPU, with no build time and no bank memory.
-      mesh: optional ``candidate_mesh()``: shard the candidate banks over its devices
-        (always builds banks).
+      dedup: merge identical candidate windows (exact; ideal and els) when an estimate on
+        256 images says merging leaves at most ``dedup_threshold`` of them (digit-like data
+        with blank background; random images have no duplicates).
+      mesh: optional ``candidate_mesh()``: shard the candidate banks over its devices.
       chunk: candidates per streamed chunk of a window bank (default: from ``block``).
       method: els only: "auto" (the cheaper exact engine per patch size, see
         ``els.choose_method``), "window" or "row".
       block: logits per streamed chunk (memory knob).
-      bank_bytes: largest bank to precompute; larger data sets are streamed straight from
-        the images instead (memory independent of N).
+      bank_bytes: largest bank to precompute (per patch size); larger data sets are streamed
+        straight from the images instead (memory independent of N, slower for the window
+        engine, which then extracts k×k windows at every call).
     Returns:
       a Machine: ``eps_fn(x, t, i)`` for ``els_jax.sample``. ``machine.build_seconds`` holds
       the time spent building banks.
@@ -228,22 +226,19 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
                 fns[k] = _local_fn(images_t(), k, schedule, block)
                 continue
             k = els._check_els_k(k, h, w, boundary, wrap_patches)
-            # A bank pays only when merging duplicate windows removes many candidates (or to
-            # shard them); otherwise streaming straight from the images is as fast, with no
-            # build time or memory.
             unique = (els.estimate_unique_fraction(images, k=k, boundary=boundary,
                                                    wrap_patches=wrap_patches)
                       if dedup else 1.0)
-            chosen = els._resolve_method(method, k, c, h, boundary, unique)
+            merged = unique if unique <= dedup_threshold else 1.0
+            chosen = els._resolve_method(method, k, c, h, boundary, merged)
             if chosen == "row":
                 lay = els._row_layout(k, boundary, wrap_patches, h, w)
                 size = h * (k * c + 2) * n * len(lay.c_cols) + n * h * w * c
             else:
                 n_cand = n * (h * w if (wrap_patches or boundary == "zeros") else
                               (h - k + 1) * (w - k + 1))
-                size = n_cand * (k * k * c + 2 + c)
-            use_bank = mesh is not None or (dedup and unique <= dedup_threshold)
-            if use_bank and size * 4 <= bank_bytes:
+                size = merged * n_cand * (k * k * c + 2 + c)
+            if size * 4 <= bank_bytes:
                 fns[k] = bank_fn(k, method=method, unique_fraction=unique)
             else:
                 fns[k] = _stream_fn(images_j, k, boundary, wrap_patches, schedule,

@@ -54,11 +54,11 @@ def test_els_with_mask_matches_oracle_and_bank(boundary, wrap, method):
     want = oracles.els_x0(x, t, images, 3, boundary, wrap, mask=mask)
     _close(ej.els_x0(x, t, images, k=3, boundary=boundary, wrap_patches=wrap,
                      mask=jnp.asarray(mask), method=method, block=30), want)
-    for threshold in (0.0, 1.0):           # streamed from the images / a (deduplicated) bank
+    for bank_bytes in (0, 1 << 30):        # streamed from the images / a bank
         m = ej.make_machine("els", images, scales=3, boundary=boundary, wrap_patches=wrap,
-                            mask=mask, chunk=8, method=method, dedup_threshold=threshold,
-                            block=200)
-        assert m.engine(0) == {"engine": method, "bank": threshold == 1.0,
+                            mask=mask, chunk=8, method=method, dedup_threshold=1.0,
+                            block=200, bank_bytes=bank_bytes)
+        assert m.engine(0) == {"engine": method, "bank": bank_bytes > 0,
                                "unique_fraction": 1.0}
         _close(m.x0(x, jnp.float32(t), 0), want)
     score = m.score(x, jnp.float32(t), 0)
@@ -233,11 +233,10 @@ def test_auto_engine_choice_and_machine_introspection():
     _, images = _setup(0.5)
     m = ej.make_machine("els", images, scales=[3, 5], boundary="zeros", method="row")
     x = jnp.zeros((1, H, W, C))
-    assert m.engine(0)["engine"] == "row" and not m.engine(0)["bank"]
+    assert m.engine(0)["engine"] == "row" and m.engine(0)["bank"]
     compiled = m.lower(x, jnp.float32(0.5), 0).compile()
     assert compiled.memory_analysis().temp_size_in_bytes > 0
-    np.testing.assert_allclose(np.asarray(compiled(x, jnp.float32(0.5), jnp.asarray(images),
-                                                   jnp.zeros(3))),
+    np.testing.assert_allclose(np.asarray(compiled(x, jnp.float32(0.5), m._x0_fns[5].bank)),
                                np.asarray(m.x0(x, jnp.float32(0.5), 0)), atol=1e-6)
 
 
@@ -261,7 +260,7 @@ def test_dedup_and_bank_equal_plain_streaming():
         for dedup in (True, False):
             m = ej.make_machine("els", images, scales=3, boundary=boundary, dedup=dedup, chunk=512,
                                 dedup_threshold=1.0)
-            assert m.engine(0)["bank"] == dedup
+            assert (m.bank_spec(0).unique_fraction < 1.0) == dedup
             np.testing.assert_allclose(np.asarray(m.x0(x, jnp.float32(0.4), 0)), np.asarray(ref), atol=2e-5)
     twice = np.concatenate([np.asarray(images)] * 2)
     bank, spec = els.build_bank(twice, k=3, boundary="circular", dedup=True, chunk=1,
