@@ -15,6 +15,7 @@ With k ≥ 2·max(H, W) − 1 every window covers the image and LS equals the id
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,7 @@ from els_jax import conversions, softmax
 from els_jax import schedules as schedules_lib
 from els_jax.validation import check_patch_size, check_query_and_images, mask_log_weights
 
-__all__ = ["local_score", "local_x0"]
+__all__ = ["local_score", "local_x0", "LocalBank", "build_local_bank", "local_bank_x0"]
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -48,32 +49,61 @@ def _local_x0(x, t, images, log_w, *, k, schedule, block):
                        block=block)
 
 
+class LocalBank(NamedTuple):
+    """What a local machine precomputes once per (data set, k): the images in the streamed
+    layout [C, H, W, N] (``values``), centred on the per-pixel data mean (``centred``), the
+    mean itself [C, H, W, 1], and ½‖W_i(c_n − μ)‖² for every pixel and image, [H, W, N]."""
+
+    values: jax.Array
+    centred: jax.Array
+    mean: jax.Array
+    half_sq: jax.Array
+
+
+def _half_sq(centred, k: int):
+    return 0.5 * _box_sum(_box_sum(jnp.sum(centred * centred, axis=0), k, 0), k, 1)
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def build_local_bank(images_t, *, k: int) -> LocalBank:
+    """The ``LocalBank`` of images given as ``transpose_images(images)`` [C, H, W, N]."""
+    mean = jnp.mean(images_t, axis=3, keepdims=True)
+    centred = images_t - mean
+    return LocalBank(images_t, centred, mean, _half_sq(centred, k))
+
+
 @functools.partial(jax.jit, static_argnames=("k", "schedule", "block"))
 def _local_x0_t(x, t, images_t, log_w, *, k, schedule, block):
-    """LS x̂_0 with the training set given as ``transpose_images(images)`` [C, H, W, N] (a
-    machine transposes once; then nothing is copied per call)."""
+    """LS x̂_0 with the training set given as ``transpose_images(images)`` [C, H, W, N]."""
+    return local_bank_x0(x, t, build_local_bank(images_t, k=k), log_w, k=k,
+                         schedule=schedule, block=block)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "schedule", "block"))
+def local_bank_x0(x, t, bank: LocalBank, log_w, *, k, schedule, block):
+    """LS x̂_0 [B, H, W, C] from a precomputed ``LocalBank`` (a machine builds it once, so a
+    call only touches the query-dependent work: product images, their window sums, softmax)."""
     bsz, h, w, c = x.shape
-    n = images_t.shape[3]
+    n = bank.values.shape[3]
     a, b2, _ = schedules_lib.coefficients(t, schedule)
     a = jnp.broadcast_to(a, (bsz,))[:, None, None, None]
     b2 = jnp.maximum(jnp.broadcast_to(b2, (bsz,)), conversions.B2_FLOOR)[:, None, None, None]
     # Images along the minor axis, channels first: every reduction below is over the minor
     # axis and nothing is transposed inside the loop.
-    mu_t = jnp.mean(images_t, axis=3, keepdims=True)                  # [C, H, W, 1]
-    q = x - a * jnp.transpose(mu_t[..., 0], (1, 2, 0))[None]          # [B, H, W, C]
+    q = x - a * jnp.transpose(bank.mean[..., 0], (1, 2, 0))[None]     # [B, H, W, C]
     n_img = int(min(n, max(1, block // (bsz * h * w))))
     starts, first_new = softmax.chunk_starts(n, n_img)
     rows = jnp.arange(n_img, dtype=jnp.int32)
 
     def body(state, chunk):
         start, first = chunk
-        vals = jax.lax.dynamic_slice_in_dim(images_t, start, n_img, axis=3)   # [C, H, W, n]
+        vals = jax.lax.dynamic_slice_in_dim(bank.values, start, n_img, axis=3)   # [C, H, W, n]
+        cen = jax.lax.dynamic_slice_in_dim(bank.centred, start, n_img, axis=3)
+        half_sq = jax.lax.dynamic_slice_in_dim(bank.half_sq, start, n_img, axis=2)
         lw = jax.lax.dynamic_slice_in_dim(log_w, start, n_img)
         lw = jnp.where(rows >= first, lw, -jnp.inf)
-        cen = vals - mu_t
         prod = sum(q[:, :, :, ch, None] * cen[ch][None] for ch in range(c))  # [B, H, W, n]
         qc = _box_sum(_box_sum(prod, k, 1), k, 2)
-        half_sq = 0.5 * _box_sum(_box_sum(jnp.sum(cen * cen, axis=0), k, 0), k, 1)
         logits = (a * qc - (a * a) * half_sq[None]) / b2 + lw[None, None, None, :]
 
         def weighted_sum(p):                                          # Σ_n p·c_n[i], [B, H, W, C]

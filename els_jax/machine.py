@@ -111,15 +111,17 @@ def _stream_fn(images_j, k, boundary, wrap_patches, schedule, method, block, uni
 
 
 def _local_fn(images_t, k, schedule, block):
+    """LS x̂_0 from a ``local.LocalBank`` built once for this patch size."""
+    bank = local_lib.build_local_bank(images_t, k=k)
     log_w = jnp.zeros((images_t.shape[3],), jnp.float32)
+    kw = dict(k=k, schedule=schedule, block=block)
 
     def fn(x, t):
-        return local_lib._local_x0_t(jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32),
-                                     images_t, log_w, k=k, schedule=schedule, block=block)
-    fn.info = {"engine": "local", "bank": False}
-    fn.lower = lambda x, t: local_lib._local_x0_t.lower(
-        jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32), images_t, log_w, k=k,
-        schedule=schedule, block=block)
+        return local_lib.local_bank_x0(jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32),
+                                       bank, log_w, **kw)
+    fn.info = {"engine": "local", "bank": True}
+    fn.lower = lambda x, t: local_lib.local_bank_x0.lower(
+        jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32), bank, log_w, **kw)
     return fn
 
 

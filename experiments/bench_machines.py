@@ -3,6 +3,7 @@
     python experiments/bench_machines.py                  # full grid (~15–20 min on 2 cores)
     python experiments/bench_machines.py --quick          # a small subset (~2 min)
     python experiments/bench_machines.py --out runs/bench_machines.jsonl
+    python experiments/bench_machines.py --table runs/bench_machines.jsonl   # Markdown summary
 
 Workloads: random images in [−1, 1], N ∈ {1000, 4000} of 32×32×1 and N = 1000 of 32×32×3;
 machines IS, LS, ELS circular, ELS zeros; k ∈ {3, 7, 11}; B ∈ {1, 8}; t ∈ {0.05, 0.5}.
@@ -223,13 +224,51 @@ def bench_sample(out, n=1000, batch=1):
            "finite": bool(np.all(np.isfinite(np.asarray(x0))))}, out)
 
 
+def table(path):
+    """A Markdown summary of a JSON-lines file written with ``--out``: one row per machine,
+    workload, k and B (both t), and the 20-step sample."""
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    merged = {}
+    for r in rows:
+        if r.get("path") != "Machine.x0":
+            continue
+        key = (r["machine"], r["N"], r["C"], r["k"], r["B"])
+        merged.setdefault(key, []).append(r)
+    lines = ["| machine | N×C | k | B | engine | ns/pair (t=0.05 / 0.5) | × bare exp | × naive matmul"
+             " | peak temp MB |", "|---|---|---|---|---|---|---|---|---|"]
+    for (machine, n, c, k, b), rs in merged.items():
+        rs = sorted(rs, key=lambda r: r["t"])
+        ns = " / ".join(f"{r['ns_per_pair']:.2f}" for r in rs)
+        ratio_exp = max(r["ratio_exp"] for r in rs)
+        ratio_mm = max(r["ratio_matmul"] for r in rs)
+        lines.append(f"| {machine} | {n}×{c} | {k if k is not None else '–'} | {b} | "
+                     f"{rs[0]['engine']} | {ns} | {ratio_exp:.1f} | {ratio_mm:.2f} | "
+                     f"{max(r['peak_temp_MB'] for r in rs):.1f} |")
+    for r in rows:
+        if r.get("path", "").startswith("els_score"):
+            lines.append(f"\nfunctional `els_score` ({r['machine']}, k={r['k']}, N={r['N']}, "
+                         f"B={r['B']}): {r['ns_per_pair']:.2f} ns/pair, engine {r['engine']}, "
+                         f"peak temp {r['peak_temp_MB']:.1f} MB")
+        if r.get("path", "").startswith("ej.sample"):
+            lines.append(f"\n20-step ELS sample (zeros, N={r['N']}, 32×32×1, MNIST ResNet scales): "
+                         f"sampling {r['sample_s']:.1f} s ({r['ns_per_pair']:.2f} ns/pair), bank "
+                         f"build {r['bank_build_s']:.1f} s, compile {r['compile_s']:.1f} s, "
+                         f"engines {r['engine_per_k']}, finite: {r['finite']}")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small subset (~2 min)")
     parser.add_argument("--out", help="also append the JSON lines to this file")
     parser.add_argument("--no-sample", action="store_true", help="skip the 20-step sample")
     parser.add_argument("--sample-only", action="store_true", help="only the 20-step sample")
+    parser.add_argument("--table", metavar="JSONL", help="print a Markdown summary of a file "
+                        "written with --out, and exit")
     args = parser.parse_args(argv)
+    if args.table:
+        print(table(args.table))
+        return 0
     out = open(args.out, "a") if args.out else None
     if args.quick:
         workloads, ks, batches, times = [(1000, 1)], (3, 11), (1,), (0.5,)
