@@ -850,7 +850,11 @@ def bank_x0(x, t, bank: MachineBank, *, spec: BankSpec, schedule, mesh=None,
     groups = _grouped_passes(k, spec.boundary, spec.wrap_patches, h, w, spec.ideal, spec.method)
     for gp, wbank, chunk in zip(groups, bank.windows, spec.chunks):
         q = _window_queries(x, a, b2, k, gp, bank.mu)
-        ch = _call_chunk(chunk, bsz * gp.query_pixels.size, block)
+        # A chunk holds B·G·Pq logits per candidate and G·(D+2+V) floats of the bank slice
+        # (what dominates for the 1-query corner groups): bound both by ``block``.
+        per_cand = max(bsz * gp.query_pixels.size,
+                       gp.query_pixels.shape[0] * (wbank.keys.shape[-1] + wbank.values.shape[-1]))
+        ch = _call_chunk(chunk, per_cand, block)
         init = softmax.init(q.shape[:2], wbank.values.shape[-1])
 
         def run(q, wbank, init=init, ch=ch):

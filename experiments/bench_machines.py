@@ -236,7 +236,10 @@ def table(path):
         merged.setdefault(key, []).append(r)
     lines = ["| machine | N×C | k | B | engine | ns/pair (t=0.05 / 0.5) | × bare exp | × naive matmul"
              " | peak temp MB |", "|---|---|---|---|---|---|---|---|---|"]
-    for (machine, n, c, k, b), rs in merged.items():
+    order = {"IS": 0, "LS": 1, "ELS circular": 2, "ELS zeros": 3}
+    for (machine, n, c, k, b), rs in sorted(
+            merged.items(), key=lambda kv: (kv[0][1] * 10 if kv[0][2] == 1 else 10 ** 9,
+                                            kv[0][3] or 0, order.get(kv[0][0], 9), kv[0][4])):
         rs = sorted(rs, key=lambda r: r["t"])
         ns = " / ".join(f"{r['ns_per_pair']:.2f}" for r in rs)
         ratio_exp = max(r["ratio_exp"] for r in rs)
@@ -263,6 +266,8 @@ def main(argv=None):
     parser.add_argument("--out", help="also append the JSON lines to this file")
     parser.add_argument("--no-sample", action="store_true", help="skip the 20-step sample")
     parser.add_argument("--sample-only", action="store_true", help="only the 20-step sample")
+    parser.add_argument("--only", help="comma-separated machines to run: IS, LS, ELS "
+                        "(both boundaries), e.g. --only LS")
     parser.add_argument("--table", metavar="JSONL", help="print a Markdown summary of a file "
                         "written with --out, and exit")
     args = parser.parse_args(argv)
@@ -277,21 +282,24 @@ def main(argv=None):
         workloads, ks, batches, times = [(1000, 1), (4000, 1), (1000, 3)], (3, 7, 11), (1, 8), \
             (0.05, 0.5)
         functional = [(k, bd) for bd in ("circular", "zeros") for k in ks]
+    only = set(args.only.split(",")) if args.only else {"IS", "LS", "ELS"}
     if not args.sample_only:
         for n, c in workloads:
             images = _images(n, c)
-            bench_machine("ideal", images, k=None, boundary=None, batches=batches,
-                          times=times, out=out, label="IS")
+            if "IS" in only:
+                bench_machine("ideal", images, k=None, boundary=None, batches=batches,
+                              times=times, out=out, label="IS")
             for k in ks:
-                bench_machine("local", images, k=k, boundary=None, batches=batches,
-                              times=times, out=out, label="LS")
-                for boundary in ("circular", "zeros"):
+                if "LS" in only:
+                    bench_machine("local", images, k=k, boundary=None, batches=batches,
+                                  times=times, out=out, label="LS")
+                for boundary in ("circular", "zeros") if "ELS" in only else ():
                     bench_machine("els", images, k=k, boundary=boundary, batches=batches,
                                   times=times, out=out, label=f"ELS {boundary}")
         images = _images(1000, 1)
-        for k, boundary in functional:
+        for k, boundary in functional if "ELS" in only else ():
             bench_functional(images, k=k, boundary=boundary, b=1, t=0.5, out=out)
-    if not args.no_sample:
+    if not args.no_sample and "ELS" in only:
         bench_sample(out)
     if out is not None:
         out.close()

@@ -240,6 +240,25 @@ def test_auto_engine_choice_and_machine_introspection():
                                np.asarray(m.x0(x, jnp.float32(0.5), 0)), atol=1e-6)
 
 
+@pytest.mark.parametrize("boundary,k,method", [("zeros", 7, "window"), ("zeros", 7, "row"),
+                                                ("circular", 7, "row"), ("circular", 3, "window")])
+def test_machine_memory_is_flat_in_the_training_set_size(boundary, k, method):
+    """XLA's temporary memory of a machine call does not grow with N (every bank is streamed
+    in chunks bounded by ``block``, including the zero-padded corner groups, whose bank slices
+    are wider than their logits)."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 16, 16, 1)), jnp.float32)
+    temps = []
+    for n in (64, 512):
+        images = rng.uniform(-1, 1, size=(n, 16, 16, 1)).astype(np.float32)
+        m = ej.make_machine("els", images, scales=k, boundary=boundary, method=method,
+                            dedup=False, block=1 << 14)
+        temps.append(m.lower(x, jnp.float32(0.5), 0).compile().memory_analysis()
+                     .temp_size_in_bytes)
+    # (a few int32 chunk indices per chunk are allowed: O(N) bytes, not O(N·k²) floats)
+    assert temps[1] <= 1.05 * temps[0] + (64 << 10), temps
+
+
 def test_host_windows_match_patch_extraction():
     rng = np.random.default_rng(0)
     images = rng.uniform(-1, 1, size=(3, H, W, C)).astype(np.float32)
