@@ -51,10 +51,12 @@ def _local_x0(x, t, images, log_w, *, k, schedule, block):
 
 class LocalBank(NamedTuple):
     """What a local machine precomputes once per (data set, k): the images in the streamed
-    layout [C, H, W, N] (``values``), centred on the per-pixel data mean (``centred``), the
-    mean itself [C, H, W, 1], and ½‖W_i(c_n − μ)‖² for every pixel and image, [H, W, N]."""
+    layout with a row of ones appended, [C+1, H, W, N] (``values_and_ones``: one matmul gives
+    the weighted sum and the softmax normaliser), the images centred on the per-pixel data
+    mean [C, H, W, N] (``centred``), the mean [C, H, W, 1], and ½‖W_i(c_n − μ)‖² for every
+    pixel and image, [H, W, N]."""
 
-    values: jax.Array
+    values_and_ones: jax.Array
     centred: jax.Array
     mean: jax.Array
     half_sq: jax.Array
@@ -69,7 +71,8 @@ def build_local_bank(images_t, *, k: int) -> LocalBank:
     """The ``LocalBank`` of images given as ``transpose_images(images)`` [C, H, W, N]."""
     mean = jnp.mean(images_t, axis=3, keepdims=True)
     centred = images_t - mean
-    return LocalBank(images_t, centred, mean, _half_sq(centred, k))
+    ones = jnp.ones((1,) + images_t.shape[1:], images_t.dtype)
+    return LocalBank(jnp.concatenate([images_t, ones]), centred, mean, _half_sq(centred, k))
 
 
 @functools.partial(jax.jit, static_argnames=("k", "schedule", "block"))
@@ -84,7 +87,7 @@ def local_bank_x0(x, t, bank: LocalBank, log_w, *, k, schedule, block):
     """LS x̂_0 [B, H, W, C] from a precomputed ``LocalBank`` (a machine builds it once, so a
     call only touches the query-dependent work: product images, their window sums, softmax)."""
     bsz, h, w, c = x.shape
-    n = bank.values.shape[3]
+    n = bank.centred.shape[3]
     a, b2, _ = schedules_lib.coefficients(t, schedule)
     a = jnp.broadcast_to(a, (bsz,))[:, None, None, None]
     b2 = jnp.maximum(jnp.broadcast_to(b2, (bsz,)), conversions.B2_FLOOR)[:, None, None, None]
@@ -97,7 +100,7 @@ def local_bank_x0(x, t, bank: LocalBank, log_w, *, k, schedule, block):
 
     def body(state, chunk):
         start, first = chunk
-        vals = jax.lax.dynamic_slice_in_dim(bank.values, start, n_img, axis=3)   # [C, H, W, n]
+        vals = jax.lax.dynamic_slice_in_dim(bank.values_and_ones, start, n_img, axis=3)  # [C+1,H,W,n]
         cen = jax.lax.dynamic_slice_in_dim(bank.centred, start, n_img, axis=3)
         half_sq = jax.lax.dynamic_slice_in_dim(bank.half_sq, start, n_img, axis=2)
         lw = jax.lax.dynamic_slice_in_dim(log_w, start, n_img)
@@ -106,9 +109,11 @@ def local_bank_x0(x, t, bank: LocalBank, log_w, *, k, schedule, block):
         qc = _box_sum(_box_sum(prod, k, 1), k, 2)
         logits = (a * qc - (a * a) * half_sq[None]) / b2 + lw[None, None, None, :]
 
-        def weighted_sum(p):                                          # Σ_n p·c_n[i], [B, H, W, C]
-            return jnp.stack([jnp.sum(p * vals[ch][None], axis=-1) for ch in range(c)], -1)
-        return softmax.update_with(state, logits, weighted_sum), None
+        def weighted_sum_and_total(p):              # [Σ_n p·c_n[i], Σ_n p], [B, H, W, C+1]
+            # One matmul per pixel against the values with a row of ones (measured on XLA:CPU:
+            # 1.2–3.4× faster than C + 1 separate multiply-reduce passes over p).
+            return jnp.einsum("bhwn,chwn->bhwc", p, vals, precision=_HI)
+        return softmax.update_with_total(state, logits, weighted_sum_and_total), None
 
     state, _ = jax.lax.scan(body, softmax.init((bsz, h, w), c), (starts, first_new))
     return softmax.finalize(state)

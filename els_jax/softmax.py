@@ -24,7 +24,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-__all__ = ["SoftmaxState", "init", "update", "update_with", "merge", "merge_across", "chunk_starts", "finalize", "log_normalizer"]
+__all__ = ["SoftmaxState", "init", "update", "update_with", "update_with_total", "merge", "merge_across", "chunk_starts", "finalize", "log_normalizer"]
 
 
 class SoftmaxState(NamedTuple):
@@ -72,6 +72,21 @@ def update_with(state: SoftmaxState, logits, weighted_sum) -> SoftmaxState:
         max=new_max,
         total=state.total * scale + jnp.sum(p, axis=-1),
         acc=state.acc * scale[..., None] + weighted_sum(p),
+    )
+
+
+def update_with_total(state: SoftmaxState, logits, weighted_sum_and_total) -> SoftmaxState:
+    """``update_with`` for a ``weighted_sum_and_total`` that returns [*Q, D+1]: Σ_c p_c·v_c and,
+    in the last column, Σ_c p_c (e.g. one matmul against the values with a column of ones
+    appended), so the exponentials are read once instead of twice."""
+    new_max = jnp.maximum(state.max, jnp.max(logits, axis=-1))
+    ref = _finite_or_zero(new_max)
+    scale = jnp.exp(state.max - ref)
+    both = weighted_sum_and_total(jnp.exp(logits - ref[..., None]))
+    return SoftmaxState(
+        max=new_max,
+        total=state.total * scale + both[..., -1],
+        acc=state.acc * scale[..., None] + both[..., :-1],
     )
 
 
