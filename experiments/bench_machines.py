@@ -24,8 +24,9 @@ calls (one call when a call takes over 2 s). Per row:
   ratio_exp, ratio_matmul   time_s / exp_s, time_s / matmul_s (the two roofline ratios).
   peak_temp_MB   XLA's temporary buffers for the call (compiled memory_analysis).
   engine, bank   the exact engine els.choose_method picked ("window" | "row"; LS/IS fixed) and
-                 whether the machine precomputed a bank (ELS: only when merging duplicate
-                 windows pays; random images have none, so ELS streams from the images).
+                 whether the machine precomputed a bank (every machine does when the bank fits
+                 ``make_machine(bank_bytes=...)``, 2 GiB by default; identical windows are
+                 merged only when that removes ≥ 10 % of them, which random images never do).
 
 A few rows time the pure functional path ``ej.els_score(x, t, images, k=...)`` (candidates
 streamed from the images, no bank; engine chosen the same way). The last row is one whole
