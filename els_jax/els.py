@@ -61,8 +61,8 @@ from els_jax import schedules as schedules_lib
 from els_jax.validation import check_patch_size, check_query_and_images, mask_log_weights
 
 __all__ = ["els_score", "els_x0", "MachineBank", "WindowBank", "RowBank", "BankSpec",
-           "build_bank", "bank_x0", "estimate_unique_fraction", "layout", "Pass",
-           "choose_method", "METHODS", "DEFAULT_BLOCK"]
+           "build_bank", "bank_x0", "bank_partition_specs", "estimate_unique_fraction",
+           "layout", "Pass", "choose_method", "METHODS", "DEFAULT_BLOCK"]
 
 # Logits per streamed chunk (B × query pixels × candidates). 2^20 floats = 4 MiB: large enough
 # to amortise the per-iteration cost of a scan step (~0.1 ms on CPU), small enough for cache.
@@ -801,6 +801,16 @@ def _stream_row_bank(state, x_rows, bank: RowBank, n_img: int, k: int, lay: _Row
                 jax.lax.dynamic_slice_in_dim(bank.values, j * size, size, axis=1))
 
     return _row_stream(state, x_rows, n_chunks, get_chunk, k, lay)
+
+
+def bank_partition_specs(bank: MachineBank) -> MachineBank:
+    """How ``bank_x0`` splits a MachineBank over a one-axis "cands" mesh (a tree of
+    PartitionSpecs shaped like ``bank``): every bank along its candidate axis, μ replicated.
+    ``make_machine`` places its banks this way once, so calls do not move them."""
+    from jax.sharding import PartitionSpec as P
+    row = None if bank.row is None else RowBank(P(None, None, "cands"), P(None, "cands", None))
+    return MachineBank(P(), row, tuple(WindowBank(P(None, "cands"), P(None, "cands"))
+                                       for _ in bank.windows))
 
 
 def _sharded(fn, mesh, bank_specs):

@@ -19,12 +19,14 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from els_jax import conversions, softmax
 from els_jax import schedules as schedules_lib
 from els_jax.validation import check_patch_size, check_query_and_images, mask_log_weights
 
-__all__ = ["local_score", "local_x0", "LocalBank", "build_local_bank", "local_bank_x0"]
+__all__ = ["local_score", "local_x0", "LocalBank", "build_local_bank", "local_bank_x0",
+           "BANK_SHARDING"]
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -82,10 +84,32 @@ def _local_x0_t(x, t, images_t, log_w, *, k, schedule, block):
                          schedule=schedule, block=block)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "schedule", "block"))
-def local_bank_x0(x, t, bank: LocalBank, log_w, *, k, schedule, block):
+# How a LocalBank is split over a one-axis "cands" mesh: along the image axis.
+BANK_SHARDING = LocalBank(P(None, None, None, "cands"), P(None, None, None, "cands"), P(),
+                          P(None, None, "cands"))
+
+
+@functools.partial(jax.jit, static_argnames=("k", "schedule", "block", "mesh"))
+def local_bank_x0(x, t, bank: LocalBank, log_w, *, k, schedule, block, mesh=None):
     """LS x̂_0 [B, H, W, C] from a precomputed ``LocalBank`` (a machine builds it once, so a
-    call only touches the query-dependent work: product images, their window sums, softmax)."""
+    call only touches the query-dependent work: product images, their window sums, softmax).
+
+    With a ``mesh`` (one axis, "cands"; N divisible by its size) each device streams its share
+    of the images (``BANK_SHARDING``; ``log_w`` split the same way) and the partial softmax
+    states are merged exactly (``softmax.merge_across``): the result equals one device's."""
+    if mesh is None:
+        return softmax.finalize(_local_bank_state(x, t, bank, log_w, k, schedule, block))
+
+    def per_device(x, t, bank, log_w):
+        return softmax.merge_across(_local_bank_state(x, t, bank, log_w, k, schedule, block),
+                                    "cands")
+    state = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), BANK_SHARDING, P("cands")),
+                          out_specs=P(), check_vma=False)(x, t, bank, log_w)
+    return softmax.finalize(state)
+
+
+def _local_bank_state(x, t, bank: LocalBank, log_w, k, schedule, block):
+    """The softmax state of the LS machine over the images of ``bank``, [B, H, W]."""
     bsz, h, w, c = x.shape
     n = bank.centred.shape[3]
     a, b2, _ = schedules_lib.coefficients(t, schedule)
@@ -116,7 +140,7 @@ def local_bank_x0(x, t, bank: LocalBank, log_w, *, k, schedule, block):
         return softmax.update_with_total(state, logits, weighted_sum_and_total), None
 
     state, _ = jax.lax.scan(body, softmax.init((bsz, h, w), c), (starts, first_new))
-    return softmax.finalize(state)
+    return state
 
 
 def _check_local_k(k, h, w):

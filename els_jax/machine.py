@@ -22,6 +22,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from els_jax import conversions, els, patches
 from els_jax import schedules as schedules_lib
@@ -110,19 +111,37 @@ def _stream_fn(images_j, k, boundary, wrap_patches, schedule, method, block, uni
     return fn
 
 
-def _local_fn(images_t, k, schedule, block):
-    """LS x̂_0 from a ``local.LocalBank`` built once for this patch size."""
+def _local_fn(images_t, k, schedule, block, mesh=None):
+    """LS x̂_0 from a ``local.LocalBank`` built once for this patch size; with a ``mesh`` the
+    bank is padded with absent images (log w = −inf) to a multiple of the devices and placed
+    split over them once, here, so no call moves it."""
     bank = local_lib.build_local_bank(images_t, k=k)
-    log_w = jnp.zeros((images_t.shape[3],), jnp.float32)
-    kw = dict(k=k, schedule=schedule, block=block)
+    n = images_t.shape[3]
+    log_w = jnp.zeros((n,), jnp.float32)
+    if mesh is not None:
+        pad = -n % mesh.devices.size
+        bank = local_lib.LocalBank(
+            *(jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, pad)]) if i != 2 else a
+              for i, a in enumerate(bank)))
+        log_w = jnp.concatenate([log_w, jnp.full((pad,), -jnp.inf, jnp.float32)])
+        bank = jax.device_put(bank, _named(mesh, local_lib.BANK_SHARDING))
+        log_w = jax.device_put(log_w, NamedSharding(mesh, PartitionSpec("cands")))
+    kw = dict(k=k, schedule=schedule, block=block, mesh=mesh)
 
     def fn(x, t):
         return local_lib.local_bank_x0(jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32),
                                        bank, log_w, **kw)
     fn.info = {"engine": "local", "bank": True}
+    fn.bank = bank
     fn.lower = lambda x, t: local_lib.local_bank_x0.lower(
         jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32), bank, log_w, **kw)
     return fn
+
+
+def _named(mesh, specs):
+    """A pytree of PartitionSpecs → the same tree of NamedShardings on ``mesh``."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
+                        is_leaf=lambda v: isinstance(v, PartitionSpec))
 
 
 def _normalise_scales(kind, scales):
@@ -196,6 +215,8 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
                                     n_shards=n_shards, ideal=ideal, chunk=chunk,
                                     dedup_threshold=dedup_threshold,
                                     unique_fraction=unique_fraction)
+        if mesh is not None:        # split over the devices once, here, not at every call
+            bank = jax.device_put(bank, _named(mesh, els.bank_partition_specs(bank)))
 
         def fn(x, t):
             return els.bank_x0(jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32), bank,
@@ -225,7 +246,7 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
         for k in sizes:
             if kind == "local" or (boundary == "zeros" and k >= min(h, w)):
                 k = _check_local_k(k, h, w)          # SPEC: zero-padded ELS with k ≥ H is LS
-                fns[k] = _local_fn(images_t(), k, schedule, block)
+                fns[k] = _local_fn(images_t(), k, schedule, block, mesh)
                 continue
             k = els._check_els_k(k, h, w, boundary, wrap_patches)
             unique = (els.estimate_unique_fraction(images, k=k, boundary=boundary,
