@@ -26,14 +26,32 @@ from els_jax.validation import check_query_and_images, mask_log_weights
 __all__ = ["equivariant_score", "equivariant_x0"]
 
 
-@functools.partial(jax.jit, static_argnames=("schedule", "block"))
-def _equivariant_x0(x, t, images, log_w, *, schedule, block):
+@functools.partial(jax.jit, static_argnames=("schedule", "block", "mesh"))
+def _equivariant_x0(x, t, images, log_w, mu, *, schedule, block, mesh=None):
+    """ES x̂_0 [B, H, W, C]; ``mu`` [C] is the data mean (the exact shift). With a ``mesh``
+    (one axis, "cands"; N divisible by its size) each device takes its share of the images
+    (and of ``log_w``) and the partial softmax states are merged exactly."""
+    if mesh is None:
+        state = _equivariant_state(x, t, images, log_w, mu, schedule, block)
+    else:
+        from jax.sharding import PartitionSpec as P
+
+        def per_device(x, t, images, log_w, mu):
+            return softmax.merge_across(
+                _equivariant_state(x, t, images, log_w, mu, schedule, block), "cands")
+        state = jax.shard_map(per_device, mesh=mesh,
+                              in_specs=(P(), P(), P("cands"), P("cands"), P()),
+                              out_specs=P(), check_vma=False)(x, t, images, log_w, mu)
+    return softmax.finalize(state).reshape(x.shape)
+
+
+def _equivariant_state(x, t, images, log_w, mu, schedule, block):
+    """The softmax state of the ES machine over all translates of ``images``, [B]."""
     bsz, h, w, c = x.shape
     n = images.shape[0]
     a, b2, _ = schedules_lib.coefficients(t, schedule)
     a = jnp.broadcast_to(a, (bsz,))[:, None]
     b2 = jnp.maximum(jnp.broadcast_to(b2, (bsz,)), conversions.B2_FLOOR)[:, None]
-    mu = jnp.mean(images, axis=(0, 1, 2))                              # [C]
     q = x - a[:, :, None, None] * mu[None, None, None]                 # [B, H, W, C]
     q_f = jnp.fft.rfft2(q, axes=(1, 2))                                # [B, H, W/2+1, C]
     n_img = int(min(n, max(1, block // (bsz * h * w))))
@@ -64,7 +82,7 @@ def _equivariant_x0(x, t, images, log_w, *, schedule, block):
         return softmax.update_with(state, logits, weighted_sum), None
 
     state, _ = jax.lax.scan(body, softmax.init((bsz,), h * w * c), (starts, first_new))
-    return softmax.finalize(state).reshape(x.shape)
+    return state
 
 
 def equivariant_x0(x, t, images, *, schedule=schedules_lib.Cosine(), mask=None,
@@ -72,8 +90,9 @@ def equivariant_x0(x, t, images, *, schedule=schedules_lib.Cosine(), mask=None,
     """Denoised mean x̂_0 of the equivariant score machine, [B, H, W, C]."""
     check_query_and_images(x, images)
     log_w = mask_log_weights(mask, images.shape[0])
-    return _equivariant_x0(jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32),
-                           jnp.asarray(images, jnp.float32), log_w,
+    images = jnp.asarray(images, jnp.float32)
+    return _equivariant_x0(jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32), images,
+                           log_w, jnp.mean(images, axis=(0, 1, 2)),
                            schedule=schedules_lib.get(schedule), block=int(block))
 
 

@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from els_jax import conversions, els, patches
 from els_jax import schedules as schedules_lib
-from els_jax.equivariant import equivariant_x0
+from els_jax import equivariant as equivariant_lib
 from els_jax import local as local_lib
 from els_jax.local import _check_local_k
 
@@ -69,8 +69,7 @@ class Machine:
 
     def lower(self, x, t, i: int):
         """The jitted computation of ``x0(x, t, i)`` lowered for these shapes (``.compile()``
-        it to compile ahead of the first call, or for its ``memory_analysis()``); None for
-        machines without a precomputed bank (ES, streamed data sets)."""
+        it to compile ahead of the first call, or for its ``memory_analysis()``)."""
         fn = self._x0_fns[self.patch_size(i)]
         return fn.lower(x, t) if hasattr(fn, "lower") else None
 
@@ -135,6 +134,32 @@ def _local_fn(images_t, k, schedule, block, mesh=None):
     fn.bank = bank
     fn.lower = lambda x, t: local_lib.local_bank_x0.lower(
         jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32), bank, log_w, **kw)
+    return fn
+
+
+def _equivariant_fn(images_j, schedule, block, mesh=None):
+    """ES x̂_0 over all translates of the images (FFT; no bank). With a ``mesh`` the images are
+    padded with absent ones (log w = −inf) to a multiple of the devices and placed split over
+    them once, here."""
+    n = images_j.shape[0]
+    mu = jnp.mean(images_j, axis=(0, 1, 2))
+    images, log_w = images_j, jnp.zeros((n,), jnp.float32)
+    if mesh is not None:
+        pad = -n % mesh.devices.size
+        images = jnp.concatenate([images, jnp.zeros((pad,) + images.shape[1:], images.dtype)])
+        log_w = jnp.concatenate([log_w, jnp.full((pad,), -jnp.inf, jnp.float32)])
+        split = NamedSharding(mesh, PartitionSpec("cands"))
+        images, log_w = jax.device_put(images, split), jax.device_put(log_w, split)
+    kw = dict(schedule=schedule, block=block, mesh=mesh)
+
+    def fn(x, t):
+        return equivariant_lib._equivariant_x0(jnp.asarray(x, jnp.float32),
+                                               jnp.asarray(t, jnp.float32), images, log_w, mu,
+                                               **kw)
+    fn.info = {"engine": "fft", "bank": False}
+    fn.bank = images
+    fn.lower = lambda x, t: equivariant_lib._equivariant_x0.lower(
+        jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32), images, log_w, mu, **kw)
     return fn
 
 
@@ -241,7 +266,7 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
     if kind == "ideal":
         fns[None] = bank_fn(0, ideal=True)
     elif kind == "equivariant":
-        fns[None] = lambda x, t: equivariant_x0(x, t, images_j, schedule=schedule)
+        fns[None] = _equivariant_fn(images_j, schedule, block, mesh)
     else:
         for k in sizes:
             if kind == "local" or (boundary == "zeros" and k >= min(h, w)):

@@ -87,6 +87,8 @@ def test_equivariant_matches_oracle(t):
     mask = np.array([True, False, True])
     _close(ej.equivariant_x0(x, t, images, mask=jnp.asarray(mask)),
            oracles.equivariant_x0(x, t, images, mask=mask))
+    machine = ej.make_machine("equivariant", images, mask=mask, block=100)
+    _close(machine.x0(x, jnp.float32(t), 0), oracles.equivariant_x0(x, t, images, mask=mask))
 
 
 # ---------------------------------------------------------------- invariants of the paper
@@ -357,7 +359,8 @@ _SHARDED = textwrap.dedent("""
     for kind, kw in [("els", dict(scales=3, boundary="zeros")), ("els", dict(scales=5)),
                      ("els", dict(scales=5, method="row")),
                      ("els", dict(scales=3, boundary="zeros", method="row")), ("ideal", {}),
-                     ("local", dict(scales=3)), ("local", dict(scales=5, block=64))]:
+                     ("local", dict(scales=3)), ("local", dict(scales=5, block=64)),
+                     ("equivariant", dict(block=128))]:
         one = ej.make_machine(kind, images, chunk=16, **kw).x0(x, jnp.float32(0.3), 0)
         m4 = ej.make_machine(kind, images, chunk=16, mesh=mesh, **kw)
         four = m4.x0(x, jnp.float32(0.3), 0)
