@@ -446,18 +446,53 @@ def _scatter(x_shape, results):
 
 
 @functools.partial(jax.jit, static_argnames=("k", "boundary", "wrap_patches", "schedule",
-                                             "block", "ideal", "method"))
-def _stream_images_x0(x, t, images, log_w, *, k, boundary, wrap_patches, schedule, block,
-                      ideal=False, method="window"):
-    """x̂_0 with candidates extracted from the images chunk by chunk (no bank)."""
+                                             "block", "ideal", "method", "mesh"))
+def _stream_images_x0(x, t, images, log_w, mu=None, *, k, boundary, wrap_patches, schedule,
+                      block, ideal=False, method="window", mesh=None):
+    """x̂_0 with candidates extracted from the images chunk by chunk (no bank).
+
+    mu: the per-channel data mean [C] (default: of ``images``). With a ``mesh`` (one axis,
+    "cands"; N divisible by its size) each device streams its share of the images and
+    ``log_w``, the per-pass softmax states are merged exactly, and ``mu`` must be the mean of
+    the whole data set (it fixes the constant dropped from every logit, so it must be the same
+    on every device)."""
+    bsz, h, w, c = x.shape
+    if mu is None:
+        mu = jnp.mean(images, axis=(0, 1, 2))
+    passes = _ideal_layout(h, w) if ideal else layout(k, boundary, wrap_patches, h, w)
+    lay = _row_layout(k, boundary, wrap_patches, h, w) if method == "row" else None
+    groups = [gp for ps in (passes[1:] if method == "row" else passes) for gp in _grouped(ps)]
+
+    def states(x, t, images, log_w, mu):
+        return _stream_states(x, t, images, log_w, mu, k=k, schedule=schedule, block=block,
+                              lay=lay, groups=groups)
+
+    if mesh is None:
+        sts = states(x, t, images, log_w, mu)
+    else:
+        from jax.sharding import PartitionSpec as P
+
+        def per_device(*args):
+            return tuple(softmax.merge_across(st, "cands") for st in states(*args))
+        sts = jax.shard_map(per_device, mesh=mesh,
+                            in_specs=(P(), P(), P("cands"), P("cands"), P()),
+                            out_specs=P(), check_vma=False)(x, t, images, log_w, mu)
+    results = []
+    if lay is not None:
+        results.append((_row_pixels(lay, w), _row_output(sts[0], bsz, lay)))
+        sts = sts[1:]
+    results += [_window_result(gp, st, bsz) for gp, st in zip(groups, sts)]
+    return _scatter(x.shape, results)
+
+
+def _stream_states(x, t, images, log_w, mu, *, k, schedule, block, lay, groups):
+    """The softmax state of every pass (row engine main pass if ``lay``, then each batch of
+    groups) over the candidates of ``images``, streamed a chunk of images at a time."""
     bsz, h, w, c = x.shape
     n = images.shape[0]
     a, b2 = _coeffs(t, bsz, schedule)
-    mu = jnp.mean(images, axis=(0, 1, 2))
-    passes = _ideal_layout(h, w) if ideal else layout(k, boundary, wrap_patches, h, w)
-    results = []
-    if method == "row":
-        lay = _row_layout(k, boundary, wrap_patches, h, w)
+    out = []
+    if lay is not None:
         x_rows = _row_queries(x, a, b2, k, lay, mu)
         q = x_rows.shape[1]
         n_img = int(min(n, max(1, block // max(1, len(lay.c_rows) * q * len(lay.c_cols)))))
@@ -470,33 +505,30 @@ def _stream_images_x0(x, t, images, log_w, *, k, boundary, wrap_patches, schedul
             return _row_candidates(imgs, jnp.where(rows >= first_new[j], lw, -jnp.inf), k,
                                    lay, mu)
 
-        state = _row_stream(softmax.init((h, q), c), x_rows, len(starts), get_chunk, k, lay)
-        results.append((_row_pixels(lay, w), _row_output(state, bsz, lay)))
-        passes = passes[1:]
-    for ps in passes:
-        for gp in _grouped(ps):
-            q = _window_queries(x, a, b2, k, gp, mu)
-            shift = _shift_vector(mu, k, gp.cand_mode, h, w)
-            g, pq = gp.query_pixels.shape
-            pc = gp.cand_pixels.shape[1]
-            n_img = int(min(n, max(1, block // max(1, bsz * g * pq * pc))))
-            extract = len(shift) * (g * pc if 4 * g * pc < h * w else h * w)  # floats/image
-            n_img = int(min(n_img, max(1, 4 * block // extract)))
-            starts, first_new = softmax.chunk_starts(n, n_img)
-            rows = jnp.arange(n_img, dtype=jnp.int32)
+        out.append(_row_stream(softmax.init((h, q), c), x_rows, len(starts), get_chunk, k, lay))
+    for gp in groups:
+        q = _window_queries(x, a, b2, k, gp, mu)
+        shift = _shift_vector(mu, k, gp.cand_mode, h, w)
+        g, pq = gp.query_pixels.shape
+        pc = gp.cand_pixels.shape[1]
+        n_img = int(min(n, max(1, block // max(1, bsz * g * pq * pc))))
+        extract = len(shift) * (g * pc if 4 * g * pc < h * w else h * w)  # floats/image
+        n_img = int(min(n_img, max(1, 4 * block // extract)))
+        starts, first_new = softmax.chunk_starts(n, n_img)
+        rows = jnp.arange(n_img, dtype=jnp.int32)
 
-            def body(state, chunk, q=q, gp=gp, shift=shift, n_img=n_img, rows=rows):
-                start, first = chunk
-                imgs = jax.lax.dynamic_slice_in_dim(images, start, n_img)
-                lw = jax.lax.dynamic_slice_in_dim(log_w, start, n_img)
-                keys, values = _window_candidates(imgs, jnp.where(rows >= first, lw, -jnp.inf),
-                                                  k, gp, shift)
-                return _window_update(state, q, keys, values), None
+        def body(state, chunk, q=q, gp=gp, shift=shift, n_img=n_img, rows=rows):
+            start, first = chunk
+            imgs = jax.lax.dynamic_slice_in_dim(images, start, n_img)
+            lw = jax.lax.dynamic_slice_in_dim(log_w, start, n_img)
+            keys, values = _window_candidates(imgs, jnp.where(rows >= first, lw, -jnp.inf),
+                                              k, gp, shift)
+            return _window_update(state, q, keys, values), None
 
-            v = h * w * c if gp.cand_mode == "whole" else c
-            state, _ = jax.lax.scan(body, softmax.init(q.shape[:2], v), (starts, first_new))
-            results.append(_window_result(gp, state, bsz))
-    return _scatter(x.shape, results)
+        v = h * w * c if gp.cand_mode == "whole" else c
+        state, _ = jax.lax.scan(body, softmax.init(q.shape[:2], v), (starts, first_new))
+        out.append(state)
+    return tuple(out)
 
 
 def _check_els_k(k, h, w, boundary, wrap_patches):

@@ -95,18 +95,37 @@ class Machine:
         return f"Machine({self.kind!r}, scales={self.scales}, num_steps={self.num_steps})"
 
 
-def _stream_fn(images_j, k, boundary, wrap_patches, schedule, method, block, unique):
-    """ELS x̂_0 with candidates streamed straight from the images (no bank)."""
-    log_w = jnp.zeros((images_j.shape[0],), jnp.float32)
+def _split_images(images_j, mesh):
+    """Images [N, ...] and zero log weights [N] (unchanged without a mesh); with one, padded
+    with absent images (log w = −inf) to a multiple of the devices and placed split over
+    them once, so no call moves them."""
+    n = images_j.shape[0]
+    log_w = jnp.zeros((n,), jnp.float32)
+    if mesh is None:
+        return images_j, log_w
+    pad = -n % mesh.devices.size
+    images = jnp.concatenate([images_j, jnp.zeros((pad,) + images_j.shape[1:], images_j.dtype)])
+    log_w = jnp.concatenate([log_w, jnp.full((pad,), -jnp.inf, jnp.float32)])
+    split = NamedSharding(mesh, PartitionSpec("cands"))
+    return jax.device_put(images, split), jax.device_put(log_w, split)
+
+
+def _stream_fn(images_j, k, boundary, wrap_patches, schedule, method, block, unique,
+               mesh=None):
+    """ELS x̂_0 with candidates streamed straight from the images (no bank); with a ``mesh``
+    the images are split over its devices (the data mean stays that of the whole set)."""
+    mu = jnp.mean(images_j, axis=(0, 1, 2))
+    images, log_w = _split_images(images_j, mesh)
     kw = dict(k=k, boundary=boundary, wrap_patches=wrap_patches, schedule=schedule,
-              block=block, method=method)
+              block=block, method=method, mesh=mesh)
 
     def fn(x, t):
         return els._stream_images_x0(jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32),
-                                     images_j, log_w, **kw)
+                                     images, log_w, mu, **kw)
     fn.lower = lambda x, t: els._stream_images_x0.lower(
-        jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32), images_j, log_w, **kw)
+        jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32), images, log_w, mu, **kw)
     fn.info = {"engine": method, "bank": False, "unique_fraction": round(unique, 4)}
+    fn.bank = images
     return fn
 
 
@@ -141,15 +160,8 @@ def _equivariant_fn(images_j, schedule, block, mesh=None):
     """ES x̂_0 over all translates of the images (FFT; no bank). With a ``mesh`` the images are
     padded with absent ones (log w = −inf) to a multiple of the devices and placed split over
     them once, here."""
-    n = images_j.shape[0]
     mu = jnp.mean(images_j, axis=(0, 1, 2))
-    images, log_w = images_j, jnp.zeros((n,), jnp.float32)
-    if mesh is not None:
-        pad = -n % mesh.devices.size
-        images = jnp.concatenate([images, jnp.zeros((pad,) + images.shape[1:], images.dtype)])
-        log_w = jnp.concatenate([log_w, jnp.full((pad,), -jnp.inf, jnp.float32)])
-        split = NamedSharding(mesh, PartitionSpec("cands"))
-        images, log_w = jax.device_put(images, split), jax.device_put(log_w, split)
+    images, log_w = _split_images(images_j, mesh)
     kw = dict(schedule=schedule, block=block, mesh=mesh)
 
     def fn(x, t):
@@ -291,7 +303,7 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
             else:
                 fns[k] = _stream_fn(images_j, k, boundary, wrap_patches, schedule,
                                     els._resolve_method(method, k, c, h, boundary), block,
-                                    unique)
+                                    unique, mesh)
     machine = Machine(kind, fns, scale_list, schedule, k_const)
     machine.build_seconds = time.perf_counter() - start
     return machine

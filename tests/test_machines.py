@@ -360,7 +360,10 @@ _SHARDED = textwrap.dedent("""
                      ("els", dict(scales=5, method="row")),
                      ("els", dict(scales=3, boundary="zeros", method="row")), ("ideal", {}),
                      ("local", dict(scales=3)), ("local", dict(scales=5, block=64)),
-                     ("equivariant", dict(block=128))]:
+                     ("equivariant", dict(block=128)),
+                     # banks over bank_bytes: streamed from the images, split over devices
+                     ("els", dict(scales=3, boundary="zeros", bank_bytes=0)),
+                     ("els", dict(scales=5, method="row", bank_bytes=0))]:
         one = ej.make_machine(kind, images, chunk=16, **kw).x0(x, jnp.float32(0.3), 0)
         m4 = ej.make_machine(kind, images, chunk=16, mesh=mesh, **kw)
         four = m4.x0(x, jnp.float32(0.3), 0)
