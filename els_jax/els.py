@@ -471,12 +471,8 @@ def _stream_images_x0(x, t, images, log_w, mu=None, *, k, boundary, wrap_patches
         sts = states(x, t, images, log_w, mu)
     else:
         from jax.sharding import PartitionSpec as P
-
-        def per_device(*args):
-            return tuple(softmax.merge_across(st, "cands") for st in states(*args))
-        sts = jax.shard_map(per_device, mesh=mesh,
-                            in_specs=(P(), P(), P("cands"), P("cands"), P()),
-                            out_specs=P(), check_vma=False)(x, t, images, log_w, mu)
+        sts = softmax.sharded(states, mesh, (P(), P(), P("cands"), P("cands"), P()))(
+            x, t, images, log_w, mu)
     results = []
     if lay is not None:
         results.append((_row_pixels(lay, w), _row_output(sts[0], bsz, lay)))
@@ -846,17 +842,12 @@ def bank_partition_specs(bank: MachineBank) -> MachineBank:
 
 
 def _sharded(fn, mesh, bank_specs):
-    """Runs fn(replicated args..., bank) on each device with its share of the bank's candidate
-    axis, and merges the partial softmax states exactly (softmax.merge_across)."""
+    """fn(replicated args..., bank) run on each device with its share of the bank's candidate
+    axis, the partial softmax states merged exactly (``softmax.sharded``)."""
     from jax.sharding import PartitionSpec as P
 
-    def local(*args):
-        return softmax.merge_across(fn(*args), "cands")
-
     def call(*args):
-        *rest, bank = args
-        return jax.shard_map(local, mesh=mesh, in_specs=tuple(P() for _ in rest) + (bank_specs,),
-                             out_specs=P(), check_vma=False)(*args)
+        return softmax.sharded(fn, mesh, tuple(P() for _ in args[:-1]) + (bank_specs,))(*args)
     return call
 
 

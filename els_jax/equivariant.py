@@ -31,17 +31,15 @@ def _equivariant_x0(x, t, images, log_w, mu, *, schedule, block, mesh=None):
     """ES x̂_0 [B, H, W, C]; ``mu`` [C] is the data mean (the exact shift). With a ``mesh``
     (one axis, "cands"; N divisible by its size) each device takes its share of the images
     (and of ``log_w``) and the partial softmax states are merged exactly."""
+    def state_of(x, t, images, log_w, mu):
+        return _equivariant_state(x, t, images, log_w, mu, schedule, block)
+
     if mesh is None:
-        state = _equivariant_state(x, t, images, log_w, mu, schedule, block)
+        state = state_of(x, t, images, log_w, mu)
     else:
         from jax.sharding import PartitionSpec as P
-
-        def per_device(x, t, images, log_w, mu):
-            return softmax.merge_across(
-                _equivariant_state(x, t, images, log_w, mu, schedule, block), "cands")
-        state = jax.shard_map(per_device, mesh=mesh,
-                              in_specs=(P(), P(), P("cands"), P("cands"), P()),
-                              out_specs=P(), check_vma=False)(x, t, images, log_w, mu)
+        state = softmax.sharded(state_of, mesh, (P(), P(), P("cands"), P("cands"), P()))(
+            x, t, images, log_w, mu)
     return softmax.finalize(state).reshape(x.shape)
 
 

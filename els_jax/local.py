@@ -97,14 +97,13 @@ def local_bank_x0(x, t, bank: LocalBank, log_w, *, k, schedule, block, mesh=None
     With a ``mesh`` (one axis, "cands"; N divisible by its size) each device streams its share
     of the images (``BANK_SHARDING``; ``log_w`` split the same way) and the partial softmax
     states are merged exactly (``softmax.merge_across``): the result equals one device's."""
-    if mesh is None:
-        return softmax.finalize(_local_bank_state(x, t, bank, log_w, k, schedule, block))
+    def state_of(x, t, bank, log_w):
+        return _local_bank_state(x, t, bank, log_w, k, schedule, block)
 
-    def per_device(x, t, bank, log_w):
-        return softmax.merge_across(_local_bank_state(x, t, bank, log_w, k, schedule, block),
-                                    "cands")
-    state = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), BANK_SHARDING, P("cands")),
-                          out_specs=P(), check_vma=False)(x, t, bank, log_w)
+    if mesh is None:
+        return softmax.finalize(state_of(x, t, bank, log_w))
+    state = softmax.sharded(state_of, mesh, (P(), P(), BANK_SHARDING, P("cands")))(
+        x, t, bank, log_w)
     return softmax.finalize(state)
 
 

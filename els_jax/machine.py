@@ -95,19 +95,29 @@ class Machine:
         return f"Machine({self.kind!r}, scales={self.scales}, num_steps={self.num_steps})"
 
 
+def _absent_padding(n: int, mesh):
+    """How many absent candidates make N a multiple of the mesh's devices, and the log
+    weights [N + pad]: 0 for the N images, −inf (contributes exactly nothing) for the pad."""
+    pad = 0 if mesh is None else -n % mesh.devices.size
+    return pad, jnp.concatenate([jnp.zeros((n,), jnp.float32),
+                                 jnp.full((pad,), -jnp.inf, jnp.float32)])
+
+
+def _pad_axis(a, pad: int, axis: int):
+    widths = [(0, 0)] * a.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(a, widths)
+
+
 def _split_images(images_j, mesh):
     """Images [N, ...] and zero log weights [N] (unchanged without a mesh); with one, padded
-    with absent images (log w = −inf) to a multiple of the devices and placed split over
-    them once, so no call moves them."""
-    n = images_j.shape[0]
-    log_w = jnp.zeros((n,), jnp.float32)
+    with absent images to a multiple of the devices and placed split over them once, so no
+    call moves them."""
+    pad, log_w = _absent_padding(images_j.shape[0], mesh)
     if mesh is None:
         return images_j, log_w
-    pad = -n % mesh.devices.size
-    images = jnp.concatenate([images_j, jnp.zeros((pad,) + images_j.shape[1:], images_j.dtype)])
-    log_w = jnp.concatenate([log_w, jnp.full((pad,), -jnp.inf, jnp.float32)])
     split = NamedSharding(mesh, PartitionSpec("cands"))
-    return jax.device_put(images, split), jax.device_put(log_w, split)
+    return jax.device_put(_pad_axis(images_j, pad, 0), split), jax.device_put(log_w, split)
 
 
 def _stream_fn(images_j, k, boundary, wrap_patches, schedule, method, block, unique,
@@ -134,14 +144,11 @@ def _local_fn(images_t, k, schedule, block, mesh=None):
     bank is padded with absent images (log w = −inf) to a multiple of the devices and placed
     split over them once, here, so no call moves it."""
     bank = local_lib.build_local_bank(images_t, k=k)
-    n = images_t.shape[3]
-    log_w = jnp.zeros((n,), jnp.float32)
-    if mesh is not None:
-        pad = -n % mesh.devices.size
-        bank = local_lib.LocalBank(
-            *(jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, pad)]) if i != 2 else a
-              for i, a in enumerate(bank)))
-        log_w = jnp.concatenate([log_w, jnp.full((pad,), -jnp.inf, jnp.float32)])
+    pad, log_w = _absent_padding(images_t.shape[3], mesh)
+    if mesh is not None:                      # images along the last axis; the mean is shared
+        bank = bank._replace(values_and_ones=_pad_axis(bank.values_and_ones, pad, 3),
+                             centred=_pad_axis(bank.centred, pad, 3),
+                             half_sq=_pad_axis(bank.half_sq, pad, 2))
         bank = jax.device_put(bank, _named(mesh, local_lib.BANK_SHARDING))
         log_w = jax.device_put(log_w, NamedSharding(mesh, PartitionSpec("cands")))
     kw = dict(k=k, schedule=schedule, block=block, mesh=mesh)

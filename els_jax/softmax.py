@@ -24,7 +24,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-__all__ = ["SoftmaxState", "init", "update", "update_with", "update_with_total", "merge", "merge_across", "chunk_starts", "finalize", "log_normalizer"]
+__all__ = ["SoftmaxState", "init", "update", "update_with", "update_with_total", "merge",
+           "merge_across", "sharded", "chunk_starts", "finalize", "log_normalizer"]
 
 
 class SoftmaxState(NamedTuple):
@@ -55,6 +56,13 @@ def _finite_or_zero(m):
     return jnp.where(jnp.isfinite(m), m, 0.0)
 
 
+def _exponentials(state: SoftmaxState, logits):
+    """The new running max, the factor rescaling the old sums to it, and exp(logit − max)."""
+    new_max = jnp.maximum(state.max, jnp.max(logits, axis=-1))
+    ref = _finite_or_zero(new_max)
+    return new_max, jnp.exp(state.max - ref), jnp.exp(logits - ref[..., None])
+
+
 def update_with(state: SoftmaxState, logits, weighted_sum) -> SoftmaxState:
     """Adds one chunk of M candidates whose values are combined by ``weighted_sum``.
 
@@ -64,10 +72,7 @@ def update_with(state: SoftmaxState, logits, weighted_sum) -> SoftmaxState:
       weighted_sum: p [*Q, M] ↦ Σ_c p_c·v_c, [*Q, D]. Lets a machine combine values without
         materialising them per candidate (e.g. the equivariant machine uses an FFT).
     """
-    new_max = jnp.maximum(state.max, jnp.max(logits, axis=-1))
-    ref = _finite_or_zero(new_max)
-    scale = jnp.exp(state.max - ref)
-    p = jnp.exp(logits - ref[..., None])
+    new_max, scale, p = _exponentials(state, logits)
     return SoftmaxState(
         max=new_max,
         total=state.total * scale + jnp.sum(p, axis=-1),
@@ -79,10 +84,8 @@ def update_with_total(state: SoftmaxState, logits, weighted_sum_and_total) -> So
     """``update_with`` for a ``weighted_sum_and_total`` that returns [*Q, D+1]: Σ_c p_c·v_c and,
     in the last column, Σ_c p_c (e.g. one matmul against the values with a column of ones
     appended), so the exponentials are read once instead of twice."""
-    new_max = jnp.maximum(state.max, jnp.max(logits, axis=-1))
-    ref = _finite_or_zero(new_max)
-    scale = jnp.exp(state.max - ref)
-    both = weighted_sum_and_total(jnp.exp(logits - ref[..., None]))
+    new_max, scale, p = _exponentials(state, logits)
+    both = weighted_sum_and_total(p)
     return SoftmaxState(
         max=new_max,
         total=state.total * scale + both[..., -1],
@@ -129,6 +132,20 @@ def merge_across(state: SoftmaxState, axis_name) -> SoftmaxState:
         total=jax.lax.psum(state.total * scale, axis_name),
         acc=jax.lax.psum(state.acc * scale[..., None], axis_name),
     )
+
+
+def sharded(fn, mesh, in_specs, axis_name: str = "cands"):
+    """fn(*args) → a pytree of SoftmaxStates, run with shard_map on ``mesh`` (args split by
+    ``in_specs``; the candidates along ``axis_name``), every state merged exactly over the
+    devices (``merge_across``): the result is replicated and equals the one-device state.
+    The one way every machine shards its candidates."""
+    from jax.sharding import PartitionSpec
+
+    def per_device(*args):
+        return jax.tree.map(lambda st: merge_across(st, axis_name), fn(*args),
+                            is_leaf=lambda v: isinstance(v, SoftmaxState))
+    return jax.shard_map(per_device, mesh=mesh, in_specs=in_specs, out_specs=PartitionSpec(),
+                         check_vma=False)
 
 
 def chunk_starts(n: int, chunk_size: int):
