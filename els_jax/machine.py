@@ -146,8 +146,7 @@ def _local_fn(images_t, k, schedule, block, mesh=None):
     bank = local_lib.build_local_bank(images_t, k=k)
     pad, log_w = _absent_padding(images_t.shape[3], mesh)
     if mesh is not None:                      # images along the last axis; the mean is shared
-        bank = bank._replace(values_and_ones=_pad_axis(bank.values_and_ones, pad, 3),
-                             centred=_pad_axis(bank.centred, pad, 3),
+        bank = bank._replace(centred_and_ones=_pad_axis(bank.centred_and_ones, pad, 3),
                              half_sq=_pad_axis(bank.half_sq, pad, 2))
         bank = jax.device_put(bank, _named(mesh, local_lib.BANK_SHARDING))
         log_w = jax.device_put(log_w, NamedSharding(mesh, PartitionSpec("cands")))
