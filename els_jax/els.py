@@ -139,21 +139,17 @@ def _grouped(ps: Pass) -> list[_Grouped]:
 
 
 def _windows(images, k: int, mode: str, pixels: np.ndarray):
-    """[B, H, W, C] → windows centred at ``pixels``: [B, P, D] (D = k²C, or H·W·C for "whole").
-    Few pixels (the zero-padded border): one gather from the padded images; many: all windows
-    by k² slices (``patches.extract_windows``), then the pixels."""
+    """[B, H, W, C] → windows centred at ``pixels``: [B, P, D] (D = k²C, or H·W·C for "whole"):
+    one gather from the padded images (static indices; see ``patches.extract_windows``)."""
     b, h, w = images.shape[:3]
     if mode == "whole":
         return images.reshape(b, 1, -1)
-    if 4 * len(pixels) < h * w:
-        rows, cols = np.divmod(np.asarray(pixels), w)
-        d = np.arange(k)
-        rr = rows[:, None, None] + d[None, :, None]                     # [P, k, 1]
-        cc = cols[:, None, None] + d[None, None, :]                     # [P, 1, k]
-        win = patches.pad(images, k // 2, mode)[:, rr, cc, :]           # [B, P, k, k, C]
-        return win.reshape(b, len(pixels), -1)
-    win = patches.extract_windows(images, k, mode)
-    return win.reshape(b, -1, win.shape[-1])[:, pixels]
+    rows, cols = np.divmod(np.asarray(pixels), w)
+    d = np.arange(k)
+    rr = rows[:, None, None] + d[None, :, None]                         # [P, k, 1]
+    cc = cols[:, None, None] + d[None, None, :]                         # [P, 1, k]
+    win = patches.pad(images, k // 2, mode)[:, rr, cc, :]               # [B, P, k, k, C]
+    return win.reshape(b, len(pixels), -1)
 
 
 class _Chunk(NamedTuple):
@@ -311,9 +307,9 @@ def _row_windows(images, k: int, mode: str, cols: np.ndarray):
     m = k // 2
     h, w = images.shape[-3], images.shape[-2]
     padded = patches.pad(images, m, mode)[..., m:m + h, :, :]          # pad the columns only
-    rows = jnp.stack([padded[..., dx:dx + w, :] for dx in range(k)], axis=-2)
-    rows = rows[..., cols, :, :]
-    return rows.reshape(rows.shape[:-2] + (k * images.shape[-1],))
+    index = np.asarray(cols)[:, None] + np.arange(k)[None, :]            # [len(cols), k]
+    rows = padded[..., index, :]                                         # one gather
+    return rows.reshape(rows.shape[:-3] + (len(cols), k * images.shape[-1]))
 
 
 def _row_queries(x, a, b2, k, lay: _RowLayout, mu):
@@ -698,17 +694,84 @@ def _host_window_candidates(images, k, gp, mu, images_per_step):
     return np.concatenate(keys, axis=1), np.concatenate(values, axis=1)
 
 
+def _aligned_empty(shape, align: int = 64) -> np.ndarray:
+    """An uninitialised float32 array whose data is ``align``-byte aligned: ``jax.device_put``
+    on the CPU then uses it in place instead of copying it (a bank can be a gigabyte)."""
+    nbytes = int(np.prod(shape)) * 4
+    raw = np.empty(nbytes + align, np.uint8)
+    start = (-raw.ctypes.data) % align
+    return raw[start:start + nbytes].view(np.float32).reshape(shape)
+
+
+def _as_range(values: np.ndarray):
+    """A slice equal to the sorted, contiguous integer array ``values``, or None."""
+    if values.size and np.array_equal(values, np.arange(values[0], values[0] + values.size)):
+        return slice(int(values[0]), int(values[0]) + values.size)
+    return None
+
+
+def _fill_window_bank(images: np.ndarray, k: int, gp: _Grouped, mu: np.ndarray,
+                      total: int) -> WindowBank:
+    """The window bank of ``gp`` without merging, written once in place: keys [G, total, D+2]
+    = [c − μ, ‖c − μ‖²/2, log w] and values [G, total, V], candidates image-major (as
+    ``_host_window_candidates``), padded with absent candidates (keys 0, log w = −inf).
+
+    Windows are strided views of the padded, centred images (no gather), copied straight into
+    the bank; every group of the ELS layout is a rectangle of centres (interior, one edge row
+    or column, one corner), so each is one slice of the view. ‖c − μ‖² comes from an integral
+    image of the squared centred images (float64), not from a second pass over the bank."""
+    n, h, w, c = images.shape
+    g, pc = gp.cand_pixels.shape
+    d, v = k * k * c, c
+    m = k // 2
+    keys = _aligned_empty((g, total, d + 2))
+    values = _aligned_empty((g, total, v))
+    mode = "wrap" if gp.cand_mode == "circular" else "constant"
+    centred = np.pad(images, ((0, 0), (m, m), (m, m), (0, 0)), mode=mode) - mu   # [n, H+2m, W+2m, C]
+    view = np.moveaxis(np.lib.stride_tricks.sliding_window_view(centred, (k, k), axis=(1, 2)),
+                       3, -1)                                            # [n, H, W, k, k, C]
+    sq = np.pad(np.cumsum(np.cumsum((centred.astype(np.float64) ** 2).sum(-1), 1), 2),
+                ((0, 0), (1, 0), (1, 0)))
+    half_sq = 0.5 * (sq[:, k:, k:] - sq[:, :-k, k:] - sq[:, k:, :-k] + sq[:, :-k, :-k])  # [n, H, W]
+    used = n * pc
+    for gi in range(g):
+        pix = gp.cand_pixels[gi]
+        rows, cols = np.divmod(pix, w)
+        ur, uc = np.unique(rows), np.unique(cols)
+        rect = (_as_range(ur), _as_range(uc))
+        if None in rect or not np.array_equal(pix, (ur[:, None] * w + uc[None]).reshape(-1)):
+            rect = (rows, cols)                                          # any set: a gather
+        src = view[:, rect[0], rect[1]]                   # [n, rows, cols | Pc, k, k, C]
+        np.copyto(keys[gi, :used, :d].reshape(src.shape[:-3] + (k, k, c)), src)
+        keys[gi, :used, d] = half_sq[:, rect[0], rect[1]].reshape(-1)
+        keys[gi, :used, d + 1] = 0.0
+        values[gi, :used] = images[:, rect[0], rect[1]].reshape(n * pc, v)
+    keys[:, used:] = 0.0
+    keys[:, used:, d + 1] = -np.inf
+    values[:, used:] = 0.0
+    return WindowBank(jax.device_put(keys), jax.device_put(values))
+
 def estimate_unique_fraction(images, *, k, boundary="circular", wrap_patches=False,
-                             sample=256, ideal=False):
+                             sample=256, ideal=False, first=64, clear=0.97):
     """Fraction of the main pass's candidate windows left after merging duplicates, estimated
-    on the first ``sample`` images (an upper bound: more images hold more duplicates)."""
-    images = np.asarray(images[:sample], np.float32)
-    n, h, w, _ = images.shape
-    gp = _grouped_passes(k, boundary, wrap_patches, h, w, ideal, "window")[0]
-    mu = images.mean(axis=(0, 1, 2))
-    keys, values = _host_window_candidates(images, k, gp, mu, 64)
-    rows = np.concatenate([keys[0], values[0]], axis=1)
-    return len(_unique_rows(rows)[0]) / len(rows)
+    on the first ``sample`` images (an upper bound: more images hold more duplicates).
+
+    Looks at the first ``first`` images before: a fraction above ``clear`` there means nothing
+    worth merging (natural or random images), and is returned as it is (4× less work for
+    every patch size of a machine that will not deduplicate anyway)."""
+    def fraction(m):
+        sub = np.asarray(images[:m], np.float32)
+        n, h, w, _ = sub.shape
+        gp = _grouped_passes(k, boundary, wrap_patches, h, w, ideal, "window")[0]
+        keys, values = _host_window_candidates(sub, k, gp, sub.mean(axis=(0, 1, 2)), 64)
+        rows = np.concatenate([keys[0], values[0]], axis=1)
+        return len(_unique_rows(rows)[0]) / len(rows)
+
+    if first < min(sample, len(images)):
+        early = fraction(first)
+        if early > clear:
+            return early
+    return fraction(sample)
 
 
 def build_bank(images, *, k: int, boundary: str = "circular", wrap_patches: bool = False,
@@ -753,30 +816,27 @@ def build_bank(images, *, k: int, boundary: str = "circular", wrap_patches: bool
             m = max(len(u) for u, _ in groups)
         else:
             m = n * gp.cand_pixels.shape[1]
+            if gp.cand_mode == "whole":             # the ideal machine: one candidate per image
+                keys, values = _host_window_candidates(images, k, gp, mu, images_per_step)
+                groups = [(np.concatenate([keys[0], values[0]], axis=1), np.ones(m))]
         ch = chunk or _pow2_floor(max(1, block // (g * pq)))
         ch = min(ch, 1 << int(np.ceil(np.log2(max(1, m)))))
         per = ch * n_shards
         total = -(-m // per) * per
+        if not dedup and gp.cand_mode != "whole":     # no merging: filled in place
+            windows.append(_fill_window_bank(images, k, gp, mu, total))
+            chunks.append(int(ch))
+            continue
         bank_keys = np.zeros((g, total, d + 2), np.float32)
         bank_values = np.zeros((g, total, v), np.float32)
         bank_keys[:, m:, -1] = -np.inf                                  # padding: absent
-        if dedup:
-            for gi, (uniq, counts) in enumerate(groups):
-                kk = uniq[:, :d]
-                bank_keys[gi, :len(uniq), :d] = kk
-                bank_keys[gi, :len(uniq), d] = 0.5 * np.einsum("md,md->m", kk, kk)
-                bank_keys[gi, :len(uniq), d + 1] = np.log(counts)
-                bank_keys[gi, len(uniq):, d + 1] = -np.inf
-                bank_values[gi, :len(uniq)] = uniq[:, d:]
-        else:                       # fill in place, a step of images at a time
-            pc = gp.cand_pixels.shape[1]
-            for start in range(0, n, images_per_step):
-                kk, vv = _host_window_candidates(images[start:start + images_per_step], k, gp,
-                                                 mu, images_per_step)
-                rows = slice(start * pc, start * pc + kk.shape[1])
-                bank_keys[:, rows, :d] = kk
-                bank_keys[:, rows, d] = 0.5 * np.einsum("gmd,gmd->gm", kk, kk)
-                bank_values[:, rows] = vv
+        for gi, (uniq, counts) in enumerate(groups):
+            kk = uniq[:, :d]
+            bank_keys[gi, :len(uniq), :d] = kk
+            bank_keys[gi, :len(uniq), d] = 0.5 * np.einsum("md,md->m", kk, kk)
+            bank_keys[gi, :len(uniq), d + 1] = np.log(counts)
+            bank_keys[gi, len(uniq):, d + 1] = -np.inf
+            bank_values[gi, :len(uniq)] = uniq[:, d:]
         windows.append(WindowBank(jnp.asarray(bank_keys), jnp.asarray(bank_values)))
         chunks.append(int(ch))
     row, row_images = None, 0

@@ -33,15 +33,17 @@ def pad(images, m: int, boundary: str):
 def extract_windows(images, k: int, boundary: str):
     """Windows centred on every pixel: [..., H, W, C] → [..., H, W, k·k·C].
 
-    A static loop over the k² offsets of the window (not over pixels): each offset is one
-    strided slice of the padded images.
+    One gather from the padded images with static index arrays (not a loop over pixels, nor
+    k² slices: measured on XLA:CPU, the k² slices take 1–2 s to compile at k = 15 and are
+    up to 3× slower to run; the gather compiles in 0.04 s).
     """
     m = k // 2
     h, w = images.shape[-3], images.shape[-2]
-    padded = pad(images, m, boundary)
-    cols = [padded[..., dy:dy + h, dx:dx + w, :] for dy in range(k) for dx in range(k)]
-    out = jnp.stack(cols, axis=-2)                                   # [..., H, W, k², C]
-    return out.reshape(out.shape[:-2] + (k * k * images.shape[-1],))
+    d = np.arange(k)
+    rows = np.arange(h)[:, None, None, None] + d[None, None, :, None]       # [H, 1, k, 1]
+    cols = np.arange(w)[None, :, None, None] + d[None, None, None, :]       # [1, W, 1, k]
+    out = pad(images, m, boundary)[..., rows, cols, :]                      # [..., H, W, k, k, C]
+    return out.reshape(out.shape[:-3] + (k * k * images.shape[-1],))
 
 
 def interior_slice(k: int, h: int, w: int):
