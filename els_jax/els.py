@@ -19,8 +19,9 @@ Boundaries:
 
 Layout. ``layout`` lists the passes: a set of query pixels, a set of candidate centres, and
 for the zero-padded border a group id per query and per candidate (a pair counts only when
-the ids agree). The engines split a grouped pass into batches of equal-sized groups (edge
-rows, edge columns, corners), so no pair of different groups is ever computed.
+the ids agree). The engines here compute the main pass (every pixel, or the interior for
+"zeros"); the zero-padded border pass (edges and corners) is computed by ``border.py`` from
+row dot products and corner crops, without k×k candidate windows.
 
 Two exact engines compute the logits ℓ = (a·q·c − a²‖c‖²/2)/b² + log w (‖q‖² is the same for
 every candidate), and both feed every chunk through ``softmax.update_with``:
@@ -37,8 +38,7 @@ every candidate), and both feed every chunk through ``softmax.update_with``:
     of every query row with the candidate row s below form one batched matmul, and a k-row
     box sum (``lax.reduce_window``) over them gives every window dot product at that offset;
     the row norms and log w/k ride along in the same matmul. Cost per pair ∝ kC + k instead of
-    k²C, without dedup (it works on whole images). Used for the main pass; the thin
-    zero-padded border passes always use "window".
+    k²C, without dedup (it works on whole images).
 
 ``choose_method`` picks the cheaper engine per k from a cost model measured on CPU
 (experiments/bench_machines.py); ``method="window" | "row"`` forces one.
@@ -56,6 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from els_jax import border as border_lib
 from els_jax import conversions, patches, softmax
 from els_jax import schedules as schedules_lib
 from els_jax.validation import check_patch_size, check_query_and_images, mask_log_weights
@@ -247,21 +248,13 @@ def _window_candidates(images, log_w, k, gp: _Grouped, shift):
 
 def _window_update(state, q, keys, values):
     """One chunk into the running softmax. q [G, Q, D'], keys [G, M, D'], values [G, M, V]."""
-    g, q_len = q.shape[0], q.shape[1]
-    if g == 1:                  # plain 2-D matmuls: XLA lays them out without transposes
+    if q.shape[0] == 1:         # plain 2-D matmuls: XLA lays them out without transposes
         logits = jnp.matmul(q[0], keys[0].T, precision=_HI)[None]
         return softmax.update_with(
             state, logits, lambda p: jnp.matmul(p[0], values[0], precision=_HI)[None])
-    if q_len <= 8:              # many tiny groups (corners): XLA's batched matvec is slow
-        logits = jnp.sum(q[:, :, None, :] * keys[:, None, :, :], axis=-1)
-        return softmax.update_with(
-            state, logits, lambda p: jnp.sum(p[..., None] * values[:, None], axis=-2))
-
-    def one(args):              # edges: group by group, each a 2-D matmul (faster on CPU than
-        st, qq, kk, vv = args   # XLA's small batched matmuls)
-        st = jax.tree.map(lambda v: v[None], st)
-        return jax.tree.map(lambda v: v[0], _window_update(st, qq[None], kk[None], vv[None]))
-    return jax.lax.map(one, (state, q, keys, values))
+    logits = jnp.einsum("gqd,gmd->gqm", q, keys, precision=_HI)
+    return softmax.update_with(
+        state, logits, lambda p: jnp.einsum("gqm,gmv->gqv", p, values, precision=_HI))
 
 
 def _window_result(gp: _Grouped, state, bsz):
@@ -301,21 +294,10 @@ def _row_layout(k: int, boundary: str, wrap_patches: bool, h: int, w: int) -> _R
     return _RowLayout(inner_c, "zeros", inner_r, inner_c, "zeros", inner_r, False)
 
 
-def _row_windows(images, k: int, mode: str, cols: np.ndarray):
-    """[..., H, W, C] → row windows [..., H, len(cols), k·C]: the k pixels of each row centred on
-    each column of ``cols``, laid out (dx, c) as in a k×k window, padded per ``mode``."""
-    m = k // 2
-    h, w = images.shape[-3], images.shape[-2]
-    padded = patches.pad(images, m, mode)[..., m:m + h, :, :]          # pad the columns only
-    index = np.asarray(cols)[:, None] + np.arange(k)[None, :]            # [len(cols), k]
-    rows = padded[..., index, :]                                         # one gather
-    return rows.reshape(rows.shape[:-3] + (len(cols), k * images.shape[-1]))
-
-
 def _row_queries(x, a, b2, k, lay: _RowLayout, mu):
     """Augmented query rows [H, B·Wq, kC+2] (rows first, for the batched row matmul)."""
     b, h = x.shape[0], x.shape[1]
-    q = _row_windows(x, k, lay.q_col_mode, lay.q_cols)
+    q = patches.row_windows(x, k, lay.q_col_mode, lay.q_cols)
     q = q - a[:, None, None, None] * jnp.tile(mu, k)[None, None, None]
     q = _augment_queries(q, a, b2)                                       # [B, H, Wq, D']
     return jnp.transpose(q, (1, 0, 2, 3)).reshape(h, b * len(lay.q_cols), q.shape[-1])
@@ -327,7 +309,7 @@ def _row_candidates(images, log_w, k, lay: _RowLayout, mu):
     ‖c‖²/2 and log w); values [Hc, n·Wc, C], the centre pixels."""
     n, h, _, c = images.shape
     wc = len(lay.c_cols)
-    rows = _row_windows(images, k, lay.c_col_mode, lay.c_cols) - jnp.tile(mu, k)[None, None, None]
+    rows = patches.row_windows(images, k, lay.c_col_mode, lay.c_cols) - jnp.tile(mu, k)[None, None, None]
     lw = jnp.broadcast_to((log_w / k)[:, None, None, None], (n, h, wc, 1))
     keys = jnp.concatenate([rows, 0.5 * jnp.sum(rows * rows, -1, keepdims=True), lw], -1)
     keys = jnp.transpose(keys, (1, 3, 0, 2)).reshape(h, keys.shape[-1], n * wc)
@@ -455,13 +437,18 @@ def _stream_images_x0(x, t, images, log_w, mu=None, *, k, boundary, wrap_patches
     bsz, h, w, c = x.shape
     if mu is None:
         mu = jnp.mean(images, axis=(0, 1, 2))
-    passes = _ideal_layout(h, w) if ideal else layout(k, boundary, wrap_patches, h, w)
     lay = _row_layout(k, boundary, wrap_patches, h, w) if method == "row" else None
-    groups = [gp for ps in (passes[1:] if method == "row" else passes) for gp in _grouped(ps)]
+    groups = _grouped_passes(k, boundary, wrap_patches, h, w, ideal, method)
+    with_border = boundary == "zeros" and not ideal and k > 1     # k = 1 has no border
 
     def states(x, t, images, log_w, mu):
-        return _stream_states(x, t, images, log_w, mu, k=k, schedule=schedule, block=block,
-                              lay=lay, groups=groups)
+        out = _stream_states(x, t, images, log_w, mu, k=k, schedule=schedule, block=block,
+                             lay=lay, groups=groups)
+        if with_border:
+            a, b2 = _coeffs(t, bsz, schedule)
+            out = out + (border_lib.stream_border_states(x, a, b2, images, log_w, k=k, mu=mu,
+                                                         block=block),)
+        return out
 
     if mesh is None:
         sts = states(x, t, images, log_w, mu)
@@ -474,6 +461,10 @@ def _stream_images_x0(x, t, images, log_w, mu=None, *, k, boundary, wrap_patches
         results.append((_row_pixels(lay, w), _row_output(sts[0], bsz, lay)))
         sts = sts[1:]
     results += [_window_result(gp, st, bsz) for gp, st in zip(groups, sts)]
+    if with_border:
+        m = k // 2
+        shift = jnp.broadcast_to(mu[:, None, None, None], (c, 2 * m, 2 * m, 1))
+        results += border_lib.border_results(sts[len(groups)], x.shape, k, shift)
     return _scatter(x.shape, results)
 
 
@@ -613,11 +604,13 @@ class RowBank(NamedTuple):
 
 class MachineBank(NamedTuple):
     """Everything an ELS (or ideal) machine precomputes: the data mean, a row bank for the main
-    pass (row engine) or None, and one window bank per remaining batch of groups."""
+    pass (row engine) or None, one window bank per remaining batch of groups, and for zero
+    padding the border engine's bank (``border.BorderBank``) or None."""
 
     mu: jax.Array
     row: RowBank | None
     windows: tuple
+    border: border_lib.BorderBank | None = None
 
 
 class BankSpec(NamedTuple):
@@ -631,6 +624,7 @@ class BankSpec(NamedTuple):
     chunks: tuple          # candidates per chunk (power of two) of each window bank
     row_images: int        # images per chunk of the row bank (power of two), 0 if none
     unique_fraction: float
+    border_images: int = 0  # images per chunk of the border bank's bands, 0 if none
 
 
 def _hash_rows(u32):
@@ -655,7 +649,9 @@ def _pow2_floor(v: int) -> int:
 
 
 def _grouped_passes(k, boundary, wrap_patches, h, w, ideal, method):
-    passes = _ideal_layout(h, w) if ideal else layout(k, boundary, wrap_patches, h, w)
+    """The window-engine passes of a machine, split into batches of equal groups: the main
+    pass unless the row engine computes it; never the zero-padded border (``border.py``)."""
+    passes = _ideal_layout(h, w) if ideal else layout(k, boundary, wrap_patches, h, w)[:1]
     if method == "row":
         passes = passes[1:]
     return [gp for ps in passes for gp in _grouped(ps)]
@@ -854,9 +850,14 @@ def build_bank(images, *, k: int, boundary: str = "circular", wrap_patches: bool
                  for s in range(0, total, row_images)]
         row = RowBank(jnp.concatenate([p[0] for p in parts], axis=-1),
                       jnp.concatenate([p[1] for p in parts], axis=1))
+    border, border_images = None, 0
+    if boundary == "zeros" and not ideal and k > 1:              # k = 1 has no border
+        border_images = border_lib.band_chunk_images(n, k, h, w, block)
+        per = border_images * n_shards
+        border = border_lib.build_border_bank(images, k, mu, -(-n // per) * per)
     spec = BankSpec(int(k), boundary, bool(wrap_patches), bool(ideal), method, tuple(chunks),
-                    int(row_images), float(unique_fraction))
-    return MachineBank(jnp.asarray(mu), row, tuple(windows)), spec
+                    int(row_images), float(unique_fraction), int(border_images))
+    return MachineBank(jnp.asarray(mu), row, tuple(windows), border), spec
 
 
 def _call_chunk(chunk: int, rows_per_candidate: int, block: int) -> int:
@@ -897,8 +898,9 @@ def bank_partition_specs(bank: MachineBank) -> MachineBank:
     ``make_machine`` places its banks this way once, so calls do not move them."""
     from jax.sharding import PartitionSpec as P
     row = None if bank.row is None else RowBank(P(None, None, "cands"), P(None, "cands", None))
+    border = None if bank.border is None else border_lib.border_partition_specs()
     return MachineBank(P(), row, tuple(WindowBank(P(None, "cands"), P(None, "cands"))
-                                       for _ in bank.windows))
+                                       for _ in bank.windows), border)
 
 
 def _sharded(fn, mesh, bank_specs):
@@ -956,4 +958,12 @@ def bank_x0(x, t, bank: MachineBank, *, spec: BankSpec, schedule, mesh=None,
         if mesh is not None:
             run = _sharded(run, mesh, WindowBank(P(None, "cands"), P(None, "cands")))
         results.append(_window_result(gp, run(q, wbank), bsz))
+    if bank.border is not None:
+        def run_border(x, a, b2, mu, border_bank):
+            return border_lib.border_states(x, a, b2, border_bank, k=k, mu=mu, block=block,
+                                            band_images=spec.border_images)
+        if mesh is not None:
+            run_border = _sharded(run_border, mesh, border_lib.border_partition_specs())
+        states = run_border(x, a, b2, bank.mu, bank.border)
+        results += border_lib.border_results(states, x.shape, k, bank.border.corners.mean[0])
     return _scatter(x.shape, results)

@@ -26,7 +26,7 @@ from els_jax import schedules as schedules_lib
 from els_jax.validation import check_patch_size, check_query_and_images, mask_log_weights
 
 __all__ = ["local_score", "local_x0", "LocalBank", "build_local_bank", "local_bank_x0",
-           "BANK_SHARDING"]
+           "local_coefficients", "local_queries", "local_update", "BANK_SHARDING"]
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -70,9 +70,13 @@ def _half_sq(centred, k: int):
 
 
 @functools.partial(jax.jit, static_argnames=("k",))
-def build_local_bank(images_t, *, k: int) -> LocalBank:
-    """The ``LocalBank`` of images given as ``transpose_images(images)`` [C, H, W, N]."""
-    mean = jnp.mean(images_t, axis=3, keepdims=True)
+def build_local_bank(images_t, *, k: int, mean=None) -> LocalBank:
+    """The ``LocalBank`` of images given as ``transpose_images(images)`` [C, H, W, N].
+
+    mean: the shift [C, H, W, 1] (default: the per-pixel mean of these images). Any shift is
+    exact; pass a common one when banks of different image subsets must be merged."""
+    if mean is None:
+        mean = jnp.mean(images_t, axis=3, keepdims=True)
     centred = images_t - mean
     ones = jnp.ones((1,) + images_t.shape[1:], images_t.dtype)
     return LocalBank(jnp.concatenate([centred, ones]), mean, _half_sq(centred, k))
@@ -110,14 +114,14 @@ def local_bank_x0(x, t, bank: LocalBank, log_w, *, k, schedule, block, mesh=None
 
 def _local_bank_state(x, t, bank: LocalBank, log_w, k, schedule, block):
     """The softmax state of the LS machine over the images of ``bank``, [B, H, W]."""
-    bsz, h, w, c = x.shape
+    a, b2 = local_coefficients(t, x.shape[0], schedule)
+    return _local_bank_state_q(local_queries(x, a, bank.mean), a, b2, bank, log_w, k, block)
+
+
+def _local_bank_state_q(q, a, b2, bank: LocalBank, log_w, k, block):
+    """``_local_bank_state`` from queries q [B, H, W, C] and a, b² [B, 1, 1, 1]."""
+    bsz, h, w, c = q.shape
     n = bank.half_sq.shape[2]
-    a, b2, _ = schedules_lib.coefficients(t, schedule)
-    a = jnp.broadcast_to(a, (bsz,))[:, None, None, None]
-    b2 = jnp.maximum(jnp.broadcast_to(b2, (bsz,)), conversions.B2_FLOOR)[:, None, None, None]
-    # Images along the minor axis, channels first: every reduction below is over the minor
-    # axis and nothing is transposed inside the loop.
-    q = x - a * jnp.transpose(bank.mean[..., 0], (1, 2, 0))[None]     # [B, H, W, C]
     n_img = _images_per_chunk(n, bsz * h * w, block)
     starts, first_new = softmax.chunk_starts(n, n_img)
     rows = jnp.arange(n_img, dtype=jnp.int32)
@@ -128,18 +132,42 @@ def _local_bank_state(x, t, bank: LocalBank, log_w, k, schedule, block):
         half_sq = jax.lax.dynamic_slice_in_dim(bank.half_sq, start, n_img, axis=2)
         lw = jax.lax.dynamic_slice_in_dim(log_w, start, n_img)
         lw = jnp.where(rows >= first, lw, -jnp.inf)
-        prod = sum(q[:, :, :, ch, None] * cen[ch][None] for ch in range(c))  # [B, H, W, n]
-        qc = _box_sum(_box_sum(prod, k, 1), k, 2)
-        logits = (a * qc - (a * a) * half_sq[None]) / b2 + lw[None, None, None, :]
-
-        def weighted_sum_and_total(p):      # [Σ_n p·(c_n[i] − μ_i), Σ_n p], [B, H, W, C+1]
-            # One matmul per pixel against the centred values with a row of ones (measured on
-            # XLA:CPU: 1.2–5× faster than C + 1 separate multiply-reduce passes over p).
-            return jnp.einsum("bhwn,chwn->bhwc", p, cen, precision=_HI)
-        return softmax.update_with_total(state, logits, weighted_sum_and_total), None
+        return local_update(state, q, a, b2, cen, half_sq, lw, k), None
 
     state, _ = jax.lax.scan(body, softmax.init((bsz, h, w), c), (starts, first_new))
     return state
+
+
+def local_coefficients(t, bsz: int, schedule):
+    """a and b² (floored) per query image, shaped [B, 1, 1, 1]."""
+    a, b2, _ = schedules_lib.coefficients(t, schedule)
+    a = jnp.broadcast_to(a, (bsz,))[:, None, None, None]
+    b2 = jnp.maximum(jnp.broadcast_to(b2, (bsz,)), conversions.B2_FLOOR)[:, None, None, None]
+    return a, b2
+
+
+def local_queries(x, a, mean):
+    """Queries x − a·μ [B, H, W, C] for a bank centred on ``mean`` [C, H, W, 1]."""
+    return x - a * jnp.transpose(mean[..., 0], (1, 2, 0))[None]
+
+
+def local_update(state, q, a, b2, cen, half_sq, lw, k: int):
+    """Adds one chunk of n images to the LS softmax state [B, H, W].
+
+    q [B, H, W, C] (``local_queries``); cen [C+1, H, W, n] (centred images and a row of ones,
+    as ``LocalBank.centred_and_ones``); half_sq [H, W, n]; lw [n] log weights (−inf = absent).
+    Images along the minor axis, channels first: every reduction is over the minor axis and
+    nothing is transposed here."""
+    c = q.shape[-1]
+    prod = sum(q[:, :, :, ch, None] * cen[ch][None] for ch in range(c))    # [B, H, W, n]
+    qc = _box_sum(_box_sum(prod, k, 1), k, 2)
+    logits = (a * qc - (a * a) * half_sq[None]) / b2 + lw[None, None, None, :]
+
+    def weighted_sum_and_total(p):          # [Σ_n p·(c_n[i] − μ_i), Σ_n p], [B, H, W, C+1]
+        # One matmul per pixel against the centred values with a row of ones (measured on
+        # XLA:CPU: 1.2–5× faster than C + 1 separate multiply-reduce passes over p).
+        return jnp.einsum("bhwn,chwn->bhwc", p, cen, precision=_HI)
+    return softmax.update_with_total(state, logits, weighted_sum_and_total)
 
 
 # Images per streamed chunk: at most block / (B·H·W) (memory), and at most 256 (measured on a

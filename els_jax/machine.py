@@ -301,8 +301,8 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
                 lay = els._row_layout(k, boundary, wrap_patches, h, w)
                 size = h * (k * c + 2) * n * len(lay.c_cols) + n * h * w * c
             else:
-                n_cand = n * (h * w if (wrap_patches or boundary == "zeros") else
-                              (h - k + 1) * (w - k + 1))
+                # (zeros: the interior windows; border.py's bank of the border is small)
+                n_cand = n * (h * w if wrap_patches else (h - k + 1) * (w - k + 1))
                 size = merged * n_cand * (k * k * c + 2 + c)
             if size * 4 <= bank_bytes:
                 fns[k] = bank_fn(k, method=method, unique_fraction=unique)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["BOUNDARIES", "pad", "extract_windows", "window_sum", "border_classes",
-           "interior_slice"]
+__all__ = ["BOUNDARIES", "pad", "extract_windows", "row_windows", "window_sum",
+           "border_classes", "interior_slice"]
 
 BOUNDARIES = ("circular", "zeros")
 
@@ -44,6 +44,18 @@ def extract_windows(images, k: int, boundary: str):
     cols = np.arange(w)[None, :, None, None] + d[None, None, None, :]       # [1, W, 1, k]
     out = pad(images, m, boundary)[..., rows, cols, :]                      # [..., H, W, k, k, C]
     return out.reshape(out.shape[:-3] + (k * k * images.shape[-1],))
+
+
+def row_windows(images, k: int, boundary: str, cols):
+    """Row windows: [..., H, W, C] → [..., H, len(cols), k·C], the k pixels of each row centred
+    on each column of ``cols``, laid out (dx, c) as one row of a k×k window, padded per
+    ``boundary`` (the rows of a window, for engines that sum window dot products row by row)."""
+    m = k // 2
+    h = images.shape[-3]
+    padded = pad(images, m, boundary)[..., m:m + h, :, :]              # pad the columns only
+    index = np.asarray(cols)[:, None] + np.arange(k)[None, :]            # [len(cols), k]
+    rows = padded[..., index, :]                                         # one gather
+    return rows.reshape(rows.shape[:-3] + (len(cols), k * images.shape[-1]))
 
 
 def interior_slice(k: int, h: int, w: int):
