@@ -1,7 +1,8 @@
 """Benchmark of the analytic machines (issue 3). Prints one JSON object per line.
 
-    python experiments/bench_machines.py                  # full grid (~15–20 min on 2 cores)
-    python experiments/bench_machines.py --quick          # a small subset (~2 min)
+    python experiments/bench_machines.py                  # full grid (~8 min on 2 cores)
+    python experiments/bench_machines.py --quick          # a small subset (~1 min)
+    python experiments/bench_machines.py --host-devices 2  # the CPU as 2 XLA devices, candidates split
     python experiments/bench_machines.py --out runs/bench_machines.jsonl
     python experiments/bench_machines.py --table runs/bench_machines.jsonl   # Markdown summary
 
