@@ -183,7 +183,6 @@ def border_states(x, a, b2, bank: BorderBank, *, k: int, mu, block: int, band_im
     the corner state [4, B, 2m, 2m] of which [:, :, :m, :m] are the corner pixels).
     a, b2: [B]; band_images: the bank's chunk (``band_chunk_images``; divides its N')."""
     m = k // 2
-    bsz = x.shape[0]
     n = bank.log_w.shape[0]
     out = []
     for b in range(4):
