@@ -170,9 +170,10 @@ def local_update(state, q, a, b2, cen, half_sq, lw, k: int):
     return softmax.update_with_total(state, logits, weighted_sum_and_total)
 
 
-# Images per streamed chunk: at most block / (B·H·W) (memory), and at most 256 (measured on a
-# 2-core EPYC: the working set of a chunk then stays near the per-core cache; 1024-image chunks
-# at B = 1 were 1.3–1.5× slower, 32-image chunks make the per-pixel matmuls too short).
+# Images per streamed chunk: at most block / (B·H·W) (memory), and at most 256, so a chunk's
+# working set stays near the per-core cache (2-core EPYC, 2026-12-01: 256, 512 and 1024 within
+# noise of each other once the bank is centred; 32-image chunks make the per-pixel matmuls
+# too short and are 1.5–2× slower).
 _MAX_CHUNK_IMAGES = 256
 
 

@@ -17,6 +17,7 @@ from els_jax import els
 from tests import oracles
 
 H, W, C = 7, 6, 2
+BOUNDARIES = ("circular", "zeros")
 
 
 def _setup(t, n=3, b=2, seed=0):
@@ -302,8 +303,11 @@ def test_ideal_machine_merges_duplicate_images_exactly():
 def test_numerically_safe_far_queries_and_extreme_times():
     _, images = _setup(0.5)
     x = jnp.stack([jnp.full((H, W, C), 1e3), jnp.full((H, W, C), -50.0), jnp.zeros((H, W, C))])
+    banked = {bd: ej.make_machine("els", images, scales=5, boundary=bd) for bd in BOUNDARIES}
     for t in (1e-5, 0.02, 1.0):
         for fn in (lambda x: ej.els_score(x, t, images, k=3, boundary="zeros"),
+                   lambda x: banked["zeros"].score(x, jnp.float32(t), 0),     # border engine
+                   lambda x: banked["circular"].score(x, jnp.float32(t), 0),
                    lambda x: ej.els_score(x, t, images, k=3),
                    lambda x: ej.local_score(x, t, images, k=3),
                    lambda x: ej.equivariant_score(x, t, images)):
