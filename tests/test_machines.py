@@ -46,6 +46,25 @@ def test_els_matches_oracle(t, k, boundary, wrap, method):
     _close(got, oracles.els_x0(x, t, images, k, boundary, wrap))
 
 
+@pytest.mark.parametrize("h,w,c,k", [(12, 9, 3, 7), (9, 12, 2, 7), (10, 10, 1, 9)])
+def test_zero_padded_border_engine_matches_oracle(h, w, c, k):
+    """The border engine (edge bands, corner crops) on non-square images with the largest k
+    below min(H, W): wide bands, corner crops that overlap, streamed and banked, both engines
+    for the interior."""
+    rng = np.random.default_rng(h * w + k)
+    images = rng.uniform(-1, 1, size=(5, h, w, c)).astype(np.float32)
+    t = 0.3
+    ab = oracles.alpha_bar(t)
+    x = jnp.asarray((math.sqrt(ab) * images[rng.integers(0, 5, size=3)]
+                     + math.sqrt(1 - ab) * rng.normal(size=(3, h, w, c))).astype(np.float32))
+    want = oracles.els_x0(x, t, jnp.asarray(images), k, "zeros", False)
+    _close(ej.els_x0(x, t, images, k=k, boundary="zeros", block=300), want, tol=1e-5)
+    for method in ("window", "row"):
+        m = ej.make_machine("els", images, scales=k, boundary="zeros", method=method, block=500,
+                            dedup_threshold=1.0)
+        _close(m.x0(x, jnp.float32(t), 0), want, tol=1e-5)
+
+
 @pytest.mark.parametrize("boundary,wrap", [("circular", False), ("circular", True), ("zeros", False)])
 @pytest.mark.parametrize("method", ["window", "row"])
 def test_els_with_mask_matches_oracle_and_bank(boundary, wrap, method):
