@@ -715,7 +715,9 @@ def _fill_window_bank(images: np.ndarray, k: int, gp: _Grouped, mu: np.ndarray,
     Windows are strided views of the padded, centred images (no gather), copied straight into
     the bank; every group of the ELS layout is a rectangle of centres (interior, one edge row
     or column, one corner), so each is one slice of the view. ‖c − μ‖² comes from an integral
-    image of the squared centred images (float64), not from a second pass over the bank."""
+    image of the squared centred images in float64 (not a second pass over the bank; the
+    float32 ``patches.window_sum`` would put ~1e-4 of error on ‖c − μ‖², which 1/b² turns into
+    a visible logit error at small t)."""
     n, h, w, c = images.shape
     g, pc = gp.cand_pixels.shape
     d, v = k * k * c, c

@@ -11,7 +11,7 @@ machines IS, LS, ELS circular, ELS zeros; k ∈ {3, 7, 11}; B ∈ {1, 8}; t ∈ 
 
 Each machine is measured as users call it: ``make_machine`` builds the bank once (its time is
 ``build_s``), the x̂_0 computation is compiled ahead of time (``machine.lower(...).compile()``,
-``compile_s``; this fills jit's cache, so the calls below do not compile), then
+``compile_s``; XLA keeps the executable, so the calls below only trace once), then
 ``machine.x0(x, t, i)`` is called with ``block_until_ready``: ``time_s`` is the median of the
 calls (one call when a call takes over 2 s). Per row:
 
@@ -214,7 +214,7 @@ def bench_sample(out, n=1000, batch=1):
     t0 = time.perf_counter()
     machine = ej.make_machine("els", images, scales=SAMPLE_SCALES, boundary="zeros", mesh=_MESH)
     build_s = time.perf_counter() - t0
-    compile_s = machine.compile(x_T, grid[0])       # every patch size, side by side
+    compile_s = machine.compile(x_T, grid[0])       # every patch size, ahead of sampling
     engines = {}
     for i in range(len(SAMPLE_SCALES)):
         info = machine.engine(i)
