@@ -216,7 +216,7 @@ def sample_machine(kind: str, images, train_labels, x_T, labels, times, *, scale
         sel = slice(None) if idx is None else idx
         mask = None if label is None else (np.asarray(train_labels) == label)
         eps_fn = machine_lib.make_machine(kind, images, scales=scales, boundary=boundary,
-                                          schedule=schedule, mask=mask)
+                                          schedule=schedule, mask=mask, compile_for=x_T[sel])
         res = sampler.sample(eps_fn, x_T[sel], times, schedule=schedule,
                              return_trajectory=True)
         x0[sel] = np.asarray(res.x0)

@@ -17,6 +17,7 @@ size (optionally sharded over the devices of a mesh); each patch size compiles o
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import jax
@@ -193,6 +194,43 @@ def _equivariant_fn(images_j, schedule, block, mesh=None):
     return fn
 
 
+class _BackgroundCompiler:
+    """Compiles each patch size's x̂_0 on one worker thread as soon as its bank exists, while
+    the main thread builds the next bank: XLA's compiler and the (memory-bound) bank building
+    overlap on two cores (20-step sample, N = 1000, 7 patch sizes: banks + compile 8.9–10.2 s
+    in sequence, 6.9–7.1 s overlapped). XLA keeps the executables, so later calls only trace."""
+
+    def __init__(self, x, image_shape):
+        self._x = None
+        if x is None:
+            return
+        shape = tuple(int(d) for d in (x if isinstance(x, (tuple, list)) else np.shape(x)))
+        if len(shape) != 4 or shape[1:] != tuple(image_shape):
+            raise ValueError(f"compile_for must be queries [B, H, W, C] (or their shape) with "
+                             f"H, W, C = {tuple(image_shape)} of the images; got {shape}")
+        self._x = jnp.zeros(shape, jnp.float32)
+        self._t = jnp.asarray(0.5, jnp.float32)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="els-compile")
+        self._futures = []
+
+    def submit(self, fn):
+        if self._x is not None and hasattr(fn, "lower"):
+            self._futures.append(self._pool.submit(lambda: fn.lower(self._x, self._t).compile()))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if self._x is None:
+            return
+        try:
+            if exc_type is None:
+                for f in self._futures:
+                    f.result()                    # re-raises a compile error here
+        finally:
+            self._pool.shutdown(cancel_futures=True)
+
+
 def _named(mesh, specs):
     """A pytree of PartitionSpecs → the same tree of NamedShardings on ``mesh``."""
     return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
@@ -217,7 +255,7 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
                  schedule=schedules_lib.Cosine(), mask=None, dedup: bool = True,
                  mesh=None, chunk: int | None = None, method: str = "auto",
                  block: int = els.DEFAULT_BLOCK, bank_bytes: int = 2 << 30,
-                 dedup_threshold: float = 0.9) -> Machine:
+                 dedup_threshold: float = 0.9, compile_for=None) -> Machine:
     """Builds an analytic machine as a sampler model.
 
     Args:
@@ -238,9 +276,13 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
       bank_bytes: largest bank to precompute (per patch size); larger data sets are streamed
         straight from the images instead (memory independent of N, slower for the window
         engine, which then extracts k×k windows at every call).
+      compile_for: optional queries [B, H, W, C] (or their shape): compile every patch size
+        for this query shape while the banks are built (on a second thread; the first sampler
+        call per patch size then only traces). Same result as ``Machine.compile`` afterwards,
+        in less time.
     Returns:
       a Machine: ``eps_fn(x, t, i)`` for ``els_jax.sample``. ``machine.build_seconds`` holds
-      the time spent building banks.
+      the time spent building banks (and compiling, with ``compile_for``).
     """
     if kind not in MACHINES:
         raise ValueError(f"unknown machine {kind!r}; choose one of {MACHINES}")
@@ -293,35 +335,42 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
 
     start = time.perf_counter()
     fns = {}
-    if kind == "ideal":
-        fns[None] = bank_fn(0, ideal=True)
-    elif kind == "equivariant":
-        fns[None] = _equivariant_fn(images_j, schedule, block, mesh)
-    else:
-        for k in sizes:
-            if kind == "local" or (boundary == "zeros" and k >= min(h, w)):
-                k = _check_local_k(k, h, w)          # SPEC: zero-padded ELS with k ≥ H is LS
-                fns[k] = _local_fn(images_t(), k, schedule, block, mesh)
-                continue
-            k = els._check_els_k(k, h, w, boundary, wrap_patches)
-            unique = (els.estimate_unique_fraction(images, k=k, boundary=boundary,
-                                                   wrap_patches=wrap_patches)
-                      if dedup else 1.0)
-            merged = unique if unique <= dedup_threshold else 1.0
-            chosen = els._resolve_method(method, k, c, h, boundary, merged)
-            if chosen == "row":
-                lay = els._row_layout(k, boundary, wrap_patches, h, w)
-                size = h * (k * c + 2) * n * len(lay.c_cols) + n * h * w * c
-            else:
-                # (zeros: the interior windows; border.py's bank of the border is small)
-                n_cand = n * (h * w if wrap_patches else (h - k + 1) * (w - k + 1))
-                size = merged * n_cand * (k * k * c + 2 + c)
-            if size * 4 <= bank_bytes:
-                fns[k] = bank_fn(k, method=method, unique_fraction=unique)
-            else:
-                fns[k] = _stream_fn(images_j, k, boundary, wrap_patches, schedule,
-                                    els._resolve_method(method, k, c, h, boundary), block,
-                                    unique, mesh)
+    background = _BackgroundCompiler(compile_for, (h, w, c))
+
+    def add(k, fn):                       # compile it (if asked) while the next bank is built
+        fns[k] = fn
+        background.submit(fn)
+
+    with background:
+        if kind == "ideal":
+            add(None, bank_fn(0, ideal=True))
+        elif kind == "equivariant":
+            add(None, _equivariant_fn(images_j, schedule, block, mesh))
+        else:
+            for k in sizes:
+                if kind == "local" or (boundary == "zeros" and k >= min(h, w)):
+                    k = _check_local_k(k, h, w)          # SPEC: zero-padded ELS with k ≥ H is LS
+                    add(k, _local_fn(images_t(), k, schedule, block, mesh))
+                    continue
+                k = els._check_els_k(k, h, w, boundary, wrap_patches)
+                unique = (els.estimate_unique_fraction(images, k=k, boundary=boundary,
+                                                       wrap_patches=wrap_patches)
+                          if dedup else 1.0)
+                merged = unique if unique <= dedup_threshold else 1.0
+                chosen = els._resolve_method(method, k, c, h, boundary, merged)
+                if chosen == "row":
+                    lay = els._row_layout(k, boundary, wrap_patches, h, w)
+                    size = h * (k * c + 2) * n * len(lay.c_cols) + n * h * w * c
+                else:
+                    # (zeros: the interior windows; border.py's bank of the border is small)
+                    n_cand = n * (h * w if wrap_patches else (h - k + 1) * (w - k + 1))
+                    size = merged * n_cand * (k * k * c + 2 + c)
+                if size * 4 <= bank_bytes:
+                    add(k, bank_fn(k, method=method, unique_fraction=unique))
+                else:
+                    add(k, _stream_fn(images_j, k, boundary, wrap_patches, schedule,
+                                      els._resolve_method(method, k, c, h, boundary), block,
+                                      unique, mesh))
     machine = Machine(kind, fns, scale_list, schedule, k_const)
     machine.build_seconds = time.perf_counter() - start
     return machine

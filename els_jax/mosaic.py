@@ -51,7 +51,7 @@ def mosaic_run(images, x_T, scales, *, boundary="zeros", schedule=schedules_lib.
     scale_list = [int(scales)] * steps if np.ndim(scales) == 0 else [int(k) for k in scales]
     times = sampler.uniform_times(len(scale_list))
     machine = machine_lib.make_machine("els", images, scales=scale_list, boundary=boundary,
-                                       schedule=schedule)
+                                       schedule=schedule, compile_for=x_T)
     res = sampler.sample(machine, x_T, times, schedule=schedule, return_trajectory=True)
     traj = np.asarray(res.trajectory)
     k_last = scale_list[0]

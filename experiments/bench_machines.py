@@ -212,9 +212,11 @@ def bench_sample(out, n=1000, batch=1):
     x_T = jax.random.normal(jax.random.PRNGKey(0), (batch, H, W, 1))
     grid = ej.uniform_times(len(SAMPLE_SCALES))
     t0 = time.perf_counter()
-    machine = ej.make_machine("els", images, scales=SAMPLE_SCALES, boundary="zeros", mesh=_MESH)
+    # Banks and compilation of every patch size, overlapped (compile_for): what a user runs.
+    machine = ej.make_machine("els", images, scales=SAMPLE_SCALES, boundary="zeros", mesh=_MESH,
+                              compile_for=x_T)
     build_s = time.perf_counter() - t0
-    compile_s = machine.compile(x_T, grid[0])       # every patch size, ahead of sampling
+    recompile_s = machine.compile(x_T, grid[0])     # ~0: XLA already holds the executables
     engines = {}
     for i in range(len(SAMPLE_SCALES)):
         info = machine.engine(i)
@@ -229,9 +231,9 @@ def bench_sample(out, n=1000, batch=1):
                 for i in range(len(SAMPLE_SCALES)))
     _emit({"machine": "ELS zeros", "path": "ej.sample, 20 DDIM steps", "N": n, "C": 1,
            "B": batch, "scales": SAMPLE_SCALES, "engine_per_k": engines,
-           "bank_build_s": round(build_s, 3), "compile_s": round(compile_s, 3),
+           "build_and_compile_s": round(build_s, 3), "recompile_s": round(recompile_s, 3),
            "first_sample_s": round(first_s, 3), "sample_s": round(sample_s, 3),
-           "total_s": round(build_s + compile_s + first_s, 3), "pairs": pairs,
+           "total_s": round(build_s + first_s, 3), "pairs": pairs,
            "ns_per_pair": round(sample_s / pairs * 1e9, 4),
            "finite": bool(np.all(np.isfinite(np.asarray(x0))))}, out)
 

@@ -1,6 +1,7 @@
 """LS, ES, ELS (both boundaries) against float64 oracles written from SPEC §2, invariants of
 the paper, and the machine-as-sampler-model wrapper."""
 
+import logging
 import math
 import os
 import subprocess
@@ -367,6 +368,31 @@ def test_bad_machine_inputs_are_clear_errors():
         ej.make_machine("gan", images)
     with pytest.raises(ValueError, match="needs scales"):
         ej.make_machine("els", images)
+
+
+def test_compile_for_compiles_every_patch_size_while_building(caplog):
+    """make_machine(compile_for=x) leaves nothing to compile for queries shaped like x: the
+    sampler's calls find XLA's executables (the control, a machine over another N, compiles)."""
+    _, images = _setup(0.5, n=5)
+    x = jnp.zeros((5, H, W, C))               # a batch size no other test uses
+    with pytest.raises(ValueError, match="compile_for"):
+        ej.make_machine("els", images, scales=3, compile_for=(5, H, W + 1, C))
+    machines = {
+        "els zeros": ej.make_machine("els", images, scales=[3, 5], boundary="zeros",
+                                     compile_for=x),
+        "local": ej.make_machine("local", images, scales=3, compile_for=x.shape),
+        "control": ej.make_machine("els", images[:4], scales=[3, 5], boundary="zeros")}
+
+    def compiles(machine):
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="jax"), jax.log_compiles():
+            for i in range(machine.num_steps or 1):
+                jax.block_until_ready(machine.x0(x, jnp.float32(0.5), i))
+        return [r.getMessage() for r in caplog.records
+                if r.getMessage().startswith("Finished XLA compilation of jit(")
+                and "_x0" in r.getMessage()]
+    assert compiles(machines["els zeros"]) == [] and compiles(machines["local"]) == []
+    assert len(compiles(machines["control"])) >= 1         # the check sees a compilation
 
 
 _SHARDED = textwrap.dedent("""
