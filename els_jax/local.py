@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from els_jax import conversions, softmax
+from els_jax import conversions, native, softmax
 from els_jax import schedules as schedules_lib
 from els_jax.validation import check_patch_size, check_query_and_images, mask_log_weights
 
@@ -113,9 +113,23 @@ def local_bank_x0(x, t, bank: LocalBank, log_w, *, k, schedule, block, mesh=None
 
 
 def _local_bank_state(x, t, bank: LocalBank, log_w, k, schedule, block):
-    """The softmax state of the LS machine over the images of ``bank``, [B, H, W]."""
+    """The softmax state of the LS machine over the images of ``bank``, [B, H, W].
+
+    On CPU devices, when the fused kernel could be built (``native.available()``), one
+    custom call computes it (measured 1.4–2.5× faster than the XLA passes); other platforms
+    lower the XLA path. Both give the same state up to float32 rounding."""
     a, b2 = local_coefficients(t, x.shape[0], schedule)
-    return _local_bank_state_q(local_queries(x, a, bank.mean), a, b2, bank, log_w, k, block)
+    q = local_queries(x, a, bank.mean)
+
+    def xla_path(q, a, b2, bank, log_w):
+        return _local_bank_state_q(q, a, b2, bank, log_w, k, block)
+    if not native.available():
+        return xla_path(q, a, b2, bank, log_w)
+
+    def fused(q, a, b2, bank, log_w):
+        return softmax.SoftmaxState(*native.local_softmax_state(
+            q, a.reshape(-1), b2.reshape(-1), bank.centred_and_ones, bank.half_sq, log_w, k))
+    return jax.lax.platform_dependent(q, a, b2, bank, log_w, cpu=fused, default=xla_path)
 
 
 def _local_bank_state_q(q, a, b2, bank: LocalBank, log_w, k, block):

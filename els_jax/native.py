@@ -1,0 +1,123 @@
+"""Fused CPU kernels (XLA FFI custom calls), compiled on first use, with the XLA path as the
+fallback everywhere else.
+
+XLA:CPU runs each stage of the local machine (product image, two box sums, logits, max, exp,
+weighted sum) as its own pass over a chunk of logits; ``native_local.cc`` carries a block of
+images through all of them while it is in cache. It is used only on CPU devices
+(``jax.lax.platform_dependent``: GPU and TPU programs lower the XLA path), and only when a C++
+compiler is found; results agree with the XLA path to float32 rounding.
+
+The shared library is built once per (source, compiler flags, jaxlib headers, CPU) with the
+system C++ compiler (``$CXX``, else ``c++`` / ``g++``) into ``$ELS_JAX_CACHE`` (default
+``~/.cache/els_jax``), written atomically. ``ELS_JAX_NATIVE=0`` disables the kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["available", "local_softmax_state"]
+
+_SOURCE = Path(__file__).with_name("native_local.cc")
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
+_TARGET = "els_local_softmax"
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU model and its feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        keep = [ln for ln in lines if ln.startswith(("model name", "flags", "Features"))]
+        return "\n".join(sorted(set(keep)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _compiler():
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _build(cxx: str) -> Path:
+    include = jax.ffi.include_dir()
+    key = hashlib.sha256("\0".join([_SOURCE.read_text(), " ".join(_FLAGS), cxx, include,
+                                    jax.__version__, _cpu_signature()]).encode()).hexdigest()
+    cache = Path(os.environ.get("ELS_JAX_CACHE", Path.home() / ".cache" / "els_jax"))
+    lib = cache / f"native_local_{key[:16]}.so"
+    if lib.exists():
+        return lib
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+    os.close(fd)
+    try:
+        subprocess.run([cxx, *_FLAGS, "-I", include, str(_SOURCE), "-o", tmp], check=True,
+                       capture_output=True, text=True, timeout=300)
+        os.replace(tmp, lib)            # atomic: a concurrent build or reader sees all or none
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+    """Whether the fused CPU kernels are registered (compiled now if needed). False, with one
+    warning saying why, when there is no CPU backend, no compiler, or the build fails."""
+    if os.environ.get("ELS_JAX_NATIVE", "1") == "0":
+        return False
+    try:
+        jax.devices("cpu")
+    except RuntimeError:
+        return False
+    cxx = _compiler()
+    if cxx is None:
+        warnings.warn("els_jax: no C++ compiler found (set $CXX); the local machine uses the "
+                      "XLA path on CPU (slower, same results)", RuntimeWarning, stacklevel=2)
+        return False
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
+        jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.ElsLocalSoftmax),
+                                    platform="cpu")
+    except (OSError, subprocess.SubprocessError, AttributeError) as err:
+        detail = getattr(err, "stderr", "") or str(err)
+        warnings.warn(f"els_jax: building the fused CPU kernel failed ({detail.strip()[:500]}); "
+                      "the local machine uses the XLA path on CPU (slower, same results)",
+                      RuntimeWarning, stacklevel=2)
+        return False
+    return True
+
+
+def local_softmax_state(q, a, b2, centred_and_ones, half_sq, log_w, k: int):
+    """The LS softmax state over all N images of a ``local.LocalBank`` in one fused pass.
+
+    q [B, H, W, C] queries centred on the bank's mean; a, b² [B] (b² floored);
+    centred_and_ones [C+1, H, W, N]; half_sq [H, W, N]; log_w [N] (−inf = absent).
+    Returns (max, total, acc): [B, H, W], [B, H, W], [B, H, W, C], i.e. a
+    ``softmax.SoftmaxState`` of the logits ((a·⟨W_i(q), W_i(c_n)⟩ − a²·half_sq) / b² + log_w).
+    CPU only: callers choose it with ``jax.lax.platform_dependent``.
+    """
+    if not available():
+        raise RuntimeError("the fused CPU kernel is not available (see the warning above)")
+    bsz, h, w, c = q.shape
+    out = (jax.ShapeDtypeStruct((bsz, h, w), jnp.float32),
+           jax.ShapeDtypeStruct((bsz, h, w), jnp.float32),
+           jax.ShapeDtypeStruct((bsz, h, w, c), jnp.float32))
+    coef = jnp.stack([jnp.broadcast_to(a, (bsz,)), jnp.broadcast_to(b2, (bsz,))], axis=1)
+    return jax.ffi.ffi_call(_TARGET, out, vmap_method="sequential")(
+        q.astype(jnp.float32), coef.astype(jnp.float32), centred_and_ones.astype(jnp.float32),
+        half_sq.astype(jnp.float32), log_w.astype(jnp.float32), k=np.int64(k))
