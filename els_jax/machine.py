@@ -270,8 +270,9 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
         with blank background; random images have no duplicates).
       mesh: optional ``candidate_mesh()``: shard the candidate banks over its devices.
       chunk: candidates per streamed chunk of a window bank (default: from ``block``).
-      method: els only: "auto" (the cheaper exact engine per patch size, see
-        ``els.choose_method``), "window" or "row".
+      method: els only: "auto" (the cheaper exact engine per patch size: for zero padding
+        without merged windows on a CPU, the fused kernel ``els_jax.native``; otherwise see
+        ``els.choose_method``), "window", "row" or "native".
       block: logits per streamed chunk (memory knob).
       bank_bytes: largest bank to precompute (per patch size); larger data sets are streamed
         straight from the images instead (memory independent of N, slower for the window
@@ -357,8 +358,11 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
                                                        wrap_patches=wrap_patches)
                           if dedup else 1.0)
                 merged = unique if unique <= dedup_threshold else 1.0
-                chosen = els._resolve_method(method, k, c, h, boundary, merged)
-                if chosen == "row":
+                chosen = els._resolve_method(method, k, c, h, boundary, merged, banked=True,
+                                             w=w)
+                if chosen == "native":          # the centred images and their window norms
+                    size = n * h * w * (c + 2)
+                elif chosen == "row":
                     lay = els._row_layout(k, boundary, wrap_patches, h, w)
                     size = h * (k * c + 2) * n * len(lay.c_cols) + n * h * w * c
                 else:

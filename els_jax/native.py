@@ -29,11 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["available", "local_softmax_state"]
+__all__ = ["available", "local_softmax_state", "interior_softmax_state"]
 
 _SOURCE = Path(__file__).with_name("native_local.cc")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
-_TARGET = "els_local_softmax"
+_TARGETS = {"els_local_softmax": "ElsLocalSoftmax",
+            "els_interior_softmax": "ElsInteriorSoftmax"}
 
 
 def _cpu_signature() -> str:
@@ -91,8 +92,9 @@ def available() -> bool:
         return False
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
-        jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.ElsLocalSoftmax),
-                                    platform="cpu")
+        for target, symbol in _TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                        platform="cpu")
     except (OSError, subprocess.SubprocessError, AttributeError) as err:
         detail = getattr(err, "stderr", "") or str(err)
         warnings.warn(f"els_jax: building the fused CPU kernel failed ({detail.strip()[:500]}); "
@@ -100,6 +102,19 @@ def available() -> bool:
                       RuntimeWarning, stacklevel=2)
         return False
     return True
+
+
+def _call(target, q, a, b2, centred, half_sq, log_w, k, state_shape):
+    if not available():
+        raise RuntimeError("the fused CPU kernels are not available (see the warning above)")
+    bsz, c = q.shape[0], q.shape[3]
+    out = (jax.ShapeDtypeStruct((bsz,) + state_shape, jnp.float32),
+           jax.ShapeDtypeStruct((bsz,) + state_shape, jnp.float32),
+           jax.ShapeDtypeStruct((bsz,) + state_shape + (c,), jnp.float32))
+    coef = jnp.stack([jnp.broadcast_to(a, (bsz,)), jnp.broadcast_to(b2, (bsz,))], axis=1)
+    return jax.ffi.ffi_call(target, out, vmap_method="sequential")(
+        q.astype(jnp.float32), coef.astype(jnp.float32), centred.astype(jnp.float32),
+        half_sq.astype(jnp.float32), log_w.astype(jnp.float32), k=np.int64(k))
 
 
 def local_softmax_state(q, a, b2, centred_and_ones, half_sq, log_w, k: int):
@@ -111,13 +126,23 @@ def local_softmax_state(q, a, b2, centred_and_ones, half_sq, log_w, k: int):
     ``softmax.SoftmaxState`` of the logits ((a·⟨W_i(q), W_i(c_n)⟩ − a²·half_sq) / b² + log_w).
     CPU only: callers choose it with ``jax.lax.platform_dependent``.
     """
-    if not available():
-        raise RuntimeError("the fused CPU kernel is not available (see the warning above)")
-    bsz, h, w, c = q.shape
-    out = (jax.ShapeDtypeStruct((bsz, h, w), jnp.float32),
-           jax.ShapeDtypeStruct((bsz, h, w), jnp.float32),
-           jax.ShapeDtypeStruct((bsz, h, w, c), jnp.float32))
-    coef = jnp.stack([jnp.broadcast_to(a, (bsz,)), jnp.broadcast_to(b2, (bsz,))], axis=1)
-    return jax.ffi.ffi_call(_TARGET, out, vmap_method="sequential")(
-        q.astype(jnp.float32), coef.astype(jnp.float32), centred_and_ones.astype(jnp.float32),
-        half_sq.astype(jnp.float32), log_w.astype(jnp.float32), k=np.int64(k))
+    _, h, w, _ = q.shape
+    return _call("els_local_softmax", q, a, b2, centred_and_ones, half_sq, log_w, k, (h, w))
+
+
+def interior_softmax_state(q, a, b2, centred, half_sq, log_w, k: int):
+    """The zero-padded ELS machine's interior pass (SPEC §2) in one fused pass: for every
+    interior query pixel i and every interior position i' of every image n,
+
+        logit = (a·⟨W_i(q), W_i'(c_n)⟩ − a²·half_sq[i', n]) / b² + log_w[n],   value c_n[i'],
+
+    q [B, H, W, C] = x − a·μ, centred [C+1, H, W, N] = images − μ (per-channel mean; the last
+    row is not read), half_sq [H, W, N] = ½‖W_i'(c_n)‖² (``local`` box sums of the centred
+    images). Returns (max, total, acc) over the (H−2m)×(W−2m) interior pixels:
+    [B, H−2m, W−2m], [B, H−2m, W−2m], [B, H−2m, W−2m, C] (acc of the centred values).
+    CPU only.
+    """
+    _, h, w, _ = q.shape
+    m = k // 2
+    return _call("els_interior_softmax", q, a, b2, centred, half_sq, log_w, k,
+                 (h - 2 * m, w - 2 * m))

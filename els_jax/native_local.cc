@@ -1,27 +1,35 @@
-// The local score machine's softmax state in one fused CPU pass (an XLA FFI custom call).
+// Fused CPU passes of the local machine and of the zero-padded ELS machine's interior, as XLA
+// FFI custom calls (els_jax/native.py builds and registers them).
 //
-// What it computes is local.py's streamed LS pass (SPEC §2), for queries q (centred on the
-// bank's mean), per query image b the coefficients a and b² (s1 = a/b², s2 = a²/b²), and a
-// LocalBank:
+// LS (local.py's streamed pass, SPEC §2): for queries q centred on the bank's mean, per query
+// image b the coefficients a, b² (s1 = a/b², s2 = a²/b²), and a local.LocalBank,
 //
 //   logit[b, i, n] = s1 · Σ_{j ∈ W_i} q[b, j] · c_n[j]  −  s2 · half_sq[i, n]  +  log_w[n]
 //
-// with W_i the k×k window around pixel i cut at the image border, then the online softmax
-// state of every (b, i) over all n: max, Σ exp(logit − max), Σ exp(logit − max) · c_n[i].
+// with W_i the k×k window around pixel i cut at the image border; the output is the online
+// softmax state of every (b, i) over all n: max, Σ exp(logit − max), Σ exp(logit − max)·c_n[i].
 //
-// Why a kernel: on XLA:CPU the product image, its two box sums, the logits, max, exp and the
-// weighted sum are separate passes over every chunk of logits (nothing fuses with a
-// reduce-window or a dot), which costs 1.3–2.6 ns per (pixel, image) pair at C = 3. Here a
-// block of NB images is carried through every stage while it is in the core's cache.
+// ELS interior (boundary "zeros", els.py's main pass): query pixel i and candidate position
+// i' both interior (their windows inside the image), every image n and every i':
 //
-// Layouts (as local.LocalBank): q [B, H, W, C]; coef [B, 2] = (a, b²); cen [C+1, H, W, N]
-// (centred images, the last row of ones is not read); half_sq [H, W, N]; log_w [N].
-// Outputs: max [B, H, W], total [B, H, W], acc [B, H, W, C].
+//   logit[b, i, (n, i')] = s1 · ⟨W_i(q_b), W_i'(c_n)⟩ − s2 · half_sq[i', n] + log_w[n],
+//
+// value c_n[i'] (q and c centred on the per-channel data mean). For one offset d = i' − i
+// this is the LS computation with the images shifted by d, so both share one engine: a block
+// of images is carried through the product image, its two box sums, the logits, the online
+// softmax and the weighted sums while it is in the core's cache. On XLA:CPU each of these
+// stages is its own pass over every chunk of logits (nothing fuses with a reduce-window or a
+// dot): 1.3–2.6 ns per pair at C = 3 for LS, 1.8–2.2 for ELS zeros at k = 11.
+//
+// Layouts: q [B, H, W, C]; coef [B, 2] = (a, b²); cen [C+1, H, W, N] (centred images; the
+// last row, ones in a LocalBank, is not read); half_sq [H, W, N] (½‖W_i(c_n)‖², border cut;
+// for interior i the whole window); log_w [N]. Outputs: max [B, P], total [B, P],
+// acc [B, P, C] over the P state pixels (LS: all H·W; ELS: the (H−2m)(W−2m) interior ones).
 //
 // Work is split into items (query image, range of kItemImages images), taken by the caller
-// and XLA's intra-op thread pool; each worker merges its items' states into its own running
-// state (softmax.merge), and the workers' states are merged at the end: memory independent
-// of N.
+// and XLA's intra-op thread pool; items are dealt to worker slots round-robin and each slot
+// merges its items in order (softmax.merge), then the slots are merged: deterministic, and
+// memory independent of N.
 
 #include <algorithm>
 #include <atomic>
@@ -40,7 +48,6 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kBlock = 128;          // images carried through the stages together
 constexpr int64_t kLanes = 16;          // partial sums per reduction (one AVX-512 register)
 constexpr int64_t kItemImages = 256;    // images per work item
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -75,7 +82,8 @@ inline vf exp_nonpositive(vf v) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   const vi bits = (__builtin_convertvector(fn, vi) + 127) << 23;
-  const vf scale = reinterpret_cast<const vf&>(bits);
+  vf scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
   return v < -87.0f ? vf{} : p * scale;
 }
 
@@ -83,120 +91,218 @@ struct Shape {
   int64_t b, h, w, c, n, k;
 };
 
-// A block of kBlock images of the bank: element (row r, image j) at data[r·stride + j].
-struct BlockView {
+// Images [nb0, nb0 + block) of the bank: element (row r, image j) at data[r·stride + j].
+// The last, partial block is a copy padded with absent images (values 0, log w −inf), so
+// that every loop runs over whole blocks.
+class BlockView {
+ public:
   const float* cen;       // rows (channel, pixel): C·H·W
   const float* half_sq;   // rows pixel: H·W
   const float* log_w;     // one row
   int64_t stride;
+
+  BlockView(const Shape& s, const float* cen_, const float* half_sq_, const float* log_w_,
+            int64_t nb0, int64_t block, std::vector<float>& tail) {
+    const int64_t HW = s.h * s.w, C = s.c, N = s.n, nb = std::min(block, N - nb0);
+    cen = cen_ + nb0, half_sq = half_sq_ + nb0, log_w = log_w_ + nb0, stride = N;
+    if (nb == block) return;
+    tail.assign((C * HW + HW + 1) * block, 0.0f);
+    for (int64_t r = 0; r < C * HW; ++r)
+      std::copy(cen_ + r * N + nb0, cen_ + r * N + nb0 + nb, tail.data() + r * block);
+    for (int64_t r = 0; r < HW; ++r)
+      std::copy(half_sq_ + r * N + nb0, half_sq_ + r * N + nb0 + nb,
+                tail.data() + (C * HW + r) * block);
+    float* lw = tail.data() + (C * HW + HW) * block;
+    std::fill(lw, lw + block, kNegInf);
+    std::copy(log_w_ + nb0, log_w_ + nb0 + nb, lw);
+    cen = tail.data(), half_sq = tail.data() + C * HW * block, log_w = lw, stride = block;
+  }
 };
 
-// One item: query image b, images [n0, n1). Writes its softmax state over the H·W pixels:
-// mx [HW], tot [HW], acc [HW·C].
-void run_item(const Shape& s, const float* q, const float* coef, const float* cen,
-              const float* half_sq, const float* log_w, int64_t b, int64_t n0, int64_t n1,
-              float* mx, float* tot, float* acc) {
-  const int64_t H = s.h, W = s.w, C = s.c, N = s.n, m = s.k / 2, HW = H * W;
-  // s1 = a/b², s2 = a²/b² from (a, b²) here, in scalar float: the same for a query image
-  // whatever batch it is in (XLA's vectorised division of a batch can differ by an ulp).
-  const float a = coef[2 * b], b2 = coef[2 * b + 1];
-  const float s1 = a / b2, s2 = (a * a) / b2;
-  const float* qb = q + b * HW * C;
-  // prod: the product image of each block image with the query (rows computed just before
-  // the first output row that needs them); vert: one output row's sums over k rows.
-  std::vector<float> prod(HW * kBlock), vert(W * kBlock), tail;
-  // Per pixel: lane partial sums of Σ p (index 0) and Σ p·c_ch (1 … C), relative to mx.
-  std::vector<float> lanes(HW * (C + 1) * kLanes, 0.0f);
-  alignas(64) float logit[kBlock];
-  std::fill(mx, mx + HW, kNegInf);
-  for (int64_t nb0 = n0; nb0 < n1; nb0 += kBlock) {
-    const int64_t nb = std::min(kBlock, n1 - nb0);
-    BlockView v{cen + nb0, half_sq + nb0, log_w + nb0, N};
-    if (nb < kBlock) {
-      // The last, partial block: a copy padded with absent images (values 0, log w −inf),
-      // so that every loop below runs over exactly kBlock images.
-      tail.assign((C * HW + HW + 1) * kBlock, 0.0f);
-      for (int64_t r = 0; r < C * HW; ++r)
-        std::copy(cen + r * N + nb0, cen + r * N + nb0 + nb, tail.data() + r * kBlock);
-      for (int64_t r = 0; r < HW; ++r)
-        std::copy(half_sq + r * N + nb0, half_sq + r * N + nb0 + nb,
-                  tail.data() + (C * HW + r) * kBlock);
-      float* lw = tail.data() + (C * HW + HW) * kBlock;
-      std::fill(lw, lw + kBlock, kNegInf);
-      std::copy(log_w + nb0, log_w + nb0 + nb, lw);
-      v = BlockView{tail.data(), tail.data() + C * HW * kBlock, lw, kBlock};
+// Per state pixel: the running max and lane partial sums of Σ p (lanes 0 … 15) and Σ p·c_ch
+// (lanes 16·(ch+1) …), relative to the max; reduced over lanes once, at the end of an item.
+class PixelStates {
+ public:
+  PixelStates(int64_t pixels, int64_t c)
+      : c_(c), mx_(pixels, kNegInf), lanes_(pixels * (c + 1) * kLanes, 0.0f) {}
+
+  // Adds a block of NB logits of pixel i with values vals + ch·ch_stride + j.
+  template <int64_t NB>
+  void add(int64_t i, const float* logit, vf block_max_lanes, const float* vals,
+           int64_t ch_stride) {
+    float block_max = kNegInf;
+    for (int64_t l = 0; l < kLanes; ++l) block_max = std::max(block_max, block_max_lanes[l]);
+    float& mx = mx_[i];
+    float* ln = lanes_.data() + i * (c_ + 1) * kLanes;
+    if (block_max > mx) {                     // a new maximum: rescale (rare after a few blocks)
+      const float f = mx == kNegInf ? 0.0f : std::exp(mx - block_max);
+      for (int64_t l = 0; l < (c_ + 1) * kLanes; ++l) ln[l] *= f;
+      mx = block_max;
     }
-    auto product_row = [&](int64_t y) {     // Σ_ch q[y, x, ch] · c[ch, y, x, j]
-      for (int64_t i = y * W; i < (y + 1) * W; ++i) {
-        for (int64_t j = 0; j < kBlock; j += kLanes) {
-          vf out = vf{};
-          for (int64_t ch = 0; ch < C; ++ch)
-            out += qb[i * C + ch] * load(v.cen + (ch * HW + i) * v.stride + j);
-          store(prod.data() + i * kBlock + j, out);
-        }
+    if (mx == kNegInf) return;                // every candidate so far is absent
+    // p = exp(logit − max) one register at a time, added at once to the lane sums (p is
+    // never stored).
+    vf total = load(ln);
+    for (int64_t j = 0; j < NB; j += kLanes) {
+      const vf pv = exp_nonpositive(load(logit + j) - mx);
+      total += pv;
+      for (int64_t ch = 0; ch < c_; ++ch) {
+        float* lc = ln + (ch + 1) * kLanes;
+        store(lc, load(lc) + pv * load(vals + ch * ch_stride + j));
       }
-    };
-    for (int64_t y = 0; y < std::min(H, m); ++y) product_row(y);
+    }
+    store(ln, total);
+  }
+
+  // The state (max, total, acc) of every pixel.
+  void write(float* mx, float* tot, float* acc) const {
+    const int64_t pixels = static_cast<int64_t>(mx_.size());
+    for (int64_t i = 0; i < pixels; ++i) {
+      const float* ln = lanes_.data() + i * (c_ + 1) * kLanes;
+      mx[i] = mx_[i];
+      float t = 0.0f;
+      for (int64_t l = 0; l < kLanes; ++l) t += ln[l];
+      tot[i] = t;
+      for (int64_t ch = 0; ch < c_; ++ch) {
+        float a = 0.0f;
+        for (int64_t l = 0; l < kLanes; ++l) a += ln[(ch + 1) * kLanes + l];
+        acc[i * c_ + ch] = a;
+      }
+    }
+  }
+
+ private:
+  int64_t c_;
+  std::vector<float> mx_, lanes_;
+};
+
+// s1 = a/b², s2 = a²/b² of query image b, in scalar float: the same whatever batch the image
+// is in (XLA's vectorised division of a batch can differ by an ulp).
+inline void coefficients(const float* coef, int64_t b, float& s1, float& s2) {
+  const float a = coef[2 * b], b2 = coef[2 * b + 1];
+  s1 = a / b2, s2 = (a * a) / b2;
+}
+
+// The product image of query image qb with block images shifted by (dy, dx), summed over
+// channels, at rows [y0, y1) and columns [x0, x1): prod[(y·W + x)·NB + j].
+template <int64_t NB>
+void product(const Shape& s, const float* qb, const BlockView& v, int64_t dy, int64_t dx,
+             int64_t y0, int64_t y1, int64_t x0, int64_t x1, float* prod) {
+  const int64_t W = s.w, C = s.c, HW = s.h * s.w;
+  for (int64_t y = y0; y < y1; ++y) {
+    for (int64_t x = x0; x < x1; ++x) {
+      const int64_t i = y * W + x, shifted = (y + dy) * W + x + dx;
+      for (int64_t j = 0; j < NB; j += kLanes) {
+        vf out = vf{};
+        for (int64_t ch = 0; ch < C; ++ch)
+          out += qb[i * C + ch] * load(v.cen + (ch * HW + shifted) * v.stride + j);
+        store(prod + i * NB + j, out);
+      }
+    }
+  }
+}
+
+// vert[x·NB + j] = Σ_{y' ∈ [r0, r1]} prod[(y'·W + x)·NB + j] for x in [x0, x1).
+template <int64_t NB>
+void column_sums(const float* prod, int64_t W, int64_t r0, int64_t r1, int64_t x0,
+                 int64_t x1, float* vert) {
+  for (int64_t x = x0; x < x1; ++x) {
+    for (int64_t j = 0; j < NB; j += kLanes) {
+      vf out = vf{};
+      for (int64_t yy = r0; yy <= r1; ++yy) out += load(prod + (yy * W + x) * NB + j);
+      store(vert + x * NB + j, out);
+    }
+  }
+}
+
+// logit[j] = s1·Σ_{x' ∈ [c0, c1]} vert[x'] − s2·hs[j] + lw[j]; returns the lanes' maxima.
+template <int64_t NB>
+inline vf logits(const float* vert, int64_t c0, int64_t c1, const float* hs, const float* lw,
+                 float s1, float s2, float* logit) {
+  vf vmax = vf{} + kNegInf;
+  for (int64_t j = 0; j < NB; j += kLanes) {
+    vf box = vf{};
+    for (int64_t xx = c0; xx <= c1; ++xx) box += load(vert + xx * NB + j);
+    const vf lg = s1 * box - s2 * load(hs + j) + load(lw + j);
+    store(logit + j, lg);
+    vmax = lg > vmax ? lg : vmax;
+  }
+  return vmax;
+}
+
+constexpr int64_t kLocalBlock = 128;   // images per block, LS
+constexpr int64_t kInteriorBlock = 32; // images per block, ELS interior (reused over offsets)
+// Items are whole blocks, so the only partial block is the last one of the bank (BlockView).
+static_assert(kItemImages % kLocalBlock == 0 && kItemImages % kInteriorBlock == 0);
+
+// LS, one item: query image b, images [n0, n1); state over the H·W pixels.
+void local_item(const Shape& s, const float* q, const float* coef, const float* cen,
+                const float* half_sq, const float* log_w, int64_t b, int64_t n0, int64_t n1,
+                float* mx, float* tot, float* acc) {
+  constexpr int64_t NB = kLocalBlock;
+  const int64_t H = s.h, W = s.w, C = s.c, m = s.k / 2, HW = H * W;
+  float s1, s2;
+  coefficients(coef, b, s1, s2);
+  const float* qb = q + b * HW * C;
+  std::vector<float> prod(HW * NB), vert(W * NB), tail;
+  alignas(64) float logit[NB];
+  PixelStates states(HW, C);
+  for (int64_t nb0 = n0; nb0 < n1; nb0 += NB) {
+    const BlockView v(s, cen, half_sq, log_w, nb0, NB, tail);
+    // Rows of the product image are computed just before the first output row needing them.
+    product<NB>(s, qb, v, 0, 0, 0, std::min(H, m), 0, W, prod.data());
     for (int64_t y = 0; y < H; ++y) {
-      if (y + m < H) product_row(y + m);
-      // Sum over the k rows of each window (rows outside the image do not count).
-      const int64_t y0 = std::max<int64_t>(0, y - m), y1 = std::min(H - 1, y + m);
-      for (int64_t x = 0; x < W; ++x) {
-        for (int64_t j = 0; j < kBlock; j += kLanes) {
-          vf out = vf{};
-          for (int64_t yy = y0; yy <= y1; ++yy) out += load(prod.data() + (yy * W + x) * kBlock + j);
-          store(vert.data() + x * kBlock + j, out);
-        }
-      }
-      // Per pixel: the sum over the k columns, logits, online softmax, weighted sums.
+      if (y + m < H) product<NB>(s, qb, v, 0, 0, y + m, y + m + 1, 0, W, prod.data());
+      column_sums<NB>(prod.data(), W, std::max<int64_t>(0, y - m), std::min(H - 1, y + m), 0,
+                      W, vert.data());
       for (int64_t x = 0; x < W; ++x) {
         const int64_t i = y * W + x;
-        const int64_t x0 = std::max<int64_t>(0, x - m), x1 = std::min(W - 1, x + m);
-        const float* hs = v.half_sq + i * v.stride;
-        vf vmax = vf{} + kNegInf;
-        for (int64_t j = 0; j < kBlock; j += kLanes) {       // box sum over k columns, logits
-          vf box = vf{};
-          for (int64_t xx = x0; xx <= x1; ++xx) box += load(vert.data() + xx * kBlock + j);
-          const vf lg = s1 * box - s2 * load(hs + j) + load(v.log_w + j);
-          store(logit + j, lg);
-          vmax = lg > vmax ? lg : vmax;
-        }
-        float block_max = kNegInf;
-        for (int64_t l = 0; l < kLanes; ++l) block_max = std::max(block_max, vmax[l]);
-        float* ln = lanes.data() + i * (C + 1) * kLanes;
-        if (block_max > mx[i]) {            // a new maximum: rescale the sums (rare after
-          const float f = mx[i] == kNegInf ? 0.0f : std::exp(mx[i] - block_max);  // a few blocks)
-          for (int64_t l = 0; l < (C + 1) * kLanes; ++l) ln[l] *= f;
-          mx[i] = block_max;
-        }
-        if (mx[i] == kNegInf) continue;     // every image so far is absent
-        const float ref = mx[i];
-        // p = exp(logit − max) one register at a time, added at once to the lane sums of
-        // Σ p and Σ p·c_ch (p is never stored).
-        vf total = load(ln);
-        for (int64_t j = 0; j < kBlock; j += kLanes) {
-          const vf pv = exp_nonpositive(load(logit + j) - ref);
-          total += pv;
-          for (int64_t ch = 0; ch < C; ++ch) {
-            float* lc = ln + (ch + 1) * kLanes;
-            store(lc, load(lc) + pv * load(v.cen + (ch * HW + i) * v.stride + j));
-          }
-        }
-        store(ln, total);
+        const vf vmax = logits<NB>(vert.data(), std::max<int64_t>(0, x - m),
+                                   std::min(W - 1, x + m), v.half_sq + i * v.stride, v.log_w,
+                                   s1, s2, logit);
+        states.add<NB>(i, logit, vmax, v.cen + i * v.stride, HW * v.stride);
       }
     }
   }
-  for (int64_t i = 0; i < HW; ++i) {         // the lanes' partial sums, once per pixel
-    const float* ln = lanes.data() + i * (C + 1) * kLanes;
-    float t = 0.0f;
-    for (int64_t l = 0; l < kLanes; ++l) t += ln[l];
-    tot[i] = t;
-    for (int64_t ch = 0; ch < C; ++ch) {
-      float a = 0.0f;
-      for (int64_t l = 0; l < kLanes; ++l) a += ln[(ch + 1) * kLanes + l];
-      acc[i * C + ch] = a;
+  states.write(mx, tot, acc);
+}
+
+// ELS interior, one item: query image b, images [n0, n1), every offset; state over the
+// (H−2m)(W−2m) interior query pixels.
+void interior_item(const Shape& s, const float* q, const float* coef, const float* cen,
+                   const float* half_sq, const float* log_w, int64_t b, int64_t n0, int64_t n1,
+                   float* mx, float* tot, float* acc) {
+  constexpr int64_t NB = kInteriorBlock;
+  const int64_t H = s.h, W = s.w, C = s.c, m = s.k / 2, HW = H * W;
+  const int64_t hq = H - 2 * m, wq = W - 2 * m;
+  float s1, s2;
+  coefficients(coef, b, s1, s2);
+  const float* qb = q + b * HW * C;
+  std::vector<float> prod(HW * NB), vert(W * NB), tail;
+  alignas(64) float logit[NB];
+  PixelStates states(hq * wq, C);
+  for (int64_t nb0 = n0; nb0 < n1; nb0 += NB) {
+    const BlockView v(s, cen, half_sq, log_w, nb0, NB, tail);
+    for (int64_t dy = -(hq - 1); dy <= hq - 1; ++dy) {
+      // Query rows whose window and whose candidate's window (d rows away) are interior.
+      const int64_t qy0 = std::max(m, m - dy), qy1 = std::min(H - m, H - m - dy);
+      for (int64_t dx = -(wq - 1); dx <= wq - 1; ++dx) {
+        const int64_t qx0 = std::max(m, m - dx), qx1 = std::min(W - m, W - m - dx);
+        product<NB>(s, qb, v, dy, dx, qy0 - m, qy1 + m, qx0 - m, qx1 + m, prod.data());
+        for (int64_t y = qy0; y < qy1; ++y) {
+          column_sums<NB>(prod.data(), W, y - m, y + m, qx0 - m, qx1 + m, vert.data());
+          for (int64_t x = qx0; x < qx1; ++x) {
+            const int64_t shifted = (y + dy) * W + x + dx;
+            const vf vmax = logits<NB>(vert.data(), x - m, x + m, v.half_sq + shifted * v.stride,
+                                       v.log_w, s1, s2, logit);
+            states.add<NB>((y - m) * wq + (x - m), logit, vmax, v.cen + shifted * v.stride,
+                           HW * v.stride);
+          }
+        }
+      }
     }
   }
+  states.write(mx, tot, acc);
 }
 
 // Adds the softmax state (m2, t2, a2) of a pixel into (m1, t1, a1), as softmax.merge.
@@ -223,56 +329,39 @@ struct Work {
   std::condition_variable cv;
 };
 
-ffi::Error LocalSoftmaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
-                            ffi::Buffer<ffi::F32> coef, ffi::Buffer<ffi::F32> cen,
-                            ffi::Buffer<ffi::F32> half_sq, ffi::Buffer<ffi::F32> log_w,
-                            int64_t k, ffi::ResultBuffer<ffi::F32> out_max,
-                            ffi::ResultBuffer<ffi::F32> out_total,
-                            ffi::ResultBuffer<ffi::F32> out_acc) {
-  const auto qd = q.dimensions();
-  const auto cd = cen.dimensions();
-  if (qd.size() != 4 || cd.size() != 4) {
-    return ffi::Error::InvalidArgument("q must be [B, H, W, C] and cen [C+1, H, W, N]");
-  }
-  const Shape s{qd[0], qd[1], qd[2], qd[3], cd[3], k};
-  if (cd[0] != s.c + 1 || cd[1] != s.h || cd[2] != s.w || k < 1 || k % 2 == 0) {
-    return ffi::Error::InvalidArgument("bank does not match the queries, or k is not odd");
-  }
-  const int64_t HW = s.h * s.w, C = s.c, per_b = std::max<int64_t>(1, (s.n + kItemImages - 1) / kItemImages);
+// Runs item(b, n0, n1, mx, tot, acc) over every (query image, range of images) on the caller
+// and the pool, and writes the merged state over P pixels per query image.
+template <typename Item>
+void run_items(ffi::ThreadPool& pool, const Shape& s, int64_t P, Item item_fn, float* mxo,
+               float* toto, float* acco) {
+  const int64_t C = s.c, per_b = std::max<int64_t>(1, (s.n + kItemImages - 1) / kItemImages);
   const int64_t items = s.b * per_b;
   // The caller works too: num_threads workers in all (more would oversubscribe the cores).
-  const int64_t helpers = std::min<int64_t>(items - 1, std::max<int64_t>(0, pool.num_threads() - 1));
+  const int64_t helpers =
+      std::min<int64_t>(items - 1, std::max<int64_t>(0, pool.num_threads() - 1));
   const int64_t workers = helpers + 1;
-  // One running state per (worker, query image): memory independent of N. Layout per slot
-  // and b: max [HW], total [HW], acc [HW·C].
-  const int64_t state = HW * (2 + C);
+  // One running state per (worker slot, query image): max [P], total [P], acc [P·C].
+  const int64_t state = P * (2 + C);
   std::vector<float> slot_states(workers * s.b * state, 0.0f);
   for (int64_t w = 0; w < workers * s.b; ++w)
-    std::fill(slot_states.begin() + w * state, slot_states.begin() + w * state + HW, kNegInf);
-  const float* qp = q.typed_data();
-  const float* coefp = coef.typed_data();
-  const float* cenp = cen.typed_data();
-  const float* hsp = half_sq.typed_data();
-  const float* lwp = log_w.typed_data();
+    std::fill(slot_states.begin() + w * state, slot_states.begin() + w * state + P, kNegInf);
   float* slotp = slot_states.data();
-  // Items are dealt to the worker slots round-robin (slot w: items w, w + workers, ...) and
-  // each slot merges its items in that order, whichever thread runs it: the result does not
-  // depend on the thread pool's timing (nor on the other queries of the batch).
+  // Slot w takes items w, w + workers, ... and merges them in that order, whichever thread
+  // runs it: the result does not depend on the pool's timing (nor on the rest of the batch).
   auto work = std::make_shared<Work>();
   auto drain = [=, &s]() {
-    std::vector<float> item(state);
+    std::vector<float> one(state);
     for (;;) {
       const int64_t slot = work->next_slot.fetch_add(1);
       if (slot >= workers) return;
       for (int64_t it = slot; it < items; it += workers) {
-        const int64_t b = it / per_b, chunk = it % per_b;
-        const int64_t n0 = chunk * kItemImages, n1 = std::min(s.n, n0 + kItemImages);
-        run_item(s, qp, coefp, cenp, hsp, lwp, b, n0, n1, item.data(), item.data() + HW,
-                 item.data() + 2 * HW);
+        const int64_t b = it / per_b, n0 = (it % per_b) * kItemImages;
+        item_fn(b, n0, std::min(s.n, n0 + kItemImages), one.data(), one.data() + P,
+                one.data() + 2 * P);
         float* st = slotp + (slot * s.b + b) * state;
-        for (int64_t i = 0; i < HW; ++i)
-          merge_into(st[i], st[HW + i], st + 2 * HW + i * C, item[i], item[HW + i],
-                     item.data() + 2 * HW + i * C, C);
+        for (int64_t i = 0; i < P; ++i)
+          merge_into(st[i], st[P + i], st + 2 * P + i * C, one[i], one[P + i],
+                     one.data() + 2 * P + i * C, C);
       }
       std::lock_guard<std::mutex> lock(work->mu);
       if (++work->done == workers) work->cv.notify_all();
@@ -287,36 +376,83 @@ ffi::Error LocalSoftmaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
     std::unique_lock<std::mutex> lock(work->mu);
     work->cv.wait(lock, [&] { return work->done == workers; });
   }
-  float* mxo = out_max->typed_data();
-  float* toto = out_total->typed_data();
-  float* acco = out_acc->typed_data();
   for (int64_t b = 0; b < s.b; ++b) {
-    float* m = mxo + b * HW;
-    float* t = toto + b * HW;
-    float* a = acco + b * HW * C;
-    std::fill(m, m + HW, kNegInf);
-    std::fill(t, t + HW, 0.0f);
-    std::fill(a, a + HW * C, 0.0f);
+    float* m = mxo + b * P;
+    float* t = toto + b * P;
+    float* a = acco + b * P * C;
+    std::fill(m, m + P, kNegInf);
+    std::fill(t, t + P, 0.0f);
+    std::fill(a, a + P * C, 0.0f);
     for (int64_t w = 0; w < workers; ++w) {
       const float* st = slotp + (w * s.b + b) * state;
-      for (int64_t i = 0; i < HW; ++i)
-        merge_into(m[i], t[i], a + i * C, st[i], st[HW + i], st + 2 * HW + i * C, C);
+      for (int64_t i = 0; i < P; ++i)
+        merge_into(m[i], t[i], a + i * C, st[i], st[P + i], st + 2 * P + i * C, C);
     }
+  }
+}
+
+ffi::Error check(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& cen, int64_t k,
+                 Shape& s) {
+  const auto qd = q.dimensions();
+  const auto cd = cen.dimensions();
+  if (qd.size() != 4 || cd.size() != 4) {
+    return ffi::Error::InvalidArgument("q must be [B, H, W, C] and cen [C+1, H, W, N]");
+  }
+  s = Shape{qd[0], qd[1], qd[2], qd[3], cd[3], k};
+  if (cd[0] != s.c + 1 || cd[1] != s.h || cd[2] != s.w || k < 1 || k % 2 == 0) {
+    return ffi::Error::InvalidArgument("bank does not match the queries, or k is not odd");
   }
   return ffi::Error::Success();
 }
 
+#define ELS_ARGS                                                                        \
+  ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> coef,            \
+      ffi::Buffer<ffi::F32> cen, ffi::Buffer<ffi::F32> half_sq,                         \
+      ffi::Buffer<ffi::F32> log_w, int64_t k, ffi::ResultBuffer<ffi::F32> out_max,      \
+      ffi::ResultBuffer<ffi::F32> out_total, ffi::ResultBuffer<ffi::F32> out_acc
+
+template <bool kInterior>
+ffi::Error SoftmaxImpl(ELS_ARGS) {
+  Shape s;
+  if (ffi::Error err = check(q, cen, k, s); err.failure()) return err;
+  const int64_t m = k / 2;
+  if (kInterior && (s.h <= 2 * m || s.w <= 2 * m)) {
+    return ffi::Error::InvalidArgument("k must be smaller than H and W for the interior");
+  }
+  const int64_t P = kInterior ? (s.h - 2 * m) * (s.w - 2 * m) : s.h * s.w;
+  const float *qp = q.typed_data(), *cp = coef.typed_data(), *cenp = cen.typed_data();
+  const float *hsp = half_sq.typed_data(), *lwp = log_w.typed_data();
+  run_items(pool, s, P,
+            [&](int64_t b, int64_t n0, int64_t n1, float* mx, float* tot, float* acc) {
+              (kInterior ? interior_item : local_item)(s, qp, cp, cenp, hsp, lwp, b, n0, n1,
+                                                       mx, tot, acc);
+            },
+            out_max->typed_data(), out_total->typed_data(), out_acc->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error LocalImpl(ELS_ARGS) {
+  return SoftmaxImpl<false>(pool, q, coef, cen, half_sq, log_w, k, out_max, out_total, out_acc);
+}
+
+ffi::Error InteriorImpl(ELS_ARGS) {
+  return SoftmaxImpl<true>(pool, q, coef, cen, half_sq, log_w, k, out_max, out_total, out_acc);
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ElsLocalSoftmax, LocalSoftmaxImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // q
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // coef
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // cen
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // half_sq
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // log_w
-                                  .Attr<int64_t>("k")
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // max
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // total
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // acc
+#define ELS_BINDING                                 \
+  ffi::Ffi::Bind()                                  \
+      .Ctx<ffi::ThreadPool>()                       \
+      .Arg<ffi::Buffer<ffi::F32>>() /* q */         \
+      .Arg<ffi::Buffer<ffi::F32>>() /* coef */      \
+      .Arg<ffi::Buffer<ffi::F32>>() /* cen */       \
+      .Arg<ffi::Buffer<ffi::F32>>() /* half_sq */   \
+      .Arg<ffi::Buffer<ffi::F32>>() /* log_w */     \
+      .Attr<int64_t>("k")                           \
+      .Ret<ffi::Buffer<ffi::F32>>() /* max */       \
+      .Ret<ffi::Buffer<ffi::F32>>() /* total */     \
+      .Ret<ffi::Buffer<ffi::F32>>() /* acc */
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ElsLocalSoftmax, LocalImpl, ELS_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ElsInteriorSoftmax, InteriorImpl, ELS_BINDING);

@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 
 import els_jax as ej
-from els_jax import els
+from els_jax import els, native
 from tests import oracles
 
 H, W, C = 7, 6, 2
 BOUNDARIES = ("circular", "zeros")
+# Engines of a banked zero-padded machine's main pass ("native": the fused CPU kernel).
+ZERO_METHODS = ("window", "row") + (("native",) if native.available() else ())
 
 
 def _setup(t, n=3, b=2, seed=0):
@@ -60,7 +62,7 @@ def test_zero_padded_border_engine_matches_oracle(h, w, c, k):
                      + math.sqrt(1 - ab) * rng.normal(size=(3, h, w, c))).astype(np.float32))
     want = oracles.els_x0(x, t, jnp.asarray(images), k, "zeros", False)
     _close(ej.els_x0(x, t, images, k=k, boundary="zeros", block=300), want, tol=1e-5)
-    for method in ("window", "row"):
+    for method in ZERO_METHODS:
         m = ej.make_machine("els", images, scales=k, boundary="zeros", method=method, block=500,
                             dedup_threshold=1.0)
         _close(m.x0(x, jnp.float32(t), 0), want, tol=1e-5)
@@ -85,6 +87,25 @@ def test_els_with_mask_matches_oracle_and_bank(boundary, wrap, method):
     score = m.score(x, jnp.float32(t), 0)
     ab = oracles.alpha_bar(t)
     _close(score, -(np.asarray(x) - math.sqrt(ab) * want) / (1 - ab), tol=3e-3)
+
+
+@pytest.mark.skipif(not native.available(), reason="no C++ compiler here")
+@pytest.mark.parametrize("t", [0.02, 0.5, 0.95])
+@pytest.mark.parametrize("k", [3, 5])
+def test_fused_interior_engine_matches_oracle(t, k):
+    """The fused CPU kernel for the zero-padded main pass, with and without a class mask, and
+    N = 70 (two work items of the kernel, a partial block)."""
+    x, images = _setup(t, n=70, b=3)
+    mask = np.random.default_rng(1).random(70) < 0.6
+    for msk in (None, mask):
+        m = ej.make_machine("els", images, scales=k, boundary="zeros", method="native",
+                            mask=msk)
+        assert m.engine(0)["engine"] == "native"
+        want = oracles.els_x0(x, t, images, k, "zeros", False, mask=msk)
+        got = np.asarray(m.x0(x, jnp.float32(t), 0))
+        _close(got, want)                           # (the border: float32 at t = 0.02)
+        inner = (slice(None), slice(k // 2, H - k // 2), slice(k // 2, W - k // 2))
+        _close(got[inner], want[inner], tol=1e-5)   # the kernel's interior pixels
 
 
 @pytest.mark.parametrize("t", [0.02, 0.5, 0.95])
@@ -237,7 +258,7 @@ def test_engines_agree_on_a_larger_case(boundary, wrap):
                         block=3000)
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-3)
         np.testing.assert_allclose(np.asarray(got)[1:], np.asarray(ref)[1:], atol=1e-4)
-        for method in ("window", "row"):
+        for method in (ZERO_METHODS if boundary == "zeros" and k > 1 else ("window", "row")):
             m = ej.make_machine("els", images, scales=k, boundary=boundary, wrap_patches=wrap,
                                 method=method, dedup_threshold=1.0, block=4000)
             np.testing.assert_allclose(np.asarray(m.x0(x, t, 0)), np.asarray(ref), atol=1e-3)
@@ -261,10 +282,18 @@ def test_auto_engine_choice_and_machine_introspection():
     assert compiled.memory_analysis().temp_size_in_bytes > 0
     np.testing.assert_allclose(np.asarray(compiled(x, jnp.float32(0.5), m._x0_fns[5].bank)),
                                np.asarray(m.x0(x, jnp.float32(0.5), 0)), atol=1e-6)
+    # "auto" on a zero-padded machine whose windows are not merged: the fused CPU kernel.
+    auto = ej.make_machine("els", images, scales=3, boundary="zeros").engine(0)["engine"]
+    assert auto == ("native" if native.available() else els.choose_method(3, C, H, "zeros"))
+    with pytest.raises(ValueError, match="native"):
+        ej.make_machine("els", images, scales=3, boundary="circular", method="native")
+    with pytest.raises(ValueError, match="native"):
+        ej.els_x0(x, 0.5, images, k=3, boundary="zeros", method="native")   # no bank
 
 
 @pytest.mark.parametrize("boundary,k,method", [("zeros", 7, "window"), ("zeros", 7, "row"),
-                                                ("circular", 7, "row"), ("circular", 3, "window")])
+                                                ("circular", 7, "row"), ("circular", 3, "window")]
+                         + ([("zeros", 7, "native")] if native.available() else []))
 def test_machine_memory_is_flat_in_the_training_set_size(boundary, k, method):
     """XLA's temporary memory of a machine call does not grow with N (every bank is streamed
     in chunks bounded by ``block``, including the zero-padded corner groups, whose bank slices
@@ -408,6 +437,7 @@ _SHARDED = textwrap.dedent("""
     for kind, kw in [("els", dict(scales=3, boundary="zeros")), ("els", dict(scales=5)),
                      ("els", dict(scales=5, method="row")),
                      ("els", dict(scales=3, boundary="zeros", method="row")), ("ideal", {}),
+                     ("els", dict(scales=5, boundary="zeros", dedup=False)),  # auto: native
                      ("local", dict(scales=3)), ("local", dict(scales=5, block=64)),
                      ("equivariant", dict(block=128)),
                      # banks over bank_bytes: streamed from the images, split over devices
