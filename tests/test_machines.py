@@ -283,8 +283,10 @@ def test_auto_engine_choice_and_machine_introspection():
     np.testing.assert_allclose(np.asarray(compiled(x, jnp.float32(0.5), m._x0_fns[5].bank)),
                                np.asarray(m.x0(x, jnp.float32(0.5), 0)), atol=1e-6)
     # "auto" on a zero-padded machine whose windows are not merged: the fused CPU kernel.
+    auto = ej.make_machine("els", images, scales=5, boundary="zeros").engine(0)["engine"]
+    assert auto == ("native" if native.available() else els.choose_method(5, C, H, "zeros"))
     auto = ej.make_machine("els", images, scales=3, boundary="zeros").engine(0)["engine"]
-    assert auto == ("native" if native.available() else els.choose_method(3, C, H, "zeros"))
+    assert auto == "window"                    # k = 3, C = 2: the short matmul is cheaper
     with pytest.raises(ValueError, match="native"):
         ej.make_machine("els", images, scales=3, boundary="circular", method="native")
     with pytest.raises(ValueError, match="native"):
