@@ -40,8 +40,16 @@ every candidate), and both feed every chunk through ``softmax.update_with``:
     the row norms and log w/k ride along in the same matmul. Cost per pair ∝ kC + k instead of
     k²C, without dedup (it works on whole images).
 
-``choose_method`` picks the cheaper engine per k from a cost model measured on CPU
-(experiments/bench_machines.py); ``method="window" | "row"`` forces one.
+  - "native" (zero padding, banked machines on a CPU): the fused kernel of ``native.py``
+    (an XLA FFI custom call) computes the interior pass as the LS computation of every offset
+    between query and candidate, carrying blocks of 32 images through the product image, its
+    box sums, the logits and the online softmax in cache (XLA:CPU runs each of these as a
+    separate pass). Cost per pair ∝ C + 2k, without dedup.
+
+``choose_method`` picks the cheaper XLA engine per k from a cost model measured on CPU
+(experiments/bench_machines.py); "auto" on a banked zero-padded machine without merged
+windows prefers the kernel (``_resolve_method``); ``method="window" | "row" | "native"``
+forces one.
 
 Numerics: query and candidates are shifted by the per-channel data mean μ (an exact shift,
 padding included), so float32 stays accurate at small t.

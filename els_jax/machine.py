@@ -108,6 +108,16 @@ class Machine:
         return f"Machine({self.kind!r}, scales={self.scales}, num_steps={self.num_steps})"
 
 
+def _inputs(x, t, mesh):
+    """Queries and times as float32; with a mesh, replicated over it. The sampler's x_T lives
+    on one device and every later x on the mesh (a machine's outputs are replicated there):
+    placing both the same way gives one input sharding, so one executable per patch size."""
+    x, t = jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32)
+    if mesh is None:
+        return x, t
+    return jax.device_put((x, t), NamedSharding(mesh, PartitionSpec()))
+
+
 def _absent_padding(n: int, mesh):
     """How many absent candidates make N a multiple of the mesh's devices, and the log
     weights [N + pad]: 0 for the N images, −inf (contributes exactly nothing) for the pad."""
@@ -143,10 +153,9 @@ def _stream_fn(images_j, k, boundary, wrap_patches, schedule, method, block, uni
               block=block, method=method, mesh=mesh)
 
     def fn(x, t):
-        return els._stream_images_x0(jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32),
-                                     images, log_w, mu, **kw)
-    fn.lower = lambda x, t: els._stream_images_x0.lower(
-        jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32), images, log_w, mu, **kw)
+        return els._stream_images_x0(*_inputs(x, t, mesh), images, log_w, mu, **kw)
+    fn.lower = lambda x, t: els._stream_images_x0.lower(*_inputs(x, t, mesh), images, log_w,
+                                                         mu, **kw)
     fn.info = {"engine": method, "bank": False, "unique_fraction": round(unique, 4)}
     fn.bank = images
     return fn
@@ -166,12 +175,11 @@ def _local_fn(images_t, k, schedule, block, mesh=None):
     kw = dict(k=k, schedule=schedule, block=block, mesh=mesh)
 
     def fn(x, t):
-        return local_lib.local_bank_x0(jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32),
-                                       bank, log_w, **kw)
+        return local_lib.local_bank_x0(*_inputs(x, t, mesh), bank, log_w, **kw)
     fn.info = {"engine": "local", "bank": True}
     fn.bank = bank
-    fn.lower = lambda x, t: local_lib.local_bank_x0.lower(
-        jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32), bank, log_w, **kw)
+    fn.lower = lambda x, t: local_lib.local_bank_x0.lower(*_inputs(x, t, mesh), bank, log_w,
+                                                          **kw)
     return fn
 
 
@@ -184,13 +192,11 @@ def _equivariant_fn(images_j, schedule, block, mesh=None):
     kw = dict(schedule=schedule, block=block, mesh=mesh)
 
     def fn(x, t):
-        return equivariant_lib._equivariant_x0(jnp.asarray(x, jnp.float32),
-                                               jnp.asarray(t, jnp.float32), images, log_w, mu,
-                                               **kw)
+        return equivariant_lib._equivariant_x0(*_inputs(x, t, mesh), images, log_w, mu, **kw)
     fn.info = {"engine": "fft", "bank": False}
     fn.bank = images
-    fn.lower = lambda x, t: equivariant_lib._equivariant_x0.lower(
-        jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32), images, log_w, mu, **kw)
+    fn.lower = lambda x, t: equivariant_lib._equivariant_x0.lower(*_inputs(x, t, mesh), images,
+                                                                  log_w, mu, **kw)
     return fn
 
 
@@ -317,14 +323,13 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
             bank = jax.device_put(bank, _named(mesh, els.bank_partition_specs(bank)))
 
         def fn(x, t):
-            return els.bank_x0(jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32), bank,
-                               spec=spec, schedule=schedule, mesh=mesh, block=block)
+            return els.bank_x0(*_inputs(x, t, mesh), bank, spec=spec, schedule=schedule,
+                               mesh=mesh, block=block)
         fn.spec, fn.bank = spec, bank
         fn.info = {"engine": spec.method, "bank": True,
                    "unique_fraction": round(spec.unique_fraction, 4)}
-        fn.lower = lambda x, t: els.bank_x0.lower(
-            jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32), bank, spec=spec,
-            schedule=schedule, mesh=mesh, block=block)
+        fn.lower = lambda x, t: els.bank_x0.lower(*_inputs(x, t, mesh), bank, spec=spec,
+                                                  schedule=schedule, mesh=mesh, block=block)
         return fn
 
     cache = {}
