@@ -116,7 +116,7 @@ def _local_bank_state(x, t, bank: LocalBank, log_w, k, schedule, block):
     """The softmax state of the LS machine over the images of ``bank``, [B, H, W].
 
     On CPU devices, when the fused kernel could be built (``native.available()``), one
-    custom call computes it (measured 1.4–2.5× faster than the XLA passes); other platforms
+    custom call computes it (measured 1.3–2.3× faster than the XLA passes); other platforms
     lower the XLA path. Both give the same state up to float32 rounding."""
     a, b2 = local_coefficients(t, x.shape[0], schedule)
     q = local_queries(x, a, bank.mean)
