@@ -391,17 +391,22 @@ void run_items(ffi::ThreadPool& pool, const Shape& s, int64_t P, Item item_fn, f
   }
 }
 
-ffi::Error check(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& cen, int64_t k,
-                 Shape& s) {
-  const auto qd = q.dimensions();
-  const auto cd = cen.dimensions();
-  if (qd.size() != 4 || cd.size() != 4) {
-    return ffi::Error::InvalidArgument("q must be [B, H, W, C] and cen [C+1, H, W, N]");
+ffi::Error check(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& coef,
+                 const ffi::Buffer<ffi::F32>& cen, const ffi::Buffer<ffi::F32>& half_sq,
+                 const ffi::Buffer<ffi::F32>& log_w, int64_t k, Shape& s) {
+  const auto qd = q.dimensions(), fd = coef.dimensions(), cd = cen.dimensions();
+  const auto hd = half_sq.dimensions(), ld = log_w.dimensions();
+  if (qd.size() != 4 || fd.size() != 2 || cd.size() != 4 || hd.size() != 3 || ld.size() != 1) {
+    return ffi::Error::InvalidArgument(
+        "expected q [B, H, W, C], coef [B, 2], cen [C+1, H, W, N], half_sq [H, W, N], "
+        "log_w [N]");
   }
   s = Shape{qd[0], qd[1], qd[2], qd[3], cd[3], k};
-  if (cd[0] != s.c + 1 || cd[1] != s.h || cd[2] != s.w || k < 1 || k % 2 == 0) {
-    return ffi::Error::InvalidArgument("bank does not match the queries, or k is not odd");
-  }
+  const bool ok = fd[0] == s.b && fd[1] == 2 && cd[0] == s.c + 1 && cd[1] == s.h &&
+                  cd[2] == s.w && hd[0] == s.h && hd[1] == s.w && hd[2] == s.n &&
+                  ld[0] == s.n && s.n > 0;
+  if (!ok) return ffi::Error::InvalidArgument("bank shapes do not match the queries");
+  if (k < 1 || k % 2 == 0) return ffi::Error::InvalidArgument("k must be odd and positive");
   return ffi::Error::Success();
 }
 
@@ -414,7 +419,7 @@ ffi::Error check(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& ce
 template <bool kInterior>
 ffi::Error SoftmaxImpl(ELS_ARGS) {
   Shape s;
-  if (ffi::Error err = check(q, cen, k, s); err.failure()) return err;
+  if (ffi::Error err = check(q, coef, cen, half_sq, log_w, k, s); err.failure()) return err;
   const int64_t m = k / 2;
   if (kInterior && (s.h <= 2 * m || s.w <= 2 * m)) {
     return ffi::Error::InvalidArgument("k must be smaller than H and W for the interior");

@@ -65,6 +65,17 @@ def test_fused_kernel_is_safe_for_far_queries_and_absent_images():
     assert np.all(np.asarray(state[1]) == 0) and np.all(np.asarray(state[2]) == 0)
 
 
+def test_fused_kernel_rejects_mismatched_shapes():
+    q = jnp.zeros((1, 6, 6, 1))
+    one = jnp.ones((1,))
+    with pytest.raises(Exception, match="bank shapes do not match"):
+        native.local_softmax_state(q, one, one, jnp.zeros((2, 6, 6, 10)),
+                                   jnp.zeros((6, 6, 9)), jnp.zeros(10), 3)
+    with pytest.raises(Exception, match="odd"):
+        native.interior_softmax_state(q, one, one, jnp.zeros((2, 6, 6, 10)),
+                                      jnp.zeros((6, 6, 10)), jnp.zeros(10), 4)
+
+
 def test_local_machine_on_cpu_lowers_the_custom_call():
     images = np.random.default_rng(0).uniform(-1, 1, (20, 8, 8, 1)).astype(np.float32)
     bank = local.build_local_bank(local.transpose_images(images), k=3)
