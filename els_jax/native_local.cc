@@ -215,14 +215,25 @@ void column_sums(const float* prod, int64_t W, int64_t r0, int64_t r1, int64_t x
   }
 }
 
-// logit[j] = s1·Σ_{x' ∈ [c0, c1]} vert[x'] − s2·hs[j] + lw[j]; returns the lanes' maxima.
+// pre[(x − x0)·NB + j] = Σ_{x' ∈ [x0, x)} vert[x'·NB + j] for x in [x0, x1]: the sum over a
+// window's k columns is then one difference (measured 1.2–1.3× faster at k = 11 than k
+// additions; a running sum down the rows as well lost float32 accuracy at t = 0.02).
 template <int64_t NB>
-inline vf logits(const float* vert, int64_t c0, int64_t c1, const float* hs, const float* lw,
-                 float s1, float s2, float* logit) {
+void prefix_sums(const float* vert, int64_t x0, int64_t x1, float* pre) {
+  for (int64_t j = 0; j < NB; j += kLanes) store(pre + j, vf{});
+  for (int64_t x = x0; x < x1; ++x)
+    for (int64_t j = 0; j < NB; j += kLanes)
+      store(pre + (x - x0 + 1) * NB + j, load(pre + (x - x0) * NB + j) + load(vert + x * NB + j));
+}
+
+// logit[j] = s1·(pre[c1] − pre[c0]) − s2·hs[j] + lw[j] (pre from prefix_sums: the window's
+// columns are prefix entries [c0, c1)); returns the lanes' maxima.
+template <int64_t NB>
+inline vf window_logits(const float* pre, int64_t c0, int64_t c1, const float* hs,
+                        const float* lw, float s1, float s2, float* logit) {
   vf vmax = vf{} + kNegInf;
   for (int64_t j = 0; j < NB; j += kLanes) {
-    vf box = vf{};
-    for (int64_t xx = c0; xx <= c1; ++xx) box += load(vert + xx * NB + j);
+    const vf box = load(pre + c1 * NB + j) - load(pre + c0 * NB + j);
     const vf lg = s1 * box - s2 * load(hs + j) + load(lw + j);
     store(logit + j, lg);
     vmax = lg > vmax ? lg : vmax;
@@ -244,7 +255,7 @@ void local_item(const Shape& s, const float* q, const float* coef, const float* 
   float s1, s2;
   coefficients(coef, b, s1, s2);
   const float* qb = q + b * HW * C;
-  std::vector<float> prod(HW * NB), vert(W * NB), tail;
+  std::vector<float> prod(HW * NB), vert(W * NB), pre((W + 1) * NB), tail;
   alignas(64) float logit[NB];
   PixelStates states(HW, C);
   for (int64_t nb0 = n0; nb0 < n1; nb0 += NB) {
@@ -255,11 +266,12 @@ void local_item(const Shape& s, const float* q, const float* coef, const float* 
       if (y + m < H) product<NB>(s, qb, v, 0, 0, y + m, y + m + 1, 0, W, prod.data());
       column_sums<NB>(prod.data(), W, std::max<int64_t>(0, y - m), std::min(H - 1, y + m), 0,
                       W, vert.data());
+      prefix_sums<NB>(vert.data(), 0, W, pre.data());
       for (int64_t x = 0; x < W; ++x) {
         const int64_t i = y * W + x;
-        const vf vmax = logits<NB>(vert.data(), std::max<int64_t>(0, x - m),
-                                   std::min(W - 1, x + m), v.half_sq + i * v.stride, v.log_w,
-                                   s1, s2, logit);
+        const vf vmax = window_logits<NB>(pre.data(), std::max<int64_t>(0, x - m),
+                                          std::min(W, x + m + 1), v.half_sq + i * v.stride,
+                                          v.log_w, s1, s2, logit);
         states.add<NB>(i, logit, vmax, v.cen + i * v.stride, HW * v.stride);
       }
     }
@@ -278,7 +290,7 @@ void interior_item(const Shape& s, const float* q, const float* coef, const floa
   float s1, s2;
   coefficients(coef, b, s1, s2);
   const float* qb = q + b * HW * C;
-  std::vector<float> prod(HW * NB), vert(W * NB), tail;
+  std::vector<float> prod(HW * NB), vert(W * NB), pre((W + 1) * NB), tail;
   alignas(64) float logit[NB];
   PixelStates states(hq * wq, C);
   for (int64_t nb0 = n0; nb0 < n1; nb0 += NB) {
@@ -291,10 +303,13 @@ void interior_item(const Shape& s, const float* q, const float* coef, const floa
         product<NB>(s, qb, v, dy, dx, qy0 - m, qy1 + m, qx0 - m, qx1 + m, prod.data());
         for (int64_t y = qy0; y < qy1; ++y) {
           column_sums<NB>(prod.data(), W, y - m, y + m, qx0 - m, qx1 + m, vert.data());
+          prefix_sums<NB>(vert.data(), qx0 - m, qx1 + m, pre.data());
           for (int64_t x = qx0; x < qx1; ++x) {
             const int64_t shifted = (y + dy) * W + x + dx;
-            const vf vmax = logits<NB>(vert.data(), x - m, x + m, v.half_sq + shifted * v.stride,
-                                       v.log_w, s1, s2, logit);
+            const int64_t c0 = x - qx0;             // pre starts at column qx0 − m
+            const vf vmax = window_logits<NB>(pre.data(), c0, c0 + 2 * m + 1,
+                                              v.half_sq + shifted * v.stride, v.log_w, s1, s2,
+                                              logit);
             states.add<NB>((y - m) * wq + (x - m), logit, vmax, v.cen + shifted * v.stride,
                            HW * v.stride);
           }
