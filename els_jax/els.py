@@ -63,6 +63,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from els_jax import border as border_lib
 from els_jax import conversions, native, patches, softmax
@@ -959,18 +960,15 @@ def bank_partition_specs(bank: MachineBank) -> MachineBank:
                                        for _ in bank.windows), border, interior)
 
 
-def _interior_specs():
-    from jax.sharding import PartitionSpec as P
-    return InteriorBank(P(None, None, None, "cands"), P(None, None, "cands"), P("cands"))
-
-
-_INTERIOR_SPECS = _interior_specs()
+# How an InteriorBank splits over a one-axis "cands" mesh: along its image axes.
+_INTERIOR_SPECS = InteriorBank(PartitionSpec(None, None, None, "cands"),
+                               PartitionSpec(None, None, "cands"), PartitionSpec("cands"))
 
 
 def _interior_result(x, a, b2, k, bank: MachineBank, mesh):
-    """(interior pixels, x̂_0 [B, P, C]) of the fused kernel's main pass (zero padding)."""
+    """(interior pixels, x̂_0 [B, P, C]) of the fused kernel's main pass (zero padding); the
+    kernel's state is over the main pass's query pixels in ``layout`` order (row-major)."""
     bsz, h, w, c = x.shape
-    m = k // 2
 
     def run(q, a, b2, ib):
         return softmax.SoftmaxState(*native.interior_softmax_state(
@@ -981,8 +979,8 @@ def _interior_result(x, a, b2, k, bank: MachineBank, mesh):
     mu = bank.mu[None, None, None, :]
     state = run(x - a[:, None, None, None] * mu, a, b2, bank.interior)
     x0 = softmax.finalize(state) + mu                           # [B, H−2m, W−2m, C]
-    rows, cols = np.meshgrid(np.arange(m, h - m), np.arange(m, w - m), indexing="ij")
-    return (rows * w + cols).reshape(-1), x0.reshape(bsz, -1, c)
+    pixels = layout(k, "zeros", False, h, w)[0].query_pixels
+    return np.asarray(pixels).reshape(-1), x0.reshape(bsz, -1, c)
 
 
 def _sharded(fn, mesh, bank_specs):

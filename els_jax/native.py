@@ -89,8 +89,9 @@ def available() -> bool:
         return False
     cxx = _compiler()
     if cxx is None:
-        warnings.warn("els_jax: no C++ compiler found (set $CXX); the local machine uses the "
-                      "XLA path on CPU (slower, same results)", RuntimeWarning, stacklevel=2)
+        warnings.warn("els_jax: no C++ compiler found (set $CXX); LS and the zero-padded ELS "
+                      "use the XLA path on CPU (slower, same results)", RuntimeWarning,
+                      stacklevel=2)
         return False
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
@@ -100,7 +101,7 @@ def available() -> bool:
     except (OSError, subprocess.SubprocessError, AttributeError) as err:
         detail = getattr(err, "stderr", "") or str(err)
         warnings.warn(f"els_jax: building the fused CPU kernel failed ({detail.strip()[:500]}); "
-                      "the local machine uses the XLA path on CPU (slower, same results)",
+                      "LS and the zero-padded ELS use the XLA path on CPU (slower, same results)",
                       RuntimeWarning, stacklevel=2)
         return False
     return True
