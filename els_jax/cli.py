@@ -118,8 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--machine-steps", type=int, default=20)
     p.add_argument("--network-steps", type=int, default=150,
                    help="DDIM steps for the network (the paper's 150; machines use --machine-steps)")
-    p.add_argument("--t-max", type=float, default=1.0,
-                   help="first time of the grids (SPEC: 1; the authors' machines start at 0.95)")
+    p.add_argument("--t-max", type=float, default=None,
+                   help="first time of the grids shared by machines and network (default: the "
+                        "authors' effective start (n-1)/n, 0.95 for 20 steps; SPEC §8)")
+    p.add_argument("--compare-t-max", type=_times, default=(1.0,),
+                   help="further starts reported side by side, e.g. 1 or 1,0.9 ('' for none; "
+                        "default 1)")
+    p.add_argument("--retrain", action="store_true",
+                   help="train the network even if the repository ships one for this run "
+                        "(experiments/checkpoints/)")
     p.add_argument("--candidates", type=_odd_sizes, default=None,
                    help="patch sizes for the calibration, e.g. 3,5,7 (default 3, 5, …, image size)")
     p.add_argument("--seed", type=int, default=0)
@@ -183,6 +190,16 @@ def _cmd_mosaic(args) -> int:
     return 0
 
 
+def _times(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated times, got {text!r}")
+    if any(not 0.0 < v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"times must lie in (0, 1], got {text!r}")
+    return values
+
+
 def _odd_sizes(text: str) -> tuple[int, ...]:
     try:
         sizes = tuple(int(v) for v in text.split(",") if v.strip())
@@ -203,11 +220,12 @@ def _cmd_reproduce(args) -> int:
         train=None if args.train_steps is None else {"steps": args.train_steps},
         n_seeds=args.seeds, calib_seeds=args.calib_seeds, machine_steps=args.machine_steps,
         network_steps=args.network_steps, candidates=args.candidates, seed=args.seed,
-        t_max=args.t_max)
+        t_max=args.t_max, compare_t_max=args.compare_t_max, retrain=args.retrain)
     out = args.out or _new_run_dir(f"reproduce-{args.dataset}-{args.arch}-{args.padding}")
     print(f"els-jax reproduce → {out}", flush=True)
     report = reproduce(cfg, out, progress=not args.no_progress)
-    keys = ("median_r2", "median_R2", "frac_els_beats_is", "scales", "n_seeds", "elapsed_s")
+    keys = ("median_r2", "median_R2", "frac_els_beats_is", "scales", "t_max", "by_t_max",
+            "network", "n_seeds", "elapsed_s")
     print(json.dumps({k: report[k] for k in keys} | {"out": out}, indent=1))
     return 0
 

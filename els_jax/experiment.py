@@ -26,6 +26,8 @@ import hashlib
 import json
 import os
 import time
+import warnings
+from pathlib import Path
 from typing import Sequence
 
 import jax
@@ -35,15 +37,27 @@ import numpy as np
 from els_jax import calibration as calibrate_lib
 from els_jax import data as data_lib
 from els_jax import machine as machine_lib
-from els_jax import metrics, networks, sampler
+from els_jax import conversions, metrics, networks, sampler
 from els_jax import schedules as schedules_lib
 from els_jax import train as train_lib
 
 __all__ = ["ReproduceConfig", "reproduce", "default_train_config", "digits_train_config",
-           "MACHINE_NAMES"]
+           "mnist5k_train_config", "shipped_checkpoint", "FAMILIES", "MACHINE_NAMES",
+           "CHECKPOINTS_DIR"]
 
-MACHINE_NAMES = ("els", "ls", "is")
+# Every model compared with the network: report name → ``make_machine`` kind (a literal dict,
+# no registry). Their per-step parameters (patch sizes) come from the calibration.
+FAMILIES = {"els": "els", "ls": "local", "is": "ideal"}
+MACHINE_NAMES = tuple(FAMILIES)
 _CONFIG_FILE, _SCALES_FILE, _TIMINGS_FILE = "config.json", "scales.json", "timings.json"
+
+# Trained networks shipped with the repository (made by `els-jax train` with the configs in
+# experiments/configs/; each directory holds config.json, metrics.jsonl and one checkpoint).
+CHECKPOINTS_DIR = Path(__file__).resolve().parents[1] / "experiments" / "checkpoints"
+_SHIPPED = {("digits", "resnet", "zeros"): "digits_resnet_zeros",
+            ("mnist5k", "resnet", "zeros"): "mnist5k_resnet_zeros",
+            ("mnist5k", "resnet", "circular"): "mnist5k_resnet_circular",
+            ("mnist5k", "unet", "zeros"): "mnist5k_unet_zeros"}
 
 
 def digits_train_config(**overrides) -> train_lib.TrainConfig:
@@ -60,12 +74,34 @@ def digits_train_config(**overrides) -> train_lib.TrainConfig:
     return train_lib.TrainConfig(**base)
 
 
+def mnist5k_train_config(arch: str = "resnet", padding: str = "zeros", **overrides
+                         ) -> train_lib.TrainConfig:
+    """The paper's MNIST networks at a width 2 CPU cores train in about an hour, on the
+    embedded real MNIST digits ("mnist5k", 32×32).
+
+    ResNet: 6 residual 3×3 layers (receptive field 17, as SPEC §5) at width 32 instead of 256;
+    UNet: 3 scales of 32/64/128 channels instead of 64/128/256. 4000 steps of batch 128 (≈ 100
+    epochs of the 5000 digits) at lr 5e-4 ×0.9998 per step with an EMA of the weights (the
+    paper: 300 epochs of 60 000 digits at lr 1e-4).
+    """
+    base = dict(dataset="mnist5k", image_size=32, arch=arch, padding=padding,
+                conditional=False, channels=32 if arch == "resnet" else (32, 64, 128),
+                depth=6, batch_size=128, steps=4000, epochs=None, lr=5e-4, lr_decay=0.9998,
+                ema=0.999, weight_decay=0.0, seed=0, checkpoint_every=200,
+                keep_checkpoints=2, log_every=50)
+    base.update(overrides)
+    return train_lib.TrainConfig(**base)
+
+
 def default_train_config(dataset: str, arch: str, padding: str, conditional: bool,
                          image_size: int | None = None) -> train_lib.TrainConfig:
-    """The paper's recipe (SPEC §5) for a data set; the CPU-sized one for the digits."""
+    """The paper's recipe (SPEC §5) for a data set; the CPU-sized ones for the embedded sets."""
     if dataset == "digits":
         return digits_train_config(arch=arch, padding=padding, conditional=conditional,
                                    image_size=image_size)
+    if dataset == "mnist5k":
+        return mnist5k_train_config(arch=arch, padding=padding, conditional=conditional,
+                                    image_size=32 if image_size is None else image_size)
     return train_lib.TrainConfig(dataset=dataset, arch=arch, padding=padding,
                                  conditional=conditional, image_size=image_size)
 
@@ -82,10 +118,16 @@ class ReproduceConfig:
     machine_steps / network_steps: DDIM steps for the machines and for the network.
     candidates: patch sizes tried by the calibration (default 3, 5, …, image size).
     seed: base of the noise seeds.
-    t_max: first time of every grid (SPEC default 1; the authors' machines start at
-      (n−1)/n). With the unshifted cosine schedule ᾱ(1) ≈ 1.5e-4, so the first DDIM step from
-      t = 1 multiplies the network's ε̂ error by |b' − sqrt(ᾱ'/ᾱ)·b| ≈ 6 at 20 steps: where
-      machine and network part ways (see the per-step agreement figure).
+    t_max: first time of every grid (SPEC §8), shared by the machines and the network. None
+      (the default) = the authors' effective start, (machine_steps − 1)/machine_steps (0.95
+      for 20 steps): the paper's protocol. With the unshifted cosine schedule ᾱ(1) ≈ 1.5e-4,
+      so a first DDIM step from t = 1 multiplies the network's ε̂ error by
+      |b' − sqrt(ᾱ'/ᾱ)·b| ≈ 6 at 20 steps and the comparison then measures mostly that step.
+    compare_t_max: further starts compared side by side with the same seeds and the same
+      calibrated scales (by step index); default (1.0,), SPEC's plain grid. Reported under
+      ``by_t_max``.
+    retrain: train the network even when the repository ships one for this configuration
+      (``experiments/checkpoints/``; used by default for the embedded data sets).
     """
 
     dataset: str = "digits"
@@ -103,15 +145,33 @@ class ReproduceConfig:
     network_steps: int = 150
     candidates: tuple[int, ...] | None = None
     seed: int = 0
-    t_max: float = 1.0
+    t_max: float | None = None
+    compare_t_max: tuple[float, ...] = (1.0,)
+    retrain: bool = False
+
+    @property
+    def start(self) -> float:
+        """The primary grid's first time: ``t_max``, or the authors' (n − 1)/n."""
+        if self.t_max is not None:
+            return float(self.t_max)
+        return (self.machine_steps - 1) / self.machine_steps if self.machine_steps > 1 else 1.0
+
+    def starts(self) -> list[float]:
+        """The primary start, then the other ``compare_t_max`` (duplicates dropped)."""
+        out = [self.start]
+        for t in self.compare_t_max:
+            if all(abs(float(t) - u) > 1e-9 for u in out):
+                out.append(float(t))
+        return out
 
     def validate(self):
         if self.n_seeds < 2:
             raise ValueError(f"n_seeds must be at least 2 (medians over seeds); got {self.n_seeds}")
         if self.calib_seeds < 1:
             raise ValueError(f"calib_seeds must be at least 1; got {self.calib_seeds}")
-        if not 0.0 < self.t_max <= 1.0:
-            raise ValueError(f"t_max must lie in (0, 1]; got {self.t_max}")
+        for t in ([] if self.t_max is None else [self.t_max]) + list(self.compare_t_max):
+            if not 0.0 < t <= 1.0:
+                raise ValueError(f"t_max must lie in (0, 1]; got {t}")
         if self.machine_steps < 1 or self.network_steps < 1:
             raise ValueError("machine_steps and network_steps must be at least 1")
         if self.padding not in ("zeros", "circular"):
@@ -123,6 +183,7 @@ class ReproduceConfig:
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         d["candidates"] = None if self.candidates is None else list(self.candidates)
+        d["compare_t_max"] = [float(t) for t in self.compare_t_max]
         return d
 
 
@@ -203,26 +264,46 @@ def _by_label(labels):
 
 
 def sample_machine(kind: str, images, train_labels, x_T, labels, times, *, scales=None,
-                   boundary="zeros", schedule) -> sampler.SampleResult:
+                   boundary="zeros", schedule, network=None, **machine_kwargs
+                   ) -> tuple[sampler.SampleResult, dict | None]:
     """Samples machine ``kind`` from x_T; for conditional runs one machine per label (mask).
 
-    Returns a SampleResult with x0 [S, ...] and x0_hat [m, S, ...] in the seeds' order.
+    With ``network`` (a function label → eps_fn(x, t, i), label None for unconditional runs,
+    e.g. ``lambda y: make_network(model, params, label=y)``), also the single-step agreement
+    (SPEC §7): at every
+    step i of the machine's own trajectory, the network's x̂_0 at the machine's x_{t_i}
+    against the machine's x̂_0, per seed: {"R2": [m, S], "mse": [m, S]} (target: the network).
+    Returns (SampleResult with x0 [S, ...] and x0_hat [m, S, ...] in the seeds' order,
+    single-step dict or None).
     """
     x_T = jnp.asarray(x_T)
     m = len(times) - 1
     x0 = np.zeros(x_T.shape, np.float32)
     x0_hat = np.zeros((m,) + x_T.shape, np.float32)
+    single = None if network is None else {"R2": np.zeros((m, x_T.shape[0])),
+                                           "mse": np.zeros((m, x_T.shape[0]))}
     for idx, label in _by_label(labels):
         sel = slice(None) if idx is None else idx
         mask = None if label is None else (np.asarray(train_labels) == label)
         eps_fn = machine_lib.make_machine(kind, images, scales=scales, boundary=boundary,
-                                          schedule=schedule, mask=mask, compile_for=x_T[sel])
+                                          schedule=schedule, mask=mask, compile_for=x_T[sel],
+                                          **machine_kwargs)
         res = sampler.sample(eps_fn, x_T[sel], times, schedule=schedule,
                              return_trajectory=True)
         x0[sel] = np.asarray(res.x0)
         x0_hat[:, sel] = np.asarray(res.x0_hat)
-    return sampler.SampleResult(x0=x0, trajectory=None, x0_hat=x0_hat,
-                                times=np.asarray(times))
+        if network is not None:
+            net = network(label)
+            for i in range(m):
+                x_t, t = res.trajectory[i], jnp.float32(times[i])
+                net_x0 = conversions.eps_to_x0(net(x_t, t, i), x_t, t, schedule=schedule)
+                single["R2"][i, sel] = metrics.coefficient_of_determination(
+                    net_x0, res.x0_hat[i])
+                single["mse"][i, sel] = np.mean(
+                    np.square(np.asarray(net_x0) - np.asarray(res.x0_hat[i])).reshape(
+                        x_T[sel].shape[0], -1), axis=1)
+    return (sampler.SampleResult(x0=x0, trajectory=None, x0_hat=x0_hat,
+                                 times=np.asarray(times)), single)
 
 
 def sample_network(model, params, x_T, labels, times, *, schedule) -> sampler.SampleResult:
@@ -256,10 +337,40 @@ def _check_config(out: str, cfg: ReproduceConfig):
         _atomic_json(path, new)
 
 
+def shipped_checkpoint(cfg: ReproduceConfig) -> str | None:
+    """The repository's trained network for ``cfg``, or None.
+
+    Used only when it is exactly the network ``reproduce`` would train for this run (same
+    TrainConfig as ``default_train_config``: embedded data set, no ``train`` overrides, no
+    ``retrain``), so a shipped network and a retrained one give the same experiment.
+    """
+    if cfg.retrain or cfg.train or cfg.checkpoint or cfg.max_examples or cfg.conditional:
+        return None
+    name = _SHIPPED.get((cfg.dataset, cfg.arch, cfg.padding))
+    path = CHECKPOINTS_DIR / name if name else None
+    if path is None or not (path / "config.json").exists():
+        return None
+    saved = _read_json(str(path / "config.json"))
+    expected = json.loads(json.dumps(default_train_config(
+        cfg.dataset, cfg.arch, cfg.padding, cfg.conditional, cfg.image_size).to_dict()))
+    resolved = ("image_shape", "num_classes", "data_dir") + train_lib._RESUMABLE_FIELDS
+    diff = sorted(k for k in expected if k not in resolved and saved.get(k) != expected[k])
+    # The run length may differ only if the shipped network trained the configured steps.
+    if diff or saved.get("steps") != expected.get("steps"):
+        warnings.warn(f"the shipped network {path} was trained with other settings "
+                      f"({diff or 'steps'}); training a new one", RuntimeWarning, stacklevel=2)
+        return None
+    return str(path)
+
+
 def _network(cfg: ReproduceConfig, out: str, timer: _Timer, progress: bool):
-    """Stage 1: trains (resuming) or reuses the network; returns (model, params, train config)."""
+    """Stage 1: reuses a given or shipped network, or trains (resuming) one; returns
+    (model, params, train config, where the network came from)."""
     if cfg.checkpoint:
-        return train_lib.load_trained(cfg.checkpoint)
+        return (*train_lib.load_trained(cfg.checkpoint), cfg.checkpoint)
+    shipped = shipped_checkpoint(cfg)
+    if shipped is not None:
+        return (*train_lib.load_trained(shipped), os.path.relpath(shipped))
     workdir = os.path.join(out, "network")
     tcfg = default_train_config(cfg.dataset, cfg.arch, cfg.padding, cfg.conditional,
                                 cfg.image_size)
@@ -271,7 +382,7 @@ def _network(cfg: ReproduceConfig, out: str, timer: _Timer, progress: bool):
         train_lib.train_and_evaluate(tcfg, workdir, progress=progress)
         _atomic_write_text(done_marker, "trained\n")
         timer.add("train", time.perf_counter() - t0)
-    return train_lib.load_trained(workdir)
+    return (*train_lib.load_trained(workdir), "network (trained by this run)")
 
 
 def _calibrate(cfg, out, model, params, images, train_labels, num_classes, boundary, schedule,
@@ -286,7 +397,7 @@ def _calibrate(cfg, out, model, params, images, train_labels, num_classes, bound
     seeds = list(range(cfg.n_seeds, cfg.n_seeds + cfg.calib_seeds))   # disjoint from comparison
     x_T = seed_noise(cfg.seed, seeds, images.shape[1:])
     labels = seed_labels(seeds, num_classes)
-    times = sampler.uniform_times(cfg.machine_steps, t_max=cfg.t_max)
+    times = sampler.uniform_times(cfg.machine_steps, t_max=cfg.start)
     result = {"candidates": list(cands), "calibration_seeds": seeds,
               "times": np.asarray(times).tolist()}
     for name, kind in (("els", "els"), ("ls", "local")):
@@ -313,35 +424,52 @@ def _calibrate(cfg, out, model, params, images, train_labels, num_classes, bound
     return result
 
 
+def _family_kwargs(name: str, scales: dict, boundary: str) -> dict:
+    """make_machine arguments of a family beyond the shared ones (its calibrated scales)."""
+    if name == "els":
+        return {"scales": scales["els"], "boundary": boundary}
+    if name == "ls":
+        return {"scales": scales["ls"]}
+    return {}
+
+
 def _compare(cfg, out, model, params, images, train_labels, num_classes, boundary, scales,
-             schedule, timer, progress):
-    """Stage 3: parts/<model>.npz for the network and every machine, from the same seeds."""
-    parts = os.path.join(out, "parts")
+             schedule, timer, progress, t_max, parts_dir="parts"):
+    """Stage 3: <parts_dir>/<model>.npz for the network and every family, from the same seeds
+    and the same start ``t_max``."""
+    parts = os.path.join(out, parts_dir)
     os.makedirs(parts, exist_ok=True)
     seeds = list(range(cfg.n_seeds))
     x_T = seed_noise(cfg.seed, seeds, images.shape[1:])
     labels = seed_labels(seeds, num_classes)
-    t_machine = sampler.uniform_times(cfg.machine_steps, t_max=cfg.t_max)
-    t_net = sampler.uniform_times(cfg.network_steps, t_max=cfg.t_max)
-    jobs = [("network", None), ("els", "els"), ("ls", "local"), ("is", "ideal")]
+    t_machine = sampler.uniform_times(cfg.machine_steps, t_max=t_max)
+    t_net = sampler.uniform_times(cfg.network_steps, t_max=t_max)
+    jobs = [("network", None)] + list(FAMILIES.items())
     if progress:
         from tqdm.auto import tqdm
-        jobs = tqdm(jobs, desc="compare", leave=False)
+        jobs = tqdm(jobs, desc=f"compare (t_max={t_max:g})", leave=False)
     for name, kind in jobs:
         path = os.path.join(parts, f"{name}.npz")
         if os.path.exists(path):
             continue
         t0 = time.perf_counter()
+        single = None
         if kind is None:
             res = sample_network(model, params, x_T, labels, t_net, schedule=schedule)
         else:
-            res = sample_machine(kind, images, train_labels, x_T, labels, t_machine,
-                                 scales=scales.get(name), boundary=boundary, schedule=schedule)
+            res, single = sample_machine(kind, images, train_labels, x_T, labels, t_machine,
+                                         schedule=schedule,
+                                         network=lambda y: networks.make_network(
+                                             model, params, label=y),
+                                         **_family_kwargs(name, scales, boundary))
         # What this model was actually started from, recorded with its result: checked below.
+        extra = {} if single is None else {"single_step_R2": single["R2"],
+                                           "single_step_mse": single["mse"]}
         _atomic_npz(path, x0=res.x0, x0_hat=res.x0_hat, times=np.asarray(res.times),
                     x_T=np.asarray(x_T), seeds=np.asarray(seeds),
-                    labels=np.asarray([] if labels is None else labels))
-        timer.add(f"sample_{name}", time.perf_counter() - t0)
+                    labels=np.asarray([] if labels is None else labels), **extra)
+        suffix = "" if parts_dir == "parts" else f"@{t_max:g}"
+        timer.add(f"sample_{name}{suffix}", time.perf_counter() - t0)
     return {name: dict(np.load(os.path.join(parts, f"{name}.npz")))
             for name in ("network",) + MACHINE_NAMES}
 
@@ -358,7 +486,8 @@ def check_same_inputs(results: dict, machine_times) -> None:
             raise AssertionError(f"machine {name} was sampled on another time grid")
 
 
-def _report(cfg, tcfg, out, results, scales, timer, t_start):
+def _grid_summary(cfg, results) -> tuple[dict, dict, dict]:
+    """Per-seed metrics, their summary, and the per-step agreements of one start t_max."""
     net = results["network"]
     per_seed = {name: metrics.compare_images(net["x0"], results[name]["x0"])
                 for name in MACHINE_NAMES}
@@ -366,26 +495,52 @@ def _report(cfg, tcfg, out, results, scales, timer, t_start):
     # Where along the trajectory the machines and the network diverge: r² of x̂_0 per step.
     t_machine = results["els"]["times"]
     align = _align(net["times"], t_machine)
-    agreement = {name: [float(np.median(metrics.r_squared(net["x0_hat"][j],
-                                                          results[name]["x0_hat"][i])))
-                        for i, j in enumerate(align)] for name in MACHINE_NAMES}
+    steps = {"times": np.asarray(t_machine[:-1]).tolist(),
+             "trajectory_x0_r2": {name: [float(np.median(metrics.r_squared(
+                 net["x0_hat"][j], results[name]["x0_hat"][i]))) for i, j in enumerate(align)]
+                 for name in MACHINE_NAMES},
+             # SPEC §7's single-step metric: the network applied to the machine's own x_t.
+             "single_step_R2": {name: np.median(results[name]["single_step_R2"], axis=1).tolist()
+                                for name in MACHINE_NAMES},
+             "single_step_mse": {name: np.median(results[name]["single_step_mse"],
+                                                 axis=1).tolist() for name in MACHINE_NAMES}}
+    return per_seed, summary, steps
+
+
+def _report(cfg, tcfg, out, by_start, scales, timer, t_start, network_source):
+    """report.json, report.md, samples.npz and figures; ``by_start``: {t_max: results}."""
+    start = cfg.start
+    results = by_start[start]
+    net = results["network"]
+    per_seed, summary, steps = _grid_summary(cfg, results)
     _atomic_npz(os.path.join(out, "samples.npz"), network=net["x0"],
                 **{name: results[name]["x0"] for name in MACHINE_NAMES},
                 x_T=net["x_T"], seeds=net["seeds"], labels=net["labels"],
-                times_machine=t_machine, times_network=net["times"],
+                times_machine=results["els"]["times"], times_network=net["times"],
                 **{f"{m}_{name}": v for name in MACHINE_NAMES
                    for m, v in per_seed[name].items()})
     report = dict(summary)
+    by_t_max = {}
+    for t, res in by_start.items():
+        _, s_t, _ = (per_seed, summary, steps) if t == start else _grid_summary(cfg, res)
+        by_t_max[f"{t:g}"] = {k: s_t[k] for k in ("median_r", "median_r2", "median_R2",
+                                                  "ci_r2", "frac_els_beats_is")}
     report.update({
+        "families": list(MACHINE_NAMES),
         "scales": {"els": scales["els"]["scales"], "ls": scales["ls"]["scales"]},
         "n_seeds": cfg.n_seeds, "calib_seeds": cfg.calib_seeds,
         "machine_steps": cfg.machine_steps, "network_steps": cfg.network_steps,
-        "t_max": cfg.t_max,
+        "t_max": start, "t_max_protocol": "given" if cfg.t_max is not None else
+        "authors' effective start (n − 1)/n (SPEC §8)",
+        "by_t_max": by_t_max,
         # What was actually compared: the trained network's own settings (a reused
         # checkpoint overrides the dataset/arch/padding options of the run).
+        "network": network_source,
         "dataset": tcfg.dataset, "arch": tcfg.arch, "boundary": tcfg.padding,
         "conditional": bool(tcfg.conditional), "image_shape": list(tcfg.image_shape or []),
-        "agreement_x0_r2": {"times": np.asarray(t_machine[:-1]).tolist(), **agreement},
+        "agreement_x0_r2": {"times": steps["times"], **steps["trajectory_x0_r2"]},
+        "single_step": {"times": steps["times"], "R2": steps["single_step_R2"],
+                        "mse": steps["single_step_mse"]},
         "per_seed": {name: {m: v.tolist() for m, v in per_seed[name].items()}
                      for name in MACHINE_NAMES},
         "timings_s": timer.times,
@@ -409,16 +564,18 @@ def _figures(out, net, results, per_seed, scales, report) -> dict:
     fdir = os.path.join(out, "figures")
     os.makedirs(fdir, exist_ok=True)
     paths = {}
-    # 1. Image grid: one row per seed, columns network | ELS | LS | IS.
+    names = list(MACHINE_NAMES)
+    # 1. Image grid: one row per seed, columns network | every family.
     rows = min(12, len(net["x0"]))
-    cols = [net["x0"][:rows]] + [results[n]["x0"][:rows] for n in MACHINE_NAMES]
+    ncols = 1 + len(names)
+    cols = [net["x0"][:rows]] + [results[n]["x0"][:rows] for n in names]
     stack = np.stack(cols, axis=1).reshape((-1,) + net["x0"].shape[1:])
-    grid = image_grid(stack, ncols=4)
-    fig, ax = plt.subplots(figsize=(4, rows * 1.0 + 0.6))
+    grid = image_grid(stack, ncols=ncols)
+    fig, ax = plt.subplots(figsize=(ncols * 1.0, rows * 1.0 + 0.6))
     ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1,
               interpolation="nearest")
-    ax.set_xticks([(i + 0.5) * grid.shape[1] / 4 for i in range(4)])
-    ax.set_xticklabels(["network", "ELS", "LS", "IS"])
+    ax.set_xticks([(i + 0.5) * grid.shape[1] / ncols for i in range(ncols)])
+    ax.set_xticklabels(["network"] + [n.upper() for n in names], rotation=45, ha="right")
     ax.set_yticks([])
     fig.savefig(os.path.join(fdir, "grid.png"), dpi=100, bbox_inches="tight")
     plt.close(fig)
@@ -445,15 +602,23 @@ def _figures(out, net, results, per_seed, scales, report) -> dict:
     fig.savefig(os.path.join(fdir, "scales.png"), dpi=100, bbox_inches="tight")
     plt.close(fig)
     paths["scales"] = "figures/scales.png"
-    # 4. Per-step agreement of x̂_0 with the network.
-    agree = report["agreement_x0_r2"]
-    fig, ax = plt.subplots(figsize=(5, 3))
-    for name in MACHINE_NAMES:
-        ax.plot(agree["times"], agree[name], marker="o", ms=3, label=name.upper())
-    ax.set_xlabel("t")
-    ax.set_ylabel("median r² of x̂₀ vs network")
-    ax.invert_xaxis()
-    ax.legend()
+    # 4. Per-step agreement with the network: along the two trajectories (x̂_0 of each at its
+    #    own x_t) and single-step (the network at the machine's x_t), R² and MSE.
+    agree, single = report["agreement_x0_r2"], report["single_step"]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.4))
+    panels = [(axes[0], agree, "median r² of x̂₀ (own trajectories)"),
+              (axes[1], single["R2"], "single-step median R² of x̂₀"),
+              (axes[2], single["mse"], "single-step median MSE of x̂₀")]
+    for ax, values, label in panels:
+        for name in names:
+            ax.plot(agree["times"], values[name], marker="o", ms=3, label=name.upper())
+        ax.set_xlabel("t")
+        ax.set_ylabel(label)
+        ax.invert_xaxis()
+    axes[1].set_ylim(max(-1.0, axes[1].get_ylim()[0]), 1.02)
+    axes[2].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
     fig.savefig(os.path.join(fdir, "agreement.png"), dpi=100, bbox_inches="tight")
     plt.close(fig)
     paths["agreement"] = "figures/agreement.png"
@@ -461,19 +626,28 @@ def _figures(out, net, results, per_seed, scales, report) -> dict:
 
 
 def _markdown(report, figs) -> str:
+    starts = list(report["by_t_max"])
+    primary = f"{report['t_max']:g}"
     lines = [f"# ELS vs network: {report['dataset']}, {report['arch']}, {report['boundary']} "
              f"padding{', conditional' if report['conditional'] else ''}", "",
-             f"{report['n_seeds']} seeds; machines {report['machine_steps']} DDIM steps, "
-             f"network {report['network_steps']}, both from t = {report['t_max']:g}; "
-             f"calibration on {report['calib_seeds']} other seeds. Total time {report['elapsed_s']:.0f} s.", "",
-             "| machine | median r | median r² (95% CI) | median R² |", "|---|---|---|---|"]
-    for name in MACHINE_NAMES:
+             f"Network: {report['network']}. {report['n_seeds']} seeds; machines "
+             f"{report['machine_steps']} DDIM steps, network {report['network_steps']}, both "
+             f"from t_max = {primary} ({report['t_max_protocol']}); calibration on "
+             f"{report['calib_seeds']} other seeds. Total time {report['elapsed_s']:.0f} s.", "",
+             "| family | median r | median r² (95% CI) | median R² | " +
+             " | ".join(f"r² from t_max = {t}" for t in starts if t != primary) + " |",
+             "|---|---|---|---|" + "---|" * (len(starts) - 1)]
+    for name in report["families"]:
         lo, hi = report["ci_r2"][name]
+        others = " | ".join(f"{report['by_t_max'][t]['median_r2'][name]:.3f}"
+                            for t in starts if t != primary)
         lines.append(f"| {name.upper()} | {report['median_r'][name]:.3f} | "
                      f"{report['median_r2'][name]:.3f} ({lo:.3f}–{hi:.3f}) | "
-                     f"{report['median_R2'][name]:.3f} |")
+                     f"{report['median_R2'][name]:.3f} | {others} |")
     lines += ["", f"ELS beats IS (higher r²) on {100 * report['frac_els_beats_is']:.0f}% of "
-              "the seeds.", "",
+              "the seeds" + "".join(f"; from t_max = {t}: "
+                                    f"{100 * report['by_t_max'][t]['frac_els_beats_is']:.0f}%"
+                                    for t in starts if t != primary) + ".", "",
               f"Calibrated ELS scales (index 0 = last step): {report['scales']['els']}", "",
               f"![samples]({figs['grid']})", "", f"![scatter]({figs['scatter']})", "",
               f"![scales]({figs['scales']})", "", f"![agreement]({figs['agreement']})", ""]
@@ -492,7 +666,7 @@ def reproduce(cfg: ReproduceConfig, out: str, *, progress: bool = True) -> dict:
     os.makedirs(out, exist_ok=True)
     _check_config(out, cfg)
     timer = _Timer(out)
-    model, params, tcfg = _network(cfg, out, timer, progress)
+    model, params, tcfg, network_source = _network(cfg, out, timer, progress)
     t_start = time.perf_counter()
     if cfg.data_dir:          # the data may live elsewhere on this machine than where trained
         tcfg = dataclasses.replace(tcfg, data_dir=cfg.data_dir)
@@ -507,10 +681,16 @@ def reproduce(cfg: ReproduceConfig, out: str, *, progress: bool = True) -> dict:
     scales = _calibrate(cfg, out, model, params, images, train_labels, num_classes, boundary,
                         schedule, timer, progress)
     scale_lists = {"els": scales["els"]["scales"], "ls": scales["ls"]["scales"]}
-    results = _compare(cfg, out, model, params, images, train_labels, num_classes, boundary,
-                       scale_lists, schedule, timer, progress)
-    check_same_inputs(results, sampler.uniform_times(cfg.machine_steps, t_max=cfg.t_max))
+    by_start = {}
+    for t_max in cfg.starts():
+        # The primary grid in parts/, the side-by-side ones in parts/t_max=<t>/ (same seeds,
+        # same scales by step index).
+        parts_dir = "parts" if t_max == cfg.start else os.path.join("parts", f"t_max={t_max:g}")
+        results = _compare(cfg, out, model, params, images, train_labels, num_classes,
+                           boundary, scale_lists, schedule, timer, progress, t_max, parts_dir)
+        check_same_inputs(results, sampler.uniform_times(cfg.machine_steps, t_max=t_max))
+        by_start[t_max] = results
     t0 = time.perf_counter()
     timer.add("load", t_prep)
-    report = _report(cfg, tcfg, out, results, scales, timer, t0)
+    report = _report(cfg, tcfg, out, by_start, scales, timer, t0, network_source)
     return report

@@ -98,8 +98,9 @@ def test_sample_machine_groups_seeds_by_label(digits_small):
     x_T = jax.random.normal(jax.random.PRNGKey(2), (4,) + images.shape[1:])
     seed_lab = np.array([1, 0, 1, 0])
     times = ej.uniform_times(3)
-    res = rp.sample_machine("els", images, labels, x_T, seed_lab, times, scales=3,
-                            boundary="zeros", schedule=ej.schedules.cosine())
+    res, single = rp.sample_machine("els", images, labels, x_T, seed_lab, times, scales=3,
+                                    boundary="zeros", schedule=ej.schedules.cosine())
+    assert single is None
     for c in (0, 1):
         idx = np.flatnonzero(seed_lab == c)
         ref = ej.sample(ej.make_machine("els", images, scales=3, boundary="zeros",
@@ -141,17 +142,34 @@ def test_reproduce_end_to_end_and_resume(tmp_path):
     parts = {n: dict(np.load(os.path.join(out, "parts", f"{n}.npz")))
              for n in ("network", "els", "ls", "is")}
     np.testing.assert_array_equal(parts["network"]["x_T"], parts["els"]["x_T"])
-    np.testing.assert_allclose(parts["els"]["times"], ej.uniform_times(4))
-    np.testing.assert_allclose(parts["network"]["times"], ej.uniform_times(6))
-    rp.check_same_inputs(parts, ej.uniform_times(4))
+    # The default start is the authors' (n − 1)/n = 0.75 for 4 machine steps (SPEC §8), for
+    # the network too; t_max = 1 is compared side by side from the same seeds and scales.
+    assert saved["t_max"] == 0.75 and set(saved["by_t_max"]) == {"0.75", "1"}
+    np.testing.assert_allclose(parts["els"]["times"], ej.uniform_times(4, t_max=0.75))
+    np.testing.assert_allclose(parts["network"]["times"], ej.uniform_times(6, t_max=0.75))
+    side = {n: dict(np.load(os.path.join(out, "parts", "t_max=1", f"{n}.npz")))
+            for n in ("network", "els", "ls", "is")}
+    np.testing.assert_allclose(side["els"]["times"], ej.uniform_times(4))
+    np.testing.assert_array_equal(side["network"]["x_T"], parts["network"]["x_T"])
+    assert saved["by_t_max"]["1"]["median_r2"]["els"] == pytest.approx(
+        float(np.median(metrics.r_squared(side["network"]["x0"], side["els"]["x0"]))))
+    assert saved["by_t_max"]["0.75"]["median_r2"] == saved["median_r2"]
+    # Single-step agreement: one value per step and family, R² ≤ 1, MSE ≥ 0.
+    for name in ("els", "ls", "is"):
+        assert len(saved["single_step"]["R2"][name]) == 4
+        assert all(v <= 1.0 for v in saved["single_step"]["R2"][name])
+        assert all(v >= 0.0 for v in saved["single_step"]["mse"][name])
+    parts = {n: {k: v for k, v in p.items() if not k.startswith("single_step")}
+             for n, p in parts.items()}
+    rp.check_same_inputs(parts, ej.uniform_times(4, t_max=0.75))
     bad = dict(parts)
     bad["is"] = dict(parts["is"], x_T=parts["is"]["x_T"] + 1e-3)
     with pytest.raises(AssertionError, match="x_T"):
-        rp.check_same_inputs(bad, ej.uniform_times(4))
+        rp.check_same_inputs(bad, ej.uniform_times(4, t_max=0.75))
     bad = dict(parts)
-    bad["ls"] = dict(parts["ls"], times=np.asarray(ej.uniform_times(5)))
+    bad["ls"] = dict(parts["ls"], times=np.asarray(ej.uniform_times(4)))
     with pytest.raises(AssertionError, match="time grid"):
-        rp.check_same_inputs(bad, ej.uniform_times(4))
+        rp.check_same_inputs(bad, ej.uniform_times(4, t_max=0.75))
 
     # Resume: an interrupted comparison (one part lost) is redone; nothing else is, and the
     # network is not retrained.
@@ -186,3 +204,58 @@ def test_reproduce_rejects_bad_config():
         dataclasses.replace(TINY, candidates=(3, 4)).validate()
     with pytest.raises(ValueError, match="n_seeds"):
         dataclasses.replace(TINY, n_seeds=1).validate()
+
+
+def test_single_step_agreement_is_perfect_when_the_network_is_the_machine(digits_small):
+    # The single-step metric applies the "network" to the machine's own x_t at every step:
+    # with the machine itself in the network's place it must be R² = 1 and MSE = 0 at every
+    # step (a misaligned step or time would break this).
+    images, labels = digits_small
+    x_T = rp.seed_noise(0, [0, 1, 2], images.shape[1:])
+    times = ej.uniform_times(4, t_max=0.75)
+    machine = ej.make_machine("els", images, scales=[3, 3, 5, 5], boundary="zeros")
+    _, single = rp.sample_machine("els", images, labels, x_T, None, times,
+                                  scales=[3, 3, 5, 5], boundary="zeros",
+                                  schedule=ej.schedules.cosine(), network=lambda y: machine)
+    np.testing.assert_allclose(single["R2"], 1.0, atol=1e-5)
+    np.testing.assert_allclose(single["mse"], 0.0, atol=1e-9)
+    # Another machine in the network's place agrees less, and worst at the noisy start.
+    _, other = rp.sample_machine("els", images, labels, x_T, None, times,
+                                 scales=[3, 3, 5, 5], boundary="zeros",
+                                 schedule=ej.schedules.cosine(),
+                                 network=lambda y: ej.make_machine("ideal", images))
+    assert np.all(other["mse"] > 1e-6) and np.all(other["R2"] < 1.0)
+
+
+def test_shipped_network_is_used_only_for_the_default_training(tmp_path, monkeypatch):
+    import dataclasses
+    import warnings
+
+    cfg = rp.ReproduceConfig()
+    ship = tmp_path / "digits_resnet_zeros"
+    ship.mkdir()
+    monkeypatch.setattr(rp, "CHECKPOINTS_DIR", tmp_path)
+    with open(ship / "config.json", "w") as f:
+        json.dump(rp.digits_train_config().to_dict(), f)
+    assert rp.shipped_checkpoint(cfg) == str(ship)
+    for changed in (dict(retrain=True), dict(train={"steps": 10}), dict(padding="circular"),
+                    dict(max_examples=100), dict(checkpoint="elsewhere")):
+        assert rp.shipped_checkpoint(dataclasses.replace(cfg, **changed)) is None, changed
+    # A shipped network trained with other settings is not silently used.
+    with open(ship / "config.json", "w") as f:
+        json.dump(rp.digits_train_config(lr=1e-3).to_dict(), f)
+    with pytest.warns(RuntimeWarning, match="other settings"):
+        assert rp.shipped_checkpoint(cfg) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert rp.shipped_checkpoint(dataclasses.replace(cfg, dataset="mnist5k")) is None
+
+
+def test_authors_start_and_side_by_side_starts():
+    import dataclasses
+    cfg = rp.ReproduceConfig(machine_steps=20)
+    assert cfg.start == pytest.approx(0.95) and cfg.starts() == [pytest.approx(0.95), 1.0]
+    cfg = dataclasses.replace(cfg, t_max=1.0, compare_t_max=(1.0, 0.9))
+    assert cfg.starts() == [1.0, 0.9]
+    with pytest.raises(ValueError, match="t_max"):
+        dataclasses.replace(cfg, compare_t_max=(1.5,)).validate()
