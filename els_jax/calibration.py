@@ -103,3 +103,156 @@ def candidate_machines(kind: str, images, candidates: Sequence[int], **machine_k
     """{k: make_machine(kind, images, scales=k, ...)} for the calibration."""
     return {int(k): machine_lib.make_machine(kind, images, scales=int(k), **machine_kwargs)
             for k in candidates}
+
+
+# ----------------------------------------------------------------------------------------
+# els_soft: a Gaussian window width σ per step, fitted by gradient descent (SPEC §7).
+
+__all__ += ["SigmaCalibration", "calibrate_sigma"]
+
+
+class SigmaCalibration(NamedTuple):
+    """sigmas: tuple, index 0 = last step (what ``make_machine("els_soft", sigmas=...)``
+    takes); per_step: [m] fitted σ in step order (0 = first); init: [m] the starting σ per
+    step; cosine_before, cosine_after: [m] mean cosine over seeds between the machine's and
+    the network's ε̂ at the starting and at the fitted σ; loss: [m, steps] −mean cosine at
+    every iteration; times: the [m + 1] grid."""
+
+    sigmas: tuple
+    per_step: np.ndarray
+    init: np.ndarray
+    cosine_before: np.ndarray
+    cosine_after: np.ndarray
+    loss: np.ndarray
+    times: np.ndarray
+
+
+def _mean_cosine(a, b):
+    """Mean over the batch of cos(a_s, b_s) over all pixels (jnp, differentiable)."""
+    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    den = jnp.sqrt(jnp.sum(a * a, axis=1) * jnp.sum(b * b, axis=1))
+    return jnp.mean(jnp.sum(a * b, axis=1) / jnp.maximum(den, 1e-30))
+
+
+def _initial_sigmas(init_sigmas, init_scales, m: int):
+    """Starting σ per step in step order (0 = first), or None per step = warm start from
+    the previous step's fit (the first step from the box k_max)."""
+    from els_jax import soft
+    if init_sigmas is not None and init_scales is not None:
+        raise ValueError("pass init_sigmas or init_scales, not both")
+    if init_scales is not None:
+        scales = np.atleast_1d(np.asarray(init_scales, np.int64))
+        init_sigmas = [soft.sigma_for_scale(k) for k in scales]
+        if len(scales) == 1:
+            init_sigmas = init_sigmas[0]
+    if init_sigmas is None:
+        return [None] * m
+    values = np.atleast_1d(np.asarray(init_sigmas, np.float64))
+    if values.size == 1:
+        values = np.full(m, values[0])
+    if values.shape != (m,):
+        raise ValueError(f"need one initial sigma per step ({m}); got {values.size}")
+    if not np.all(values > 0) or not np.all(np.isfinite(values)):
+        raise ValueError(f"initial sigmas must be finite and > 0; got {values}")
+    return [float(s) for s in values[::-1]]              # index 0 = last step → step order
+
+
+def calibrate_sigma(network_eps: Callable, images, x_T, times, *, k_max: int,
+                    boundary: str = "circular", wrap_patches: bool = False, mask=None,
+                    init_sigmas=None, init_scales=None, steps: int = 60, lr: float = 0.1,
+                    schedule=schedules_lib.Cosine(), optimizer=None,
+                    block: int | None = None, progress: bool = False) -> SigmaCalibration:
+    """Fits the els_soft machine's window width σ per sampler step to a network (SPEC §7).
+
+    Along the network's own deterministic DDIM trajectory from ``x_T`` (as ``calibrate``), at
+    every step i with x_i, t_i and the network's ε̂_net = network_eps(x_i, t_i, i):
+
+        σ_i = argmax_σ  mean_s cos( ε̂_σ(x_i,s), ε̂_net(x_i,s) ),     ε̂_σ = (x − a·x̂_0,σ)/b,
+
+    by gradient descent on log σ (``steps`` iterations of Adam without momentum, β2 = 0.9,
+    learning rate ``lr`` decayed to 0 on a cosine; or any optax ``optimizer``), the gradient
+    taken by ``jax.grad`` through the machine (``SoftMachine.x0_at``), one compiled fit for
+    every step. The fit at a step is kept only if it beats its starting point.
+
+    Args:
+      network_eps: the network as ``eps_fn(x, t, i)``; it drives the trajectory.
+      images: training set [N, H, W, C] (with ``mask``: the class's images are selected).
+      x_T: [S, H, W, C] starting noise of the S calibration seeds.
+      times: the descending grid [m + 1].
+      k_max, boundary, wrap_patches, mask: the machine (``make_machine("els_soft", ...)``).
+      init_sigmas: starting σ, a float or one per step (index 0 = last step); or
+      init_scales: an int patch size or a scale list (index 0 = last step), each started at
+        the Gaussian with the box's second moment (``soft.sigma_for_scale``). Neither: each
+        step starts from the previous step's fit, the first from the k_max box.
+      steps, lr: iterations per step and the initial learning rate (on log σ).
+      optimizer: an optax GradientTransformation replacing the default (``lr`` unused).
+      block: logits per streamed chunk of the machine (memory knob).
+    Returns:
+      a SigmaCalibration (``.sigmas`` is what ``make_machine("els_soft", sigmas=...)`` takes).
+
+        >>> cal = calibrate_sigma(net, images, x_T, uniform_times(20), k_max=11, boundary="zeros")
+    """
+    import optax
+
+    from els_jax import conversions, soft
+    schedule = schedules_lib.get(schedule)
+    times_np = np.asarray(times, np.float32)
+    m = len(times_np) - 1
+    if m < 1:
+        raise ValueError("times must hold at least two points")
+    kw = {} if block is None else {"block": int(block)}
+    machine = soft.make_soft_machine(images, sigmas=1.0, k_max=k_max, boundary=boundary,
+                                     wrap_patches=wrap_patches, schedule=schedule, mask=mask,
+                                     **kw)
+    starts = _initial_sigmas(init_sigmas, init_scales, m)
+    if optimizer is None:
+        # No momentum and a short second-moment memory: in log σ the valley is steep on the
+        # wide side and flat on the narrow side; momentum (β1 = 0.9) overshoots into the flat
+        # side, where a long memory of the steep gradients (β2 = 0.999) stalls the steps.
+        optimizer = optax.adam(optax.cosine_decay_schedule(lr, max(1, steps)), b1=0.0, b2=0.9)
+
+    def loss_fn(log_sigma, x, t, eps_net):
+        x0 = machine.x0_at(x, t, jnp.exp(log_sigma))
+        return -_mean_cosine(conversions.x0_to_eps(x0, x, t, schedule=schedule), eps_net)
+
+    @jax.jit
+    def fit(log_sigma, x, t, eps_net):
+        value_and_grad = jax.value_and_grad(loss_fn)
+
+        def body(carry, _):
+            p, state = carry
+            loss, grad = value_and_grad(p, x, t, eps_net)
+            updates, state = optimizer.update(grad, state, p)
+            return (optax.apply_updates(p, updates), state), loss
+
+        (p, _), history = jax.lax.scan(body, (log_sigma, optimizer.init(log_sigma)), None,
+                                       length=steps)
+        final = loss_fn(p, x, t, eps_net)
+        start = history[0] if steps else final
+        keep = final <= start
+        return jnp.where(keep, p, log_sigma), start, jnp.minimum(final, start), history
+
+    x = jnp.asarray(x_T, jnp.float32)
+    fitted, init, before, after, losses = [], [], [], [], []
+    previous = soft.sigma_for_scale(machine.k_max)
+    step_range = range(m)
+    if progress:
+        from tqdm.auto import tqdm
+        step_range = tqdm(step_range, desc="calibrate σ", leave=False)
+    for i in step_range:
+        t, t_next = jnp.float32(times_np[i]), jnp.float32(times_np[i + 1])
+        eps_net = jnp.asarray(network_eps(x, t, i), jnp.float32)
+        s0 = previous if starts[i] is None else starts[i]
+        log_sigma, l0, l1, history = fit(jnp.float32(np.log(s0)), x, t, eps_net)
+        previous = float(np.exp(log_sigma))
+        fitted.append(previous)
+        init.append(s0)
+        before.append(-float(l0))
+        after.append(-float(l1))
+        losses.append(np.asarray(history))
+        x = sampler.ddim_step(x, eps_net, t, t_next, schedule=schedule)
+    per_step = np.asarray(fitted)
+    return SigmaCalibration(sigmas=tuple(float(s) for s in per_step[::-1]), per_step=per_step,
+                            init=np.asarray(init), cosine_before=np.asarray(before),
+                            cosine_after=np.asarray(after),
+                            loss=np.asarray(losses).reshape(m, steps), times=times_np)

@@ -67,6 +67,7 @@ from jax.sharding import PartitionSpec
 
 from els_jax import border as border_lib
 from els_jax import conversions, native, patches, softmax
+from els_jax import engines as engines_lib
 from els_jax import local as local_lib
 from els_jax import schedules as schedules_lib
 from els_jax.validation import check_patch_size, check_query_and_images, mask_log_weights
@@ -256,13 +257,58 @@ def _window_candidates(images, log_w, k, gp: _Grouped, shift):
     return by_group(keys), by_group(values)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _augmented_logits(dot, q, keys):
+    """dot(q, keys): the logits of augmented queries and keys (``_augment_queries``,
+    ``_augment_keys``, ``_row_candidates``), ``dot`` a static contraction over q's last axis.
+
+    The derivative is the plain one except at absent candidates: their key holds log w = −inf
+    against the query's constant 1, whose tangent is 0, and the plain rule's 0·(−inf) = NaN
+    would reach every output through the matmul (forward mode; reverse mode drops it with the
+    constant's cotangent). An absent candidate's logit is −inf whatever x is and its weight
+    exactly 0, so its tangent does not matter: the tangent uses the keys with non-finite
+    entries zeroed (elsewhere the plain tangent). Linear in the tangents, so reverse mode
+    transposes it."""
+    return dot(q, keys)
+
+
+def _augmented_logits_jvp(dot, primals, tangents):
+    from jax.custom_derivatives import SymbolicZero
+
+    q, keys = primals
+    dq, dkeys = tangents
+    logits = _augmented_logits(dot, q, keys)          # (so that higher orders stay finite)
+    finite = jnp.isfinite(keys)
+    tangent = jnp.zeros_like(logits)
+    if not isinstance(dq, SymbolicZero):
+        tangent = dot(dq, jnp.where(finite, keys, 0.0))
+    if not isinstance(dkeys, SymbolicZero):           # (differentiating w.r.t. the images)
+        tangent = tangent + dot(q, jnp.where(finite, dkeys, 0.0))
+    return logits, tangent
+
+
+_augmented_logits.defjvp(_augmented_logits_jvp, symbolic_zeros=True)
+
+
+def _matmul_keys(q, keys):              # [Q, D'] · [M, D'] → [Q, M]
+    return jnp.matmul(q, keys.T, precision=_HI)
+
+
+def _grouped_matmul_keys(q, keys):      # [G, Q, D'] · [G, M, D'] → [G, Q, M]
+    return jnp.einsum("gqd,gmd->gqm", q, keys, precision=_HI)
+
+
+def _row_matmul_keys(xs, keys):         # [H, Q, D'] · [H, D', M] → [H, Q, M]
+    return jnp.einsum("rqd,rdm->rqm", xs, keys, precision=_HI)
+
+
 def _window_update(state, q, keys, values):
     """One chunk into the running softmax. q [G, Q, D'], keys [G, M, D'], values [G, M, V]."""
     if q.shape[0] == 1:         # plain 2-D matmuls: XLA lays them out without transposes
-        logits = jnp.matmul(q[0], keys[0].T, precision=_HI)[None]
+        logits = _augmented_logits(_matmul_keys, q[0], keys[0])[None]
         return softmax.update_with(
             state, logits, lambda p: jnp.matmul(p[0], values[0], precision=_HI)[None])
-    logits = jnp.einsum("gqd,gmd->gqm", q, keys, precision=_HI)
+    logits = _augmented_logits(_grouped_matmul_keys, q, keys)
     return softmax.update_with(
         state, logits, lambda p: jnp.einsum("gqm,gmv->gqv", p, values, precision=_HI))
 
@@ -333,7 +379,7 @@ def _row_offset_state(xs, keys, values, k, wrap_rows):
 
     xs [H, Q, D']: query rows, rolled so that row r holds the query row paired with candidate
     row r. Returns a state over [Hc, Q] indexed by candidate centre row."""
-    t = jnp.einsum("rqd,rdm->rqm", xs, keys, precision=_HI)             # [H, Q, M]
+    t = _augmented_logits(_row_matmul_keys, xs, keys)                   # [H, Q, M]
     m = k // 2
     if wrap_rows and m:
         t = jnp.concatenate([t[-m:], t, t[:m]], axis=0)
@@ -417,13 +463,26 @@ def native_interior_ok(k: int, h: int, w: int, boundary: str) -> bool:
             and native.available())
 
 
-def _resolve_method(method, k, c, h, boundary, unique_fraction=1.0, banked=False, w=None):
-    """The engine of the main pass. "auto": for a banked zero-padded machine whose windows
-    are not merged, the fused CPU kernel when it can run, except at k = 3 with C ≥ 2, where
-    the window engine's short matmul is cheaper (2-core EPYC, N = 1000, 32×32, ns per pair:
-    C = 3, k = 3 window 0.40, kernel 0.58; k = 7 1.00 vs 0.76; k = 11 1.96–2.20 vs 1.13–1.21;
-    C = 1, k = 3 0.32–0.54 vs 0.30; k = 11 1.03–1.12 vs 0.71–0.79); otherwise
-    ``choose_method``."""
+def _resolve_method(method, k, c, h, boundary, unique_fraction=1.0, banked=False, w=None,
+                    **shape):
+    """The engine of the main pass (``_resolve_engine``'s, without the reason)."""
+    return _resolve_engine(method, k, c, h, boundary, unique_fraction, banked, w,
+                           **shape).engine
+
+
+def _resolve_engine(method, k, c, h, boundary, unique_fraction=1.0, banked=False, w=None, *,
+                    wrap_patches=False, n=None, batch=1, sharded=False,
+                    block=DEFAULT_BLOCK) -> engines_lib.Choice:
+    """The engine of the main pass and why (``engines.Choice``). An explicit ``method`` wins.
+    "auto": the applicable engines are "window" and "row", and "native" (the fused CPU
+    kernel) for a banked zero-padded machine whose windows are not merged when it can run;
+    ``engines.els_engine`` measures them on a probe (n = the number of training images; B =
+    ``batch``) and caches the winner, or, with ``ELS_JAX_AUTOTUNE=0``, without n, or
+    ``sharded``, applies the static rule: the kernel when it applies, except at k = 3 with
+    C ≥ 2, where the window engine's short matmul was cheaper (2-core AVX-512 EPYC, N = 1000,
+    32×32, ns per pair: C = 3, k = 3 window 0.40, kernel 0.58; k = 7 1.00 vs 0.76; k = 11
+    1.96–2.20 vs 1.13–1.21; C = 1, k = 3 0.32–0.54 vs 0.30; k = 11 1.03–1.12 vs 0.71–0.79);
+    otherwise ``choose_method``'s cost model."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     w = h if w is None else w
@@ -432,13 +491,25 @@ def _resolve_method(method, k, c, h, boundary, unique_fraction=1.0, banked=False
             raise ValueError("method='native' (the fused CPU kernel) needs a machine "
                              "(make_machine) with boundary='zeros', k < H, W, a CPU backend "
                              "and a C++ compiler (see els_jax.native)")
-        return method
-    if method == "auto":
-        if (banked and unique_fraction >= 1.0 and not (k <= 3 and c >= 2)
-                and native_interior_ok(k, h, w, boundary)):
-            return "native"
-        return choose_method(k, c, h, boundary, unique_fraction)
-    return method
+        return engines_lib.Choice(method, "method='native' (explicit)")
+    if method != "auto":
+        return engines_lib.Choice(method, f"method={method!r} (explicit)")
+    applicable = ("window", "row")
+    kernel = banked and unique_fraction >= 1.0 and native_interior_ok(k, h, w, boundary)
+    if kernel:
+        applicable += ("native",)
+    if kernel and not (k <= 3 and c >= 2):
+        static = "native"
+        why = ("static rule: the fused CPU kernel for a banked zero-padded machine without "
+               "merged windows (not at k = 3, C ≥ 2)")
+    else:
+        static = choose_method(k, c, h, boundary, unique_fraction)
+        why = "static rule: choose_method's cost model"
+    return engines_lib.els_engine(applicable, static, why, k=k, c=c, h=h, w=w,
+                                  boundary=boundary, wrap_patches=wrap_patches, n=n,
+                                  batch=batch, banked=banked,
+                                  unique_fraction=unique_fraction, sharded=sharded,
+                                  block=block)
 
 
 def _scatter(x_shape, results):
@@ -573,7 +644,9 @@ def els_x0(x, t, images, *, k: int, boundary: str = "circular", wrap_patches: bo
     if boundary == "zeros" and k >= min(h, w):
         from els_jax.local import local_x0         # SPEC: zero-padded ELS with k ≥ H is LS
         return local_x0(x, t, images, k=k, schedule=schedule, mask=mask)
-    method = _resolve_method(method, k, x.shape[3], h, boundary)
+    method = _resolve_method(method, k, x.shape[3], h, boundary, w=w,
+                             wrap_patches=bool(wrap_patches), n=images.shape[0],
+                             batch=x.shape[0], block=int(block))
     log_w = mask_log_weights(mask, images.shape[0])
     return _stream_images_x0(jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32),
                              jnp.asarray(images, jnp.float32), log_w, k=k, boundary=boundary,
@@ -600,6 +673,9 @@ def els_score(x, t, images, *, k: int, boundary: str = "circular", wrap_patches:
       method: "auto" (cheaper engine for this k), "window" or "row" (same result).
     Returns:
       score [B, H, W, C].
+
+    Works under jax.jit / jax.vmap; differentiable (jax.grad, jax.jvp) w.r.t. x and t, every
+    engine (absent candidates get a zero tangent: ``_augmented_logits``).
 
         >>> s = els_score(x, 0.3, images, k=5, boundary="zeros")
     """
@@ -847,7 +923,9 @@ def build_bank(images, *, k: int, boundary: str = "circular", wrap_patches: bool
         method = "window"
     else:
         method = _resolve_method(method, k, c, h, boundary,
-                                 unique_fraction if dedup else 1.0, banked=True, w=w)
+                                 unique_fraction if dedup else 1.0, banked=True, w=w,
+                                 wrap_patches=bool(wrap_patches), n=n,
+                                 sharded=n_shards > 1, block=int(block))
     windows, chunks = [], []
     for gp in _grouped_passes(k, boundary, wrap_patches, h, w, ideal, method):
         g, pq = gp.query_pixels.shape
@@ -965,15 +1043,57 @@ _INTERIOR_SPECS = InteriorBank(PartitionSpec(None, None, None, "cands"),
                                PartitionSpec(None, None, "cands"), PartitionSpec("cands"))
 
 
-def _interior_result(x, a, b2, k, bank: MachineBank, mesh):
+def _interior_state_xla(q, a, b2, ib: InteriorBank, k: int, block: int):
+    """The XLA twin of ``native.interior_softmax_state`` (same arguments, same state): the
+    window engine's main pass for zero padding, every interior query window against every
+    interior window of the bank's images, streamed a chunk of images at a time (at most
+    ``block`` logits). The fused kernel takes its derivatives from here."""
+    bsz, h, w, c = q.shape
+    n = ib.log_w.shape[0]
+    pixels = layout(k, "zeros", False, h, w)[0].query_pixels            # interior, row-major
+    p = len(pixels)
+    rows, cols = np.divmod(pixels, w)
+    q_win = _windows(q, k, "zeros", pixels)                              # [B, P, k²C]
+    images = jnp.transpose(ib.centred[:c], (3, 1, 2, 0))                 # [N', H, W, C]
+    half_sq = ib.half_sq[rows, cols]                                     # [P, N']
+    n_img = int(min(n, max(1, block // max(1, bsz * p * p))))
+    starts, first_new = softmax.chunk_starts(n, n_img)
+    seen = jnp.arange(n_img, dtype=jnp.int32)
+    a3, b23 = a[:, None, None], b2[:, None, None]
+
+    def body(state, chunk):
+        start, first = chunk
+        imgs = jax.lax.dynamic_slice_in_dim(images, start, n_img)
+        keys = _windows(imgs, k, "zeros", pixels).reshape(n_img * p, -1)     # image-major
+        hs = jax.lax.dynamic_slice_in_dim(half_sq, start, n_img, axis=1).T.reshape(-1)
+        lw = jax.lax.dynamic_slice_in_dim(ib.log_w, start, n_img)
+        lw = jnp.repeat(jnp.where(seen >= first, lw, -jnp.inf), p)
+        values = imgs.reshape(n_img, h * w, c)[:, pixels].reshape(n_img * p, c)
+        qc = jnp.einsum("bpd,md->bpm", q_win, keys, precision=_HI)           # [B, P, n·P]
+        logits = (a3 * qc - (a3 * a3) * hs[None, None]) / b23 + lw[None, None]
+        return softmax.update(state, logits, values), None
+
+    state, _ = jax.lax.scan(body, softmax.init((bsz, p), c), (starts, first_new))
+    m = k // 2
+    shape = (bsz, h - 2 * m, w - 2 * m)
+    return softmax.SoftmaxState(state.max.reshape(shape), state.total.reshape(shape),
+                                state.acc.reshape(shape + (c,)))
+
+
+def _interior_result(x, a, b2, k, bank: MachineBank, mesh, block: int = DEFAULT_BLOCK):
     """(interior pixels, x̂_0 [B, P, C]) of the fused kernel's main pass (zero padding); the
-    kernel's state is over the main pass's query pixels in ``layout`` order (row-major)."""
+    kernel's state is over the main pass's query pixels in ``layout`` order (row-major).
+    Differentiable: values from the kernel, derivatives from ``_interior_state_xla``."""
     bsz, h, w, c = x.shape
 
-    def run(q, a, b2, ib):
+    def kernel(q, a, b2, ib):
         return softmax.SoftmaxState(*native.interior_softmax_state(
             q, a, b2, ib.centred, ib.half_sq, ib.log_w, k))
 
+    def reference(q, a, b2, ib):
+        return _interior_state_xla(q, a, b2, ib, k, block)
+
+    run = native.with_reference_derivatives(kernel, reference)
     if mesh is not None:
         run = _sharded(run, mesh, _INTERIOR_SPECS)
     mu = bank.mu[None, None, None, :]
@@ -1023,7 +1143,7 @@ def bank_x0(x, t, bank: MachineBank, *, spec: BankSpec, schedule, mesh=None,
         state = run(x_rows, bank.row)
         results.append((_row_pixels(lay, w), _row_output(state, bsz, lay)))
     if spec.method == "native":
-        results.append(_interior_result(x, a, b2, k, bank, mesh))
+        results.append(_interior_result(x, a, b2, k, bank, mesh, block))
     groups = _grouped_passes(k, spec.boundary, spec.wrap_patches, h, w, spec.ideal, spec.method)
     for gp, wbank, chunk in zip(groups, bank.windows, spec.chunks):
         q = _window_queries(x, a, b2, k, gp, bank.mu)

@@ -97,6 +97,7 @@ def equivariant_x0(x, t, images, *, schedule=schedules_lib.Cosine(), mask=None,
 def equivariant_score(x, t, images, *, schedule=schedules_lib.Cosine(), mask=None,
                       block: int = 1 << 20):
     """Score of the equivariant machine: the ideal score of the translate-augmented set.
+    Works under jax.jit / jax.vmap; differentiable (jax.grad, jax.jvp) w.r.t. x and t.
 
     Args: x [B, H, W, C]; t scalar or [B]; images [N, H, W, C]; mask optional boolean [N].
     Returns: score [B, H, W, C].

@@ -46,8 +46,10 @@ __all__ = ["ReproduceConfig", "reproduce", "default_train_config", "digits_train
            "CHECKPOINTS_DIR"]
 
 # Every model compared with the network: report name → ``make_machine`` kind (a literal dict,
-# no registry). Their per-step parameters (patch sizes) come from the calibration.
-FAMILIES = {"els": "els", "ls": "local", "is": "ideal"}
+# no registry). ELS and LS take the calibrated patch sizes, els_soft the fitted window widths
+# (SPEC §4, §7); the paper's three first, then the other analytic families (SPEC §7).
+FAMILIES = {"els": "els", "ls": "local", "is": "ideal", "gaussian": "gaussian",
+            "nearest": "nearest", "pca_locality": "pca_locality", "els_soft": "els_soft"}
 MACHINE_NAMES = tuple(FAMILIES)
 _CONFIG_FILE, _SCALES_FILE, _TIMINGS_FILE = "config.json", "scales.json", "timings.json"
 
@@ -128,6 +130,7 @@ class ReproduceConfig:
       ``by_t_max``.
     retrain: train the network even when the repository ships one for this configuration
       (``experiments/checkpoints/``; used by default for the embedded data sets).
+    soft_steps: gradient steps per sampler step when fitting the els_soft widths.
     """
 
     dataset: str = "digits"
@@ -148,6 +151,7 @@ class ReproduceConfig:
     t_max: float | None = None
     compare_t_max: tuple[float, ...] = (1.0,)
     retrain: bool = False
+    soft_steps: int = 25
 
     @property
     def start(self) -> float:
@@ -393,7 +397,11 @@ def _calibrate(cfg, out, model, params, images, train_labels, num_classes, bound
         return _read_json(path)
     t0 = time.perf_counter()
     h, w = images.shape[1:3]
-    cands = tuple(cfg.candidates or calibrate_lib.default_candidates(h, w))
+    # A window wider than the network's receptive field is one the network cannot use (the
+    # ResNet's is 17 at any image size): by default the candidates stop there.
+    reach = networks.receptive_field(model) or max(h, w)
+    cands = tuple(cfg.candidates or calibrate_lib.default_candidates(min(h, reach),
+                                                                     min(w, reach)))
     seeds = list(range(cfg.n_seeds, cfg.n_seeds + cfg.calib_seeds))   # disjoint from comparison
     x_T = seed_noise(cfg.seed, seeds, images.shape[1:])
     labels = seed_labels(seeds, num_classes)
@@ -424,12 +432,50 @@ def _calibrate(cfg, out, model, params, images, train_labels, num_classes, bound
     return result
 
 
+def _calibrate_soft(cfg, out, scales, model, params, images, train_labels, num_classes,
+                    boundary, schedule, timer, progress):
+    """Stage 2b: the els_soft window widths (SPEC §7), fitted by gradient descent along the
+    network's trajectory from the calibration seeds, on a k_max × k_max support with k_max
+    the widest calibrated ELS size, each step started from the Gaussian that matches its
+    calibrated ELS size. Added to scales.json."""
+    if "els_soft" in scales:
+        return scales
+    t0 = time.perf_counter()
+    seeds = scales["calibration_seeds"]
+    x_T = seed_noise(cfg.seed, seeds, images.shape[1:])
+    labels = seed_labels(seeds, num_classes)
+    times = np.asarray(scales["times"], np.float32)
+    k_max = int(max(scales["els"]["scales"]))
+    fits = []
+    for idx, label in _by_label(labels):
+        sel = slice(None) if idx is None else idx
+        mask = None if label is None else (train_labels == label)
+        net = networks.make_network(model, params, label=label)
+        fits.append(calibrate_lib.calibrate_sigma(
+            net, images, x_T[sel], times, k_max=k_max, boundary=boundary, mask=mask,
+            init_scales=scales["els"]["scales"], steps=cfg.soft_steps, schedule=schedule,
+            progress=progress))
+    # One width per step for all labels: the geometric mean of the per-label fits.
+    per_step = np.exp(np.mean([np.log(f.per_step) for f in fits], axis=0))
+    scales = dict(scales, els_soft={
+        "k_max": k_max, "sigmas": [float(v) for v in per_step[::-1]],
+        "per_step": per_step.tolist(),
+        "cosine_before": np.mean([f.cosine_before for f in fits], axis=0).tolist(),
+        "cosine_after": np.mean([f.cosine_after for f in fits], axis=0).tolist()})
+    _atomic_json(os.path.join(out, _SCALES_FILE), scales)
+    timer.add("calibrate_soft", time.perf_counter() - t0)
+    return scales
+
+
 def _family_kwargs(name: str, scales: dict, boundary: str) -> dict:
     """make_machine arguments of a family beyond the shared ones (its calibrated scales)."""
     if name == "els":
-        return {"scales": scales["els"], "boundary": boundary}
+        return {"scales": scales["els"]["scales"], "boundary": boundary}
     if name == "ls":
-        return {"scales": scales["ls"]}
+        return {"scales": scales["ls"]["scales"]}
+    if name == "els_soft":
+        return {"sigmas": scales["els_soft"]["sigmas"], "k_max": scales["els_soft"]["k_max"],
+                "boundary": boundary}
     return {}
 
 
@@ -528,6 +574,7 @@ def _report(cfg, tcfg, out, by_start, scales, timer, t_start, network_source):
     report.update({
         "families": list(MACHINE_NAMES),
         "scales": {"els": scales["els"]["scales"], "ls": scales["ls"]["scales"]},
+        "els_soft": scales.get("els_soft"),
         "n_seeds": cfg.n_seeds, "calib_seeds": cfg.calib_seeds,
         "machine_steps": cfg.machine_steps, "network_steps": cfg.network_steps,
         "t_max": start, "t_max_protocol": "given" if cfg.t_max is not None else
@@ -648,8 +695,12 @@ def _markdown(report, figs) -> str:
               "the seeds" + "".join(f"; from t_max = {t}: "
                                     f"{100 * report['by_t_max'][t]['frac_els_beats_is']:.0f}%"
                                     for t in starts if t != primary) + ".", "",
-              f"Calibrated ELS scales (index 0 = last step): {report['scales']['els']}", "",
-              f"![samples]({figs['grid']})", "", f"![scatter]({figs['scatter']})", "",
+              f"Calibrated ELS scales (index 0 = last step): {report['scales']['els']}", ""]
+    if report.get("els_soft"):
+        soft = report["els_soft"]
+        lines += [f"els_soft window widths σ on a {soft['k_max']}×{soft['k_max']} support "
+                  f"(index 0 = last step): {[round(v, 2) for v in soft['sigmas']]}", ""]
+    lines += [f"![samples]({figs['grid']})", "", f"![scatter]({figs['scatter']})", "",
               f"![scales]({figs['scales']})", "", f"![agreement]({figs['agreement']})", ""]
     return "\n".join(lines)
 
@@ -680,14 +731,16 @@ def reproduce(cfg: ReproduceConfig, out: str, *, progress: bool = True) -> dict:
     t_prep = time.perf_counter() - t_start
     scales = _calibrate(cfg, out, model, params, images, train_labels, num_classes, boundary,
                         schedule, timer, progress)
-    scale_lists = {"els": scales["els"]["scales"], "ls": scales["ls"]["scales"]}
+    if "els_soft" in MACHINE_NAMES:
+        scales = _calibrate_soft(cfg, out, scales, model, params, images, train_labels,
+                                 num_classes, boundary, schedule, timer, progress)
     by_start = {}
     for t_max in cfg.starts():
         # The primary grid in parts/, the side-by-side ones in parts/t_max=<t>/ (same seeds,
         # same scales by step index).
         parts_dir = "parts" if t_max == cfg.start else os.path.join("parts", f"t_max={t_max:g}")
         results = _compare(cfg, out, model, params, images, train_labels, num_classes,
-                           boundary, scale_lists, schedule, timer, progress, t_max, parts_dir)
+                           boundary, scales, schedule, timer, progress, t_max, parts_dir)
         check_same_inputs(results, sampler.uniform_times(cfg.machine_steps, t_max=t_max))
         by_start[t_max] = results
     t0 = time.perf_counter()

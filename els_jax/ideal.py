@@ -83,6 +83,8 @@ def ideal_x0(x, t, images, *, schedule=schedules_lib.Cosine(), mask=None, chunk_
 def ideal_score(x, t, images, *, schedule=schedules_lib.Cosine(), mask=None,
                 chunk_size: int = 256):
     """Score s(x) = ∇ log p_t(x) of the ideal machine, [B, H, W, C] (see ``ideal_x0``).
+    Like every machine: works under jax.jit and jax.vmap, differentiable (jax.grad, jax.jvp)
+    w.r.t. x and t; the training images are data.
 
         >>> s = ideal_score(x, 0.5, images)        # x [B,H,W,C], images [N,H,W,C]
     """

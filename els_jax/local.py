@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from els_jax import conversions, native, softmax
+from els_jax import engines as engines_lib
 from els_jax import schedules as schedules_lib
 from els_jax.validation import check_patch_size, check_query_and_images, mask_log_weights
 
@@ -94,16 +95,18 @@ def _local_x0_t(x, t, images_t, log_w, *, k, schedule, block):
 BANK_SHARDING = LocalBank(P(None, None, None, "cands"), P(), P(None, None, "cands"))
 
 
-@functools.partial(jax.jit, static_argnames=("k", "schedule", "block", "mesh"))
-def local_bank_x0(x, t, bank: LocalBank, log_w, *, k, schedule, block, mesh=None):
+@functools.partial(jax.jit, static_argnames=("k", "schedule", "block", "mesh", "engine"))
+def local_bank_x0(x, t, bank: LocalBank, log_w, *, k, schedule, block, mesh=None,
+                  engine="auto"):
     """LS x̂_0 [B, H, W, C] from a precomputed ``LocalBank`` (a machine builds it once, so a
     call only touches the query-dependent work: product images, their window sums, softmax).
 
     With a ``mesh`` (one axis, "cands"; N divisible by its size) each device streams its share
     of the images (``BANK_SHARDING``; ``log_w`` split the same way) and the partial softmax
-    states are merged exactly (``softmax.merge_across``): the result equals one device's."""
+    states are merged exactly (``softmax.merge_across``): the result equals one device's.
+    engine: "auto" (``resolve_engine``, per query shape), "kernel" or "xla"."""
     def state_of(x, t, bank, log_w):
-        return _local_bank_state(x, t, bank, log_w, k, schedule, block)
+        return _local_bank_state(x, t, bank, log_w, k, schedule, block, engine)
 
     if mesh is None:
         state = state_of(x, t, bank, log_w)
@@ -113,24 +116,52 @@ def local_bank_x0(x, t, bank: LocalBank, log_w, *, k, schedule, block, mesh=None
     return softmax.finalize(state) + jnp.transpose(bank.mean[..., 0], (1, 2, 0))[None]
 
 
-def _local_bank_state(x, t, bank: LocalBank, log_w, k, schedule, block):
+def _local_bank_state(x, t, bank: LocalBank, log_w, k, schedule, block, engine="auto"):
     """The softmax state of the LS machine over the images of ``bank``, [B, H, W].
 
-    On CPU devices, when the fused kernel could be built (``native.available()``), one
-    custom call computes it (measured 1.3–2.3× faster than the XLA passes); other platforms
-    lower the XLA path. Both give the same state up to float32 rounding."""
+    On CPU devices, when the fused kernel could be built (``native.available()``) and
+    ``resolve_engine`` picks it (measured per shape class), one custom call computes it;
+    otherwise, and on other platforms, the XLA path. Both give the same state up to float32
+    rounding.
+
+    Differentiable (forward and reverse mode, w.r.t. x and t): the kernel has no derivative
+    rule, so its derivatives are those of the XLA path (``native.with_reference_derivatives``)."""
     a, b2 = local_coefficients(t, x.shape[0], schedule)
     q = local_queries(x, a, bank.mean)
 
     def xla_path(q, a, b2, bank, log_w):
         return _local_bank_state_q(q, a, b2, bank, log_w, k, block)
-    if not native.available():
+    bsz, h, w, c = x.shape
+    if resolve_engine(engine, k=k, c=c, h=h, w=w, n=bank.half_sq.shape[2], batch=bsz,
+                      block=block).engine != "kernel":
         return xla_path(q, a, b2, bank, log_w)
 
     def fused(q, a, b2, bank, log_w):
         return softmax.SoftmaxState(*native.local_softmax_state(
             q, a.reshape(-1), b2.reshape(-1), bank.centred_and_ones, bank.half_sq, log_w, k))
-    return jax.lax.platform_dependent(q, a, b2, bank, log_w, cpu=fused, default=xla_path)
+
+    def fast(q, a, b2, bank, log_w):
+        return jax.lax.platform_dependent(q, a, b2, bank, log_w, cpu=fused, default=xla_path)
+    return native.with_reference_derivatives(fast, xla_path)(q, a, b2, bank, log_w)
+
+
+LOCAL_ENGINES = ("auto", "kernel", "xla")
+
+
+def resolve_engine(engine, *, k, c, h, w, n, batch=1, block=1 << 20) -> engines_lib.Choice:
+    """The LS engine for queries [batch, H, W, C] against n images, and why: "kernel" (the
+    fused CPU kernel) or "xla" as asked, or for "auto" ``engines.local_engine`` (measured
+    once per shape class; with ``ELS_JAX_AUTOTUNE=0`` the kernel whenever it is built)."""
+    if engine not in LOCAL_ENGINES:
+        raise ValueError(f"unknown LS engine {engine!r}; choose one of {LOCAL_ENGINES}")
+    if engine == "kernel":
+        if jax.default_backend() != "cpu" or not native.available():
+            raise ValueError("engine='kernel' (the fused CPU kernel) needs a CPU backend and a "
+                             "C++ compiler (see els_jax.native)")
+        return engines_lib.Choice("kernel", "engine='kernel' (explicit)")
+    if engine == "xla":
+        return engines_lib.Choice("xla", "engine='xla' (explicit)")
+    return engines_lib.local_engine(k=k, c=c, h=h, w=w, n=n, batch=batch, block=block)
 
 
 def _local_bank_state_q(q, a, b2, bank: LocalBank, log_w, k, block):
@@ -225,6 +256,9 @@ def local_score(x, t, images, *, k: int, schedule=schedules_lib.Cosine(), mask=N
       mask: optional boolean [N] (class-conditional).
     Returns:
       score [B, H, W, C].
+
+    Works under jax.jit / jax.vmap; differentiable (jax.grad, jax.jvp, w.r.t. x and t) also
+    where the fused CPU kernel computes the values: its derivatives are the XLA path's.
     """
     x0 = local_x0(x, t, images, k=k, schedule=schedule, mask=mask, block=block)
     return conversions.x0_to_score(x0, x, t, schedule=schedule)

@@ -29,11 +29,18 @@ from els_jax import conversions, els, patches
 from els_jax import schedules as schedules_lib
 from els_jax import equivariant as equivariant_lib
 from els_jax import local as local_lib
+from els_jax import gaussian as gaussian_lib
+from els_jax import nearest as nearest_lib
+from els_jax import pca_locality as pca_lib
 from els_jax.local import _check_local_k
 
 __all__ = ["Machine", "make_machine", "MACHINES", "candidate_mesh"]
 
-MACHINES = ("ideal", "equivariant", "local", "els")
+MACHINES = ("ideal", "equivariant", "local", "els", "gaussian", "nearest", "pca_locality")
+# SPEC §7's analytic families: no patch size (no ``scales``), one device (no ``mesh``).
+FAMILIES = ("gaussian", "nearest", "pca_locality")
+# SPEC §7's learned soft locality: ELS with a Gaussian window, one width σ per step (soft.py).
+MACHINES = MACHINES + ("els_soft",)
 
 
 def candidate_mesh(devices=None):
@@ -46,7 +53,7 @@ class Machine:
     """A callable sampler model ``eps_fn(x, t, i) -> ε̂`` wrapping an analytic machine.
 
     Attributes:
-      kind: "ideal" | "equivariant" | "local" | "els".
+      kind: "ideal" | "equivariant" | "local" | "els" | "gaussian" | "nearest" | "pca_locality".
       scales: tuple of patch sizes (index 0 = last step) or None (one size / no size).
       num_steps: len(scales) when a list was given, else None (any grid length).
     Methods:
@@ -90,6 +97,21 @@ class Machine:
         """How step i is computed: {"engine": "window" | "row" | "local" | ..., "bank": bool,
         "unique_fraction": estimated fraction of distinct candidate windows}."""
         return dict(getattr(self._x0_fns[self.patch_size(i)], "info", {"engine": self.kind}))
+
+    def explain(self) -> dict:
+        """How every patch size is computed and why: {k: {"engine", "reason", "times", "bank",
+        ...}} (k = None for a machine without patch sizes). engine: the ELS main pass's
+        "window" | "row" | "native", LS's "kernel" | "xla", or the machine's one engine;
+        reason: what decided (measured probe times, cached or not, the static rule, an
+        explicit method; ``els_jax.engines``); times: seconds per probe call of each engine
+        when they were measured. LS picks its engine per query batch when first traced: this
+        is the pick for the batch of ``compile_for`` (else B = 1)."""
+        out = {}
+        for k, fn in self._x0_fns.items():
+            info = dict(getattr(fn, "info", {"engine": self.kind}))
+            info.update(getattr(fn, "why", {"reason": "the only engine of this machine"}))
+            out[k] = info
+        return out
 
     def bank_spec(self, i: int):
         """The ``els.BankSpec`` used at step i (engine, chunking, dedup), or None (no bank)."""
@@ -161,7 +183,7 @@ def _stream_fn(images_j, k, boundary, wrap_patches, schedule, method, block, uni
     return fn
 
 
-def _local_fn(images_t, k, schedule, block, mesh=None):
+def _local_fn(images_t, k, schedule, block, mesh=None, engine="auto"):
     """LS x̂_0 from a ``local.LocalBank`` built once for this patch size; with a ``mesh`` the
     bank is padded with absent images (log w = −inf) to a multiple of the devices and placed
     split over them once, here, so no call moves it."""
@@ -172,7 +194,7 @@ def _local_fn(images_t, k, schedule, block, mesh=None):
                              half_sq=_pad_axis(bank.half_sq, pad, 2))
         bank = jax.device_put(bank, _named(mesh, local_lib.BANK_SHARDING))
         log_w = jax.device_put(log_w, NamedSharding(mesh, PartitionSpec("cands")))
-    kw = dict(k=k, schedule=schedule, block=block, mesh=mesh)
+    kw = dict(k=k, schedule=schedule, block=block, mesh=mesh, engine=engine)
 
     def fn(x, t):
         return local_lib.local_bank_x0(*_inputs(x, t, mesh), bank, log_w, **kw)
@@ -208,6 +230,7 @@ class _BackgroundCompiler:
 
     def __init__(self, x, image_shape):
         self._x = None
+        self.batch = 1                    # queries per call the engines are chosen for
         if x is None:
             return
         shape = tuple(int(d) for d in (x if isinstance(x, (tuple, list)) else np.shape(x)))
@@ -215,6 +238,7 @@ class _BackgroundCompiler:
             raise ValueError(f"compile_for must be queries [B, H, W, C] (or their shape) with "
                              f"H, W, C = {tuple(image_shape)} of the images; got {shape}")
         self._x = jnp.zeros(shape, jnp.float32)
+        self.batch = shape[0]
         self._t = jnp.asarray(0.5, jnp.float32)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="els-compile")
         self._futures = []
@@ -243,6 +267,69 @@ def _named(mesh, specs):
                         is_leaf=lambda v: isinstance(v, PartitionSpec))
 
 
+def _family_fn(kind, images_j, schedule, *, rank, tau, block, chunk, max_masks=64):
+    """x̂_0 of a SPEC §7 family with everything that does not depend on x built once, here:
+    the Gaussian fit (gaussian, pca_locality), the flattened images (and their mean, norms,
+    pixel ranges).
+    pca_locality's mask depends on t only: it is computed once per distinct t (the exact
+    float32 value, e.g. each time of a sampler grid; up to ``max_masks`` are kept) by the same
+    function as at call time, so results do not depend on whether it was kept. A traced t,
+    or one time per query, computes its masks inside the call."""
+    n = images_j.shape[0]
+    dim = int(np.prod(images_j.shape[1:]))
+    if kind == "gaussian":
+        keep = gaussian_lib.check_rank(rank, dim)
+        fit = jax.block_until_ready(gaussian_lib.fit_gaussian(images_j))
+
+        def fn(x, t):
+            return gaussian_lib.gaussian_fit_x0(*_inputs(x, t, None), fit, keep,
+                                                schedule=schedule)
+        fn.lower = lambda x, t: gaussian_lib.gaussian_fit_x0.lower(*_inputs(x, t, None), fit,
+                                                                   keep, schedule=schedule)
+        fn.info = {"engine": "wiener", "bank": True}
+        return fn
+    log_w = jnp.zeros((n,), jnp.float32)
+    if kind == "nearest":
+        flat, mu, half_sq = jax.block_until_ready(nearest_lib.prepare(images_j))
+        size = int(max(1, min(chunk or 256, n)))
+
+        def fn(x, t):
+            return nearest_lib.nearest_prepared_x0(*_inputs(x, t, None), flat, mu, half_sq,
+                                                   log_w, schedule=schedule, chunk_size=size)
+        fn.lower = lambda x, t: nearest_lib.nearest_prepared_x0.lower(
+            *_inputs(x, t, None), flat, mu, half_sq, log_w, schedule=schedule, chunk_size=size)
+        fn.info = {"engine": "argmax", "bank": True}
+        return fn
+    tau = pca_lib.check_tau(pca_lib.DEFAULT_TAU if tau is None else tau)
+    cands = pca_lib.prepare(images_j, log_w)
+    fit = jax.block_until_ready(gaussian_lib.fit_gaussian(images_j))
+    masks = {}
+
+    def mask_for(t):                      # Mᵀ at a concrete scalar t, computed once
+        key = float(t)
+        if key not in masks:
+            if len(masks) >= max_masks:
+                masks.pop(next(iter(masks)))
+            masks[key] = pca_lib.locality_mask_t(fit, t, tau, schedule=schedule)
+        return masks[key]
+
+    def call(x, t, lower=False):
+        x, t = _inputs(x, t, None)
+        size = pca_lib.chunk_images(chunk, x.shape[0], dim, n, block)
+        if t.ndim == 0 and not isinstance(t, jax.core.Tracer):
+            jitted = pca_lib.masked_x0.lower if lower else pca_lib.masked_x0
+            return jitted(x, t, mask_for(t), cands, schedule=schedule, chunk_size=size)
+        jitted = pca_lib.fit_x0.lower if lower else pca_lib.fit_x0
+        return jitted(x, t, fit, cands, jnp.float32(tau), schedule=schedule, chunk_size=size)
+
+    def fn(x, t):
+        return call(x, t)
+    fn.lower = lambda x, t: call(x, t, lower=True)
+    fn.info = {"engine": "masked-matmul", "bank": True}
+    fn.masks = masks
+    return fn
+
+
 def _normalise_scales(kind, scales):
     if kind in ("ideal", "equivariant"):
         return None, None
@@ -261,11 +348,14 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
                  schedule=schedules_lib.Cosine(), mask=None, dedup: bool = True,
                  mesh=None, chunk: int | None = None, method: str = "auto",
                  block: int = els.DEFAULT_BLOCK, bank_bytes: int = 2 << 30,
-                 dedup_threshold: float = 0.9, compile_for=None) -> Machine:
+                 dedup_threshold: float = 0.9, compile_for=None, rank: int | None = None,
+                 tau: float | None = None, sigmas: float | Sequence[float] | None = None,
+                 k_max: int | None = None) -> Machine:
     """Builds an analytic machine as a sampler model.
 
     Args:
-      kind: "ideal", "equivariant", "local" or "els".
+      kind: "ideal", "equivariant", "local", "els", or one of SPEC §7's families "gaussian",
+        "nearest", "pca_locality" (like "ideal" they ignore ``scales``; they take no mesh).
       images: training set [N, H, W, C] in [−1, 1].
       scales: local/els only: an odd patch size, or one per step (index 0 = last step).
       boundary, wrap_patches: els only (see ``els_score``).
@@ -276,9 +366,12 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
         with blank background; random images have no duplicates).
       mesh: optional ``candidate_mesh()``: shard the candidate banks over its devices.
       chunk: candidates per streamed chunk of a window bank (default: from ``block``).
-      method: els only: "auto" (the cheaper exact engine per patch size: for zero padding
-        without merged windows on a CPU, the fused kernel ``els_jax.native``; otherwise see
-        ``els.choose_method``), "window", "row" or "native".
+      method: "auto" (per patch size the fastest exact engine, measured once per platform and
+        shape class and cached on disk, ``els_jax.engines``; with ``ELS_JAX_AUTOTUNE=0`` the
+        static rules: for zero padding without merged windows on a CPU the fused kernel
+        ``els_jax.native``, otherwise ``els.choose_method``); els: "window", "row" or
+        "native"; local (and the zero-padded ELS's LS sizes): "kernel" or "xla".
+        ``Machine.explain()`` says which engine runs each patch size and why.
       block: logits per streamed chunk (memory knob).
       bank_bytes: largest bank to precompute (per patch size); larger data sets are streamed
         straight from the images instead (memory independent of N, slower for the window
@@ -287,12 +380,40 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
         for this query shape while the banks are built (on a second thread; the first sampler
         call per patch size then only traces). Same result as ``Machine.compile`` afterwards,
         in less time.
+      rank: gaussian only: keep the top ``rank`` principal components (default all).
+      tau: pca_locality only: the mask threshold (default 0.02; see ``pca_locality_x0``).
+      sigmas, k_max: "els_soft" only (SPEC §7, ``els_jax.soft``): the Gaussian window's width,
+        one per step (index 0 = last step, as ``scales``) or one for all, on a k_max × k_max
+        support; also boundary, wrap_patches, mask, dedup, block, bank_bytes, compile_for.
     Returns:
       a Machine: ``eps_fn(x, t, i)`` for ``els_jax.sample``. ``machine.build_seconds`` holds
-      the time spent building banks (and compiling, with ``compile_for``).
+      the time spent building banks (and compiling, with ``compile_for``). The ideal,
+      equivariant, local and els kinds, with every engine, work under jax.jit / jax.vmap and
+      are differentiable (jax.grad, jax.jvp) w.r.t. x and t (the fused CPU kernels: values
+      from the kernel, derivatives from the XLA path); ``i`` must be a Python int (it picks
+      the patch size).
     """
     if kind not in MACHINES:
         raise ValueError(f"unknown machine {kind!r}; choose one of {MACHINES}")
+    if rank is not None and kind != "gaussian":
+        raise ValueError(f"rank is a parameter of the gaussian machine, not of {kind!r}")
+    if tau is not None and kind != "pca_locality":
+        raise ValueError(f"tau is a parameter of the pca_locality machine, not of {kind!r}")
+    if kind in FAMILIES and mesh is not None:
+        raise ValueError(f"the {kind!r} machine runs on one device; it takes no mesh")
+    if kind == "els_soft":               # SPEC §7: ELS with a Gaussian window, σ per step
+        from els_jax import soft
+        if scales is not None:
+            raise ValueError("the 'els_soft' machine takes sigmas (one per step) and k_max, "
+                             "not scales")
+        return soft.make_soft_machine(images, sigmas=sigmas, k_max=k_max, boundary=boundary,
+                                      wrap_patches=wrap_patches, schedule=schedule, mask=mask,
+                                      dedup=dedup, dedup_threshold=dedup_threshold,
+                                      block=block, bank_bytes=bank_bytes,
+                                      compile_for=compile_for, mesh=mesh)
+    if sigmas is not None or k_max is not None:
+        raise ValueError(f"sigmas and k_max are parameters of the 'els_soft' machine, not of "
+                         f"{kind!r}")
     if boundary not in patches.BOUNDARIES:
         raise ValueError(f"unknown boundary {boundary!r}; choose one of {patches.BOUNDARIES}")
     schedule = schedules_lib.get(schedule)
@@ -308,6 +429,15 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
             raise ValueError("mask selects no training image")
         images = images[mask]
     n, h, w, c = images.shape
+    if kind in FAMILIES:                  # built once: fit, flat images, masks per t
+        start = time.perf_counter()
+        with _BackgroundCompiler(compile_for, (h, w, c)) as background:
+            fn = _family_fn(kind, jnp.asarray(images), schedule, rank=rank, tau=tau,
+                            block=block, chunk=chunk)
+            background.submit(fn)
+        machine = Machine(kind, {None: fn}, None, schedule, None)
+        machine.build_seconds = time.perf_counter() - start
+        return machine
     scale_list, k_const = _normalise_scales(kind, scales)
     sizes = sorted(set(scale_list)) if scale_list is not None else [k_const]
     n_shards = 1 if mesh is None else mesh.devices.size
@@ -347,39 +477,58 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
         fns[k] = fn
         background.submit(fn)
 
+    # Engines first, for every patch size, before any bank is built or compiled: a probe
+    # (els_jax.engines) then runs alone, not beside the background compiler.
+    batch = background.batch
+    ls_engine = method if method in local_lib.LOCAL_ENGINES else "auto"
+    plan = []                             # (k, "local" | "bank" | "stream", Choice, unique)
+    for k in (sizes if kind in ("local", "els") else ()):
+        if kind == "local" or (boundary == "zeros" and k >= min(h, w)):
+            k = _check_local_k(k, h, w)          # SPEC: zero-padded ELS with k ≥ H is LS
+            plan.append((k, "local", local_lib.resolve_engine(
+                ls_engine, k=k, c=c, h=h, w=w, n=-(-n // n_shards), batch=batch, block=block),
+                None))
+            continue
+        k = els._check_els_k(k, h, w, boundary, wrap_patches)
+        unique = (els.estimate_unique_fraction(images, k=k, boundary=boundary,
+                                               wrap_patches=wrap_patches)
+                  if dedup else 1.0)
+        merged = unique if unique <= dedup_threshold else 1.0
+        shape = dict(w=w, wrap_patches=wrap_patches, n=n, batch=batch, sharded=mesh is not None,
+                     block=block)
+        choice = els._resolve_engine(method, k, c, h, boundary, merged, banked=True, **shape)
+        if choice.engine == "native":     # the centred images and their window norms
+            size = n * h * w * (c + 2)
+        elif choice.engine == "row":
+            lay = els._row_layout(k, boundary, wrap_patches, h, w)
+            size = h * (k * c + 2) * n * len(lay.c_cols) + n * h * w * c
+        else:
+            # (zeros: the interior windows; border.py's bank of the border is small)
+            n_cand = n * (h * w if wrap_patches else (h - k + 1) * (w - k + 1))
+            size = merged * n_cand * (k * k * c + 2 + c)
+        if size * 4 <= bank_bytes:
+            plan.append((k, "bank", choice, unique))
+        else:
+            plan.append((k, "stream", els._resolve_engine(method, k, c, h, boundary, **shape),
+                         unique))
+
     with background:
         if kind == "ideal":
             add(None, bank_fn(0, ideal=True))
         elif kind == "equivariant":
             add(None, _equivariant_fn(images_j, schedule, block, mesh))
-        else:
-            for k in sizes:
-                if kind == "local" or (boundary == "zeros" and k >= min(h, w)):
-                    k = _check_local_k(k, h, w)          # SPEC: zero-padded ELS with k ≥ H is LS
-                    add(k, _local_fn(images_t(), k, schedule, block, mesh))
-                    continue
-                k = els._check_els_k(k, h, w, boundary, wrap_patches)
-                unique = (els.estimate_unique_fraction(images, k=k, boundary=boundary,
-                                                       wrap_patches=wrap_patches)
-                          if dedup else 1.0)
-                merged = unique if unique <= dedup_threshold else 1.0
-                chosen = els._resolve_method(method, k, c, h, boundary, merged, banked=True,
-                                             w=w)
-                if chosen == "native":          # the centred images and their window norms
-                    size = n * h * w * (c + 2)
-                elif chosen == "row":
-                    lay = els._row_layout(k, boundary, wrap_patches, h, w)
-                    size = h * (k * c + 2) * n * len(lay.c_cols) + n * h * w * c
-                else:
-                    # (zeros: the interior windows; border.py's bank of the border is small)
-                    n_cand = n * (h * w if wrap_patches else (h - k + 1) * (w - k + 1))
-                    size = merged * n_cand * (k * k * c + 2 + c)
-                if size * 4 <= bank_bytes:
-                    add(k, bank_fn(k, method=method, unique_fraction=unique))
-                else:
-                    add(k, _stream_fn(images_j, k, boundary, wrap_patches, schedule,
-                                      els._resolve_method(method, k, c, h, boundary), block,
-                                      unique, mesh))
+        for k, path, choice, unique in plan:
+            if path == "local":
+                fn = _local_fn(images_t(), k, schedule, block, mesh, engine=ls_engine)
+            elif path == "bank":
+                fn = bank_fn(k, method=choice.engine, unique_fraction=unique)
+            else:
+                fn = _stream_fn(images_j, k, boundary, wrap_patches, schedule, choice.engine,
+                                block, unique, mesh)
+            fn.why = {"engine": choice.engine, "reason": choice.reason}
+            if choice.times:
+                fn.why["times"] = choice.times
+            add(k, fn)
     machine = Machine(kind, fns, scale_list, schedule, k_const)
     machine.build_seconds = time.perf_counter() - start
     return machine

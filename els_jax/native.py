@@ -10,6 +10,10 @@ compiler is found; results agree with the XLA path to float32 rounding.
 The shared library is built once per (source, compiler flags, jaxlib headers, CPU) with the
 system C++ compiler (``$CXX``, else ``c++`` / ``g++``) into ``$ELS_JAX_CACHE`` (default
 ``~/.cache/els_jax``), written atomically. ``ELS_JAX_NATIVE=0`` disables the kernels.
+
+Differentiation: a custom call has no derivative rule, so every kernel-backed function is
+wrapped by ``with_reference_derivatives``: its values come from the kernel, its derivatives
+(forward and reverse mode, any order) from the XLA path of the same computation.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["available", "local_softmax_state", "interior_softmax_state"]
+__all__ = ["available", "local_softmax_state", "interior_softmax_state",
+           "with_reference_derivatives"]
 
 _SOURCE = Path(__file__).with_name("native_local.cc")
 # No -ffast-math: the kernel's exp rounds with a magic-number add that reassociation would
@@ -118,6 +123,42 @@ def _call(target, q, a, b2, centred, half_sq, log_w, k, state_shape):
     return jax.ffi.ffi_call(target, out, vmap_method="sequential")(
         q.astype(jnp.float32), coef.astype(jnp.float32), centred.astype(jnp.float32),
         half_sq.astype(jnp.float32), log_w.astype(jnp.float32), k=np.int64(k))
+
+
+def with_reference_derivatives(fast, reference):
+    """``fast`` with the derivatives of ``reference``: f(*args) = fast(*args) (e.g. a custom
+    call, which JAX cannot differentiate), and jax.jvp(f) = (fast(*args), the tangent of
+    jax.jvp(reference)). Reverse mode follows: JAX linearizes the tangent (plain XLA ops, hence
+    transposable) and transposes it, so ``jax.grad``, ``jax.vjp`` and higher orders work; under
+    ``jax.vmap`` the kernel is mapped as its ffi_call says. Both must compute the same function
+    of the same pytree of float arrays (results equal to float32 rounding) with the same output
+    structure. Only the arguments actually differentiated are traced through ``reference``
+    (symbolic zeros): differentiating w.r.t. the queries does not differentiate the bank."""
+    from jax.custom_derivatives import SymbolicZero
+
+    @jax.custom_jvp
+    def f(*args):
+        return fast(*args)
+
+    def f_jvp(primals, tangents):
+        leaves, tree = jax.tree.flatten(primals)
+        t_leaves = tree.flatten_up_to(tangents)
+        live = [i for i, tl in enumerate(t_leaves) if not isinstance(tl, SymbolicZero)]
+
+        def reference_of_live(*vals):
+            full = list(leaves)
+            for i, v in zip(live, vals):
+                full[i] = v
+            return reference(*jax.tree.unflatten(tree, full))
+
+        # The reference's primal output is discarded: values come from ``fast`` (XLA removes
+        # the unused primal work that the tangent does not need).
+        _, tangent_out = jax.jvp(reference_of_live, [leaves[i] for i in live],
+                                 [t_leaves[i] for i in live])
+        return f(*primals), tangent_out
+
+    f.defjvp(f_jvp, symbolic_zeros=True)
+    return f
 
 
 def local_softmax_state(q, a, b2, centred_and_ones, half_sq, log_w, k: int):

@@ -82,6 +82,13 @@ class SampleResult(NamedTuple):
 
 
 def _check_times(times):
+    """The grid as numpy float32, checked; a traced grid (e.g. an argument of a jitted
+    function) is returned as it is, its values unchecked (only its static length is known)."""
+    if isinstance(times, jax.core.Tracer):
+        if times.ndim != 1 or times.shape[0] < 2:
+            raise ValueError(f"times must be a 1-D grid of at least 2 points; got shape "
+                             f"{times.shape}")
+        return times.astype(jnp.float32)
     times = np.asarray(times, np.float32)
     if times.ndim != 1 or times.shape[0] < 2:
         raise ValueError(f"times must be a 1-D grid of at least 2 points; got shape {times.shape}")
@@ -110,6 +117,14 @@ def sample(eps_fn: Callable, x_T, times=None, *, schedule=schedules_lib.Cosine()
     Returns:
       x_0 [B, H, W, C], or a SampleResult when return_trajectory.
 
+    Composes with JAX transformations, given an eps_fn that does (every ``make_machine``
+    machine, every network): ``jax.jit(lambda x: sample(eps_fn, x, times))``, ``jax.vmap``
+    over x_T or key, ``jax.grad`` / ``jax.jvp`` w.r.t. x_T (e.g. which noise pixels made a
+    patch of the sample). The steps are a Python loop, unrolled under jit, so ``i`` is a
+    Python int at every step and a scale list is indexed statically. ``times`` may also be
+    traced (a jit argument; its length is static, its values are then not checked); ``eta``
+    and ``return_trajectory`` are static.
+
         >>> x0 = sample(eps_fn, jax.random.normal(key, (8, 8, 8, 1)), uniform_times(20))
     """
     schedule = schedules_lib.get(schedule)
@@ -129,8 +144,11 @@ def sample(eps_fn: Callable, x_T, times=None, *, schedule=schedules_lib.Cosine()
     if progress:
         from tqdm.auto import tqdm
         steps = tqdm(steps, desc="sampling", leave=False)
+    # A Python loop, unrolled under jit: the step index i stays a Python int, so a machine
+    # picks each step's patch size statically (one compiled computation per step).
     for i in steps:
-        t, t_next = jnp.float32(times_np[i]), jnp.float32(times_np[i + 1])
+        t = jnp.asarray(times_np[i], jnp.float32)
+        t_next = jnp.asarray(times_np[i + 1], jnp.float32)
         eps = eps_fn(x, t, i)
         if return_trajectory:
             a, _, b = schedules_lib.coefficients(t, schedule)

@@ -60,7 +60,13 @@ def _exponentials(state: SoftmaxState, logits):
     """The new running max, the factor rescaling the old sums to it, and exp(logit − max)."""
     new_max = jnp.maximum(state.max, jnp.max(logits, axis=-1))
     ref = _finite_or_zero(new_max)
-    return new_max, jnp.exp(state.max - ref), jnp.exp(logits - ref[..., None])
+    # logit − max ≤ 0 exactly, but XLA may recompute elementwise logits separately for the max
+    # and for the exponentials (two fusions, rounded differently): at b² near its floor the
+    # logits are ~1e12, one ulp is ~1e5, and exp(1e5) = inf made NaN (seen in the jitted LS
+    # XLA path at t = 1e-5). Capping at 0 removes that; a select, not a min, so the tangent of
+    # the maximal logit is not halved.
+    d = logits - ref[..., None]
+    return new_max, jnp.exp(state.max - ref), jnp.exp(jnp.where(d > 0, 0.0, d))
 
 
 def update_with(state: SoftmaxState, logits, weighted_sum) -> SoftmaxState:
@@ -124,8 +130,12 @@ def merge(s1: SoftmaxState, s2: SoftmaxState) -> SoftmaxState:
 
 def merge_across(state: SoftmaxState, axis_name) -> SoftmaxState:
     """``merge`` over a mapped/sharded axis (inside shard_map or pmap): every device ends with
-    the state over the union of all devices' candidates."""
-    new_max = jax.lax.pmax(state.max, axis_name)
+    the state over the union of all devices' candidates.
+
+    Differentiable: the common reference max is held constant (``pmax`` has no derivative
+    rule). ``finalize`` and ``log_normalizer`` do not depend on the reference, so their
+    derivatives are exact; only the merged ``max`` field itself reports a zero tangent."""
+    new_max = jax.lax.pmax(jax.lax.stop_gradient(state.max), axis_name)
     scale = jnp.exp(state.max - _finite_or_zero(new_max))
     return SoftmaxState(
         max=new_max,
@@ -162,8 +172,18 @@ def chunk_starts(n: int, chunk_size: int):
 
 
 def finalize(state: SoftmaxState):
-    """The softmax-weighted mean Σ_c w_c v_c, [*Q, D]. Zero where no candidate was present."""
-    return state.acc / jnp.maximum(state.total, jnp.finfo(state.total.dtype).tiny)[..., None]
+    """The softmax-weighted mean Σ_c w_c v_c, [*Q, D]. Zero where no candidate was present.
+
+    A query with any candidate has total ≥ 1 (its maximal logit contributes exp(0)); a total
+    below ``_MIN_TOTAL`` means none (or exponentials that underflowed, see ``_exponentials``)
+    and gives zero. Selecting rather than dividing by a floored total keeps the derivative
+    finite there: d(acc/total) holds acc·d(total)/total², which is 0·inf = NaN at total = 0."""
+    present = state.total > _MIN_TOTAL
+    total = jnp.where(present, state.total, 1.0)
+    return jnp.where(present[..., None], state.acc, 0.0) / total[..., None]
+
+
+_MIN_TOTAL = 1e-15
 
 
 def log_normalizer(state: SoftmaxState):

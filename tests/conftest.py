@@ -1,8 +1,14 @@
 """Strict numerics for every test: implicit rank promotion raises, float32 stays the default."""
 
-import jax
-import numpy as np
-import pytest
+import os
+
+# Engine choice by its static rules, not by timing (els_jax.engines): results and the engine
+# each test sees do not depend on the machine's load. test_engines.py tests the measuring.
+os.environ.setdefault("ELS_JAX_AUTOTUNE", "0")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 

@@ -146,3 +146,138 @@ def els_x0(x, t, images, k, boundary="circular", wrap_patches=False, mask=None,
                                                   wrap_patches, schedule)
                 out[bi, i, j] = softmax_mean(logits, vals)
     return out
+
+
+def els_soft_x0(x, t, images, sigma, k_max, boundary="circular", wrap_patches=False,
+                mask=None, schedule="cosine"):
+    """els_soft (SPEC §7), literally: the ELS candidates of window size k_max (SPEC §2 table
+    and notes; zero padding with k_max ≥ min(H, W): the same-location windows of LS), logits
+    −Σ_δ g_σ(δ)(q_δ − a·c_δ)²/(2b²) with g_σ(δ) = exp(−‖δ‖²/(2σ²)) (σ = inf: g ≡ 1)."""
+    a, b2 = _coeffs(t, schedule)
+    imgs = np.asarray(images, np.float64)
+    if mask is not None:
+        imgs = imgs[np.asarray(mask)]
+    x = np.asarray(x, np.float64)
+    _, h, w, _ = x.shape
+    m = k_max // 2
+    d = np.arange(-m, m + 1)
+    g = np.exp(-(d[:, None] ** 2 + d[None, :] ** 2) / (2.0 * float(sigma) ** 2))[..., None]
+    local = boundary == "zeros" and k_max >= min(h, w)
+
+    def centres(i, n):
+        if local:
+            return [i]
+        if boundary == "circular":
+            return range(n) if wrap_patches else range(m, n - m)
+        if i < m or i >= n - m:
+            return [i]
+        return range(m, n - m)
+
+    out = np.zeros_like(x)
+    for bi in range(x.shape[0]):
+        for i in range(h):
+            for j in range(w):
+                q, _ = window(x[bi], i, j, k_max, boundary)
+                logits, vals = [], []
+                for c in imgs:
+                    for u in centres(i, h):
+                        for v in centres(j, w):
+                            cw, _ = window(c, u, v, k_max, boundary)
+                            logits.append(-np.sum(g * (q - a * cw) ** 2) / (2 * b2))
+                            vals.append(c[u, v])
+                out[bi, i, j] = softmax_mean(logits, np.array(vals))
+    return out
+
+
+# --- SPEC §7 families: gaussian (Wiener), nearest, pca_locality ------------------------------
+
+def _flat_selected(images, mask=None):
+    imgs = np.asarray(images, np.float64)
+    if mask is not None:
+        imgs = imgs[np.asarray(mask)]
+    return imgs.reshape(imgs.shape[0], -1)
+
+
+def gaussian_moments(images, mask=None):
+    """μ [D] and the maximum-likelihood (1/N) covariance Σ [D, D], pixels in (H, W, C) order."""
+    flat = _flat_selected(images, mask)
+    mu = flat.mean(axis=0)
+    centred = flat - mu
+    return mu, centred.T @ centred / flat.shape[0]
+
+
+def gaussian_x0(x, t, images, rank=None, mask=None, schedule="cosine"):
+    """Wiener: x̂_0 = μ + aΣ(a²Σ + b²I)⁻¹(x − aμ) by a linear solve (no eigendecomposition);
+    with a rank, Σ is replaced by its top-r eigen-part."""
+    a, b2 = _coeffs(t, schedule)
+    mu, cov = gaussian_moments(images, mask)
+    if rank is not None:
+        lam, u = np.linalg.eigh(cov)
+        top = np.argsort(lam)[::-1][:rank]
+        cov = (u[:, top] * lam[top]) @ u[:, top].T
+    d = mu.shape[0]
+    x = np.asarray(x, np.float64)
+    q = x.reshape(x.shape[0], -1) - a * mu
+    out = mu + a * (cov @ np.linalg.solve(a * a * cov + b2 * np.eye(d), q.T)).T
+    return out.reshape(x.shape)
+
+
+def nearest_x0(x, t, images, mask=None, schedule="cosine"):
+    """The training image minimising ‖x − a·x_i‖² (literally, one distance at a time)."""
+    a, _ = _coeffs(t, schedule)
+    imgs = np.asarray(images, np.float64)
+    if mask is not None:
+        imgs = imgs[np.asarray(mask)]
+    out = []
+    for xq in np.asarray(x, np.float64):
+        d2 = [np.sum((xq - a * c) ** 2) for c in imgs]
+        out.append(imgs[int(np.argmin(d2))])
+    return np.stack(out)
+
+
+def pca_locality_mask(t, images, tau, mask=None, schedule="cosine"):
+    """(M̃, M) [D, D] of SPEC §7: W_t = a²Σ(a²Σ + b²I)⁻¹ by a linear solve, M̃[n,m] =
+    W[n,m]/W[n,n] (|W[n,n]| < 1e-6 counts as 1), M = |M̃| ≥ τ·max|M̃|."""
+    a, b2 = _coeffs(t, schedule)
+    _, cov = gaussian_moments(images, mask)
+    d = cov.shape[0]
+    # W = a²Σ A⁻¹ with A = a²Σ + b²I symmetric: W = (A⁻¹ a²Σ)ᵀ.
+    w = np.linalg.solve(a * a * cov + b2 * np.eye(d), a * a * cov).T
+    diag = np.diag(w).copy()
+    diag[np.abs(diag) < 1e-6] = 1.0
+    m_tilde = w / diag[:, None]
+    return m_tilde, np.abs(m_tilde) >= tau * np.abs(m_tilde).max()
+
+
+def pca_locality_x0(x, t, images, tau, mask=None, schedule="cosine"):
+    """x̂_0[m] = Σ_i softmax_i(−Σ_n M[n,m](x_n − a x_{i,n})²/(2b²)) x_{i,m}, pixel by pixel,
+    one softmax over all selected images."""
+    a, b2 = _coeffs(t, schedule)
+    _, m = pca_locality_mask(t, images, tau, mask, schedule)
+    flat = _flat_selected(images, mask)
+    x = np.asarray(x, np.float64)
+    out = np.zeros((x.shape[0], flat.shape[1]))
+    for bi, xq in enumerate(x.reshape(x.shape[0], -1)):
+        for px in range(flat.shape[1]):
+            logits = [-np.sum(m[:, px] * (xq - a * c) ** 2) / (2 * b2) for c in flat]
+            out[bi, px] = softmax_mean(logits, flat[:, px])
+    return out.reshape(x.shape)
+
+
+def pca_locality_jacobian(xq, t, images, tau, mask=None, schedule="cosine"):
+    """∂x̂_0[m]/∂x[n] [D, D] for one query xq [H, W, C], from the softmax's covariance:
+    ∂x̂_0[m]/∂x_n = (a·M[n,m]/b²)·Cov_{w[m]}(x_{·,m}, x_{·,n})."""
+    a, b2 = _coeffs(t, schedule)
+    _, m = pca_locality_mask(t, images, tau, mask, schedule)
+    flat = _flat_selected(images, mask)
+    xq = np.asarray(xq, np.float64).reshape(-1)
+    d = flat.shape[1]
+    jac = np.zeros((d, d))
+    for px in range(d):
+        logits = np.array([-np.sum(m[:, px] * (xq - a * c) ** 2) / (2 * b2) for c in flat])
+        w = np.exp(logits - logits.max())
+        w /= w.sum()
+        mean = w @ flat
+        cov_m = (w * (flat[:, px] - mean[px])) @ (flat - mean)           # [D]: Cov(x_m, x_n)
+        jac[px] = a * m[:, px] * cov_m / b2
+    return jac

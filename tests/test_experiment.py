@@ -127,12 +127,20 @@ def test_reproduce_end_to_end_and_resume(tmp_path):
     with open(os.path.join(out, "report.json")) as f:
         saved = json.load(f)
     for key in ("median_r", "median_r2", "median_R2"):
-        assert set(saved[key]) == {"els", "ls", "is"}
+        assert set(saved[key]) == set(rp.MACHINE_NAMES) >= {"els", "ls", "is", "gaussian",
+                                                             "nearest", "pca_locality",
+                                                             "els_soft"}
         assert all(np.isfinite(v) for v in saved[key].values())
     assert all(0.0 <= v <= 1.0 for v in saved["median_r2"].values())
     assert saved["n_seeds"] == 3 and saved["elapsed_s"] > 0
     assert len(saved["scales"]["els"]) == 4 and set(saved["scales"]["els"]) <= {3, 5}
     assert 0.0 <= saved["frac_els_beats_is"] <= 1.0
+    # els_soft: one fitted width per step on the widest calibrated ELS support, each fit no
+    # worse than its start (the Gaussian matching that step's ELS size).
+    soft = saved["els_soft"]
+    assert soft["k_max"] == max(saved["scales"]["els"]) and len(soft["sigmas"]) == 4
+    assert all(s > 0 for s in soft["sigmas"])
+    assert all(a >= b - 1e-6 for a, b in zip(soft["cosine_after"], soft["cosine_before"]))
 
     # The stored per-seed metrics are the metrics of the stored images.
     s = np.load(os.path.join(out, "samples.npz"))
@@ -140,7 +148,7 @@ def test_reproduce_end_to_end_and_resume(tmp_path):
     # Every model started from the same noise, labels and (machines) grid: checked, then a
     # tampered part must be refused.
     parts = {n: dict(np.load(os.path.join(out, "parts", f"{n}.npz")))
-             for n in ("network", "els", "ls", "is")}
+             for n in ("network",) + rp.MACHINE_NAMES}
     np.testing.assert_array_equal(parts["network"]["x_T"], parts["els"]["x_T"])
     # The default start is the authors' (n − 1)/n = 0.75 for 4 machine steps (SPEC §8), for
     # the network too; t_max = 1 is compared side by side from the same seeds and scales.
@@ -155,7 +163,7 @@ def test_reproduce_end_to_end_and_resume(tmp_path):
         float(np.median(metrics.r_squared(side["network"]["x0"], side["els"]["x0"]))))
     assert saved["by_t_max"]["0.75"]["median_r2"] == saved["median_r2"]
     # Single-step agreement: one value per step and family, R² ≤ 1, MSE ≥ 0.
-    for name in ("els", "ls", "is"):
+    for name in rp.MACHINE_NAMES:
         assert len(saved["single_step"]["R2"][name]) == 4
         assert all(v <= 1.0 for v in saved["single_step"]["R2"][name])
         assert all(v >= 0.0 for v in saved["single_step"]["mse"][name])

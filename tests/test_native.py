@@ -114,3 +114,22 @@ def test_build_cache_and_fallback(tmp_path, env, expect):
     assert expect in proc.stdout
     built = list(tmp_path.glob("native_local_*.so"))
     assert len(built) == (1 if expect.startswith("AVAILABLE True") else 0)
+
+
+@pytest.mark.parametrize("k", [7, 9])
+@pytest.mark.parametrize("t", [0.02, 0.5])
+def test_interior_kernel_at_large_k_matches_oracle(k, t):
+    """The interior kernel's window rows summed as two partial sums (k ≥ 7), with far
+    candidates skipped (small t), against the float64 oracle on the interior pixels."""
+    import els_jax as ej
+    rng = np.random.default_rng(k)
+    h, w, c, n = 12, 13, 2, 70
+    images = rng.uniform(-1, 1, (n, h, w, c)).astype(np.float32)
+    ab = oracles.alpha_bar(t)
+    x = (np.sqrt(ab) * images[rng.integers(0, n, 2)]
+         + np.sqrt(1 - ab) * rng.normal(size=(2, h, w, c))).astype(np.float32)
+    m = ej.make_machine("els", images, scales=k, boundary="zeros", method="native")
+    got = np.asarray(m.x0(jnp.asarray(x), jnp.float32(t), 0))
+    want = oracles.els_x0(x, t, images, k, "zeros", False)
+    inner = (slice(None), slice(k // 2, h - k // 2), slice(k // 2, w - k // 2))
+    np.testing.assert_allclose(got[inner], want[inner], atol=1e-5)

@@ -1,0 +1,136 @@
+"""The nearest-image machine (SPEC §7): the memorisation baseline.
+
+    x̂_0(x) = x_{i*},   i* = argmin_i ‖x − a·x_i‖²        (first such i on ties)
+
+over the N training images (or those selected by a class mask): the t → 0 limit of the ideal
+machine's softmax, taken at every t. Its score −(x − a·x̂_0)/b² has Jacobian −I/b² almost
+everywhere (x̂_0 is piecewise constant).
+
+As in the ideal machine, ‖x‖² is dropped and x is centred on the data mean μ (an exact shift):
+i* = argmax_i a·q·x_i − a²‖x_i − μ‖²/2 with q = x − a·μ; the images are streamed in chunks with
+a running argmax, so memory is O(chunk_size·H·W·C) whatever N is.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from els_jax import conversions, softmax
+from els_jax import schedules as schedules_lib
+from els_jax.validation import check_query_and_images, mask_log_weights
+
+__all__ = ["nearest_x0", "nearest_score", "nearest_index", "prepare", "nearest_prepared_index",
+           "nearest_prepared_x0"]
+
+
+@jax.jit
+def prepare(images):
+    """What does not depend on the query: the images flattened [N, D], their mean μ [D] and
+    ‖x_i − μ‖²/2 [N]."""
+    flat = images.reshape(images.shape[0], -1).astype(jnp.float32)
+    mu = jnp.mean(flat, axis=0)
+    return flat, mu, 0.5 * jnp.sum(jnp.square(flat - mu[None]), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("schedule", "chunk_size"))
+def nearest_prepared_index(x, t, flat, mu, half_sq, log_w, *, schedule, chunk_size):
+    """i* [B] (int32) from ``prepare``'s arrays; log_w [N] is 0 for a candidate, −inf if
+    excluded."""
+    bsz = x.shape[0]
+    n = flat.shape[0]
+    a, _, _ = schedules_lib.coefficients(t, schedule)
+    a = jnp.broadcast_to(a, (bsz,))[:, None]
+    q = x.reshape(bsz, -1) - a * mu[None]                                   # [B, D]
+    starts, first_new = softmax.chunk_starts(n, chunk_size)
+    rows = jnp.arange(chunk_size, dtype=jnp.int32)
+
+    def body(best, chunk):
+        best_val, best_idx = best
+        start, first = chunk
+        c = jax.lax.dynamic_slice_in_dim(flat, start, chunk_size)            # [M, D]
+        hs = jax.lax.dynamic_slice_in_dim(half_sq, start, chunk_size)
+        lw = jax.lax.dynamic_slice_in_dim(log_w, start, chunk_size)
+        lw = jnp.where(rows >= first, lw, -jnp.inf)                          # seen before
+        qc = jnp.matmul(q, c.T, precision=jax.lax.Precision.HIGHEST)         # [B, M]
+        val = a * qc - (a * a) * hs[None] + lw[None]
+        j = jnp.argmax(val, axis=1)
+        v = jnp.take_along_axis(val, j[:, None], axis=1)[:, 0]
+        better = v > best_val                     # strict: the earlier image wins a tie
+        return (jnp.where(better, v, best_val), jnp.where(better, start + j, best_idx)), None
+
+    init = (jnp.full((bsz,), -jnp.inf, jnp.float32), jnp.zeros((bsz,), jnp.int32))
+    (_, idx), _ = jax.lax.scan(body, init, (starts, first_new))
+    return idx
+
+
+@functools.partial(jax.jit, static_argnames=("schedule", "chunk_size"))
+def nearest_prepared_x0(x, t, flat, mu, half_sq, log_w, *, schedule, chunk_size):
+    """x̂_0 = x_{i*} [B, H, W, C] from ``prepare``'s arrays (see ``nearest_prepared_index``)."""
+    idx = nearest_prepared_index(x, t, flat, mu, half_sq, log_w, schedule=schedule,
+                                 chunk_size=chunk_size)
+    return jnp.take(flat, idx, axis=0).reshape(x.shape)
+
+
+def _check(x, images, mask, chunk_size):
+    check_query_and_images(x, images)
+    return (jnp.asarray(x, jnp.float32), mask_log_weights(mask, images.shape[0]),
+            int(max(1, min(chunk_size, images.shape[0]))))
+
+
+@functools.partial(jax.jit, static_argnames=("schedule", "chunk_size"))
+def _nearest_index(x, t, images, log_w, *, schedule, chunk_size):
+    flat, mu, half_sq = prepare(images)
+    return nearest_prepared_index(x, t, flat, mu, half_sq, log_w, schedule=schedule,
+                                  chunk_size=chunk_size)
+
+
+@functools.partial(jax.jit, static_argnames=("schedule", "chunk_size"))
+def _nearest_x0(x, t, images, log_w, *, schedule, chunk_size):
+    flat, mu, half_sq = prepare(images)
+    return nearest_prepared_x0(x, t, flat, mu, half_sq, log_w, schedule=schedule,
+                               chunk_size=chunk_size)
+
+
+def nearest_index(x: Float[Array, "b h w c"], t, images: Float[Array, "n h w c"], *, mask=None,
+                  schedule=schedules_lib.Cosine(), chunk_size: int = 256):
+    """Index i* [B] (int32, into ``images``) of the training image minimising ‖x − a·x_i‖²."""
+    x, log_w, chunk = _check(x, images, mask, chunk_size)
+    return _nearest_index(x, jnp.asarray(t, jnp.float32), images, log_w,
+                          schedule=schedules_lib.get(schedule), chunk_size=chunk)
+
+
+def nearest_x0(x: Float[Array, "b h w c"], t, images: Float[Array, "n h w c"], *, mask=None,
+               schedule=schedules_lib.Cosine(), chunk_size: int = 256
+               ) -> Float[Array, "b h w c"]:
+    """Denoised mean of the nearest-image machine: x̂_0 = x_{i*}, i* = argmin_i ‖x − a·x_i‖².
+
+    Args:
+      x: noisy queries [B, H, W, C].
+      t: scalar time or one per query, [B].
+      images: training set [N, H, W, C].
+      mask: optional boolean [N]; only images with True are candidates.
+      schedule: a Schedule or its name.
+      chunk_size: training images per streamed chunk (memory knob, not a result knob).
+    Returns:
+      x̂_0 [B, H, W, C], each a training image.
+
+        >>> x0 = nearest_x0(x, 0.3, images)            # x [B,H,W,C], images [N,H,W,C]
+    """
+    x, log_w, chunk = _check(x, images, mask, chunk_size)
+    return _nearest_x0(x, jnp.asarray(t, jnp.float32), images, log_w,
+                       schedule=schedules_lib.get(schedule), chunk_size=chunk)
+
+
+def nearest_score(x: Float[Array, "b h w c"], t, images: Float[Array, "n h w c"], *, mask=None,
+                  schedule=schedules_lib.Cosine(), chunk_size: int = 256
+                  ) -> Float[Array, "b h w c"]:
+    """Score of the nearest-image machine, s = −(x − a·x_{i*})/b², [B, H, W, C].
+
+        >>> s = nearest_score(x, 0.3, images, mask=labels == 3)
+    """
+    x0 = nearest_x0(x, t, images, mask=mask, schedule=schedule, chunk_size=chunk_size)
+    return conversions.x0_to_score(x0, x, t, schedule=schedule)

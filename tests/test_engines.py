@@ -1,0 +1,210 @@
+"""The engine selector (els_jax.engines) with a fake timer: what it measures, what it caches on
+disk, when it falls back to the static rule; and machines that report what runs and why."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import els_jax as ej
+from els_jax import els, engines, local, native, schedules
+from tests import oracles
+
+
+class FakeClock:
+    """A timer that advances only when a probe call says how long it "took"."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def tuner(tmp_path, monkeypatch):
+    """Autotuning on, a fresh cache directory, an empty memory cache and a fake clock."""
+    monkeypatch.setenv("ELS_JAX_AUTOTUNE", "1")
+    monkeypatch.setenv("ELS_JAX_CACHE", str(tmp_path))
+    clock = FakeClock()
+    monkeypatch.setattr(engines, "_clock", clock)
+    engines.clear_memory_cache()
+    jax.clear_caches()          # "auto" is resolved when a shape is first traced
+    yield clock
+    engines.clear_memory_cache()
+    jax.clear_caches()
+
+
+def _probes(clock, seconds, log):
+    """probes() for ``select``: engine e "takes" seconds[e] per call; calls are logged."""
+    def call(name):
+        def run():
+            log.append(name)
+            clock.now += seconds[name]
+        return run
+    return lambda: ({name: call(name) for name in seconds}, "fake probe", None)
+
+
+SHAPE = {"k": 5, "C": 1, "H": 32, "W": 32, "N": 1024, "B": 1}
+
+
+def test_select_measures_once_then_reuses_the_disk_cache(tuner, tmp_path):
+    log = []
+    choice = engines.select("els", SHAPE, ("window", "row", "native"), "native", "static",
+                            _probes(tuner, {"window": 3.0, "row": 2.0, "native": 5.0}, log))
+    assert choice.engine == "row" and "measured" in choice.reason
+    assert choice.times == {"window": 3.0, "row": 2.0, "native": 5.0}
+    # One untimed call each, then rounds in alternation; the fake calls are long (10 s per
+    # round), so the budget stops it after the minimum of two rounds.
+    assert log == ["window", "row", "native"] * 3
+    entry = next(iter(json.loads((tmp_path / "engines.json").read_text()).values()))
+    assert entry["engine"] == "row" and entry["fields"]["k"] == 5
+    assert entry["fields"]["simd"] == engines.cpu_info()["simd"]
+    # A new process (memory cache cleared) reads the winner from disk without measuring.
+    engines.clear_memory_cache()
+    log.clear()
+    again = engines.select("els", SHAPE, ("window", "row", "native"), "native", "static",
+                           _probes(tuner, {"window": 1.0, "row": 2.0, "native": 3.0}, log))
+    assert again.engine == "row" and "cached" in again.reason and log == []
+    # Another shape class is measured again.
+    other = engines.select("els", dict(SHAPE, k=7), ("window", "row", "native"), "native",
+                           "static", _probes(tuner, {"window": 1.0, "row": 2.0, "native": 3.0},
+                                             log))
+    assert other.engine == "window" and log
+
+
+def test_measure_alternates_engines_and_stops_at_the_budget(tuner):
+    log = []
+    calls, _, _ = _probes(tuner, {"a": 0.01, "b": 0.02}, log)()
+    times = engines.measure(calls, rounds=5, budget=1.0)
+    assert times == {"a": pytest.approx(0.01), "b": pytest.approx(0.02)}
+    assert log == ["a", "b"] * 6                 # short calls: 1 untimed + 5 timed rounds
+    log.clear()
+    engines.measure(calls, rounds=5, budget=0.0)
+    assert log == ["a", "b"] * 3                 # budget spent: 1 untimed + 2 timed rounds
+
+
+def test_static_rule_single_engine_and_failing_probes(tuner, monkeypatch):
+    log = []
+    probes = _probes(tuner, {"window": 1.0, "row": 2.0}, log)
+    only = engines.select("els", SHAPE, ("window",), "window", "static", probes)
+    assert only.engine == "window" and "only" in only.reason
+    monkeypatch.setenv("ELS_JAX_AUTOTUNE", "0")
+    off = engines.select("els", SHAPE, ("window", "row"), "row", "static rule: x", probes)
+    assert off == engines.Choice("row", "static rule: x; ELS_JAX_AUTOTUNE=0") and log == []
+    monkeypatch.setenv("ELS_JAX_AUTOTUNE", "1")
+
+    def broken():
+        raise RuntimeError("no such engine here")
+    calls = {"window": lambda: None, "row": broken}
+    with pytest.warns(RuntimeWarning, match="'row' failed"):
+        choice = engines.select("els", dict(SHAPE, k=9), ("window", "row"), "row", "static",
+                                lambda: (calls, "fake", None))
+    assert choice.engine == "window"
+    with pytest.raises(ValueError, match="not among"):
+        engines.select("els", SHAPE, ("window", "row"), "native", "static", probes)
+
+
+def test_window_probe_time_scales_with_the_merged_fraction(tuner, monkeypatch):
+    """A bank with merged windows holds that fraction of the candidates: the window engine's
+    probe time is scaled by it (the probe's synthetic images have no duplicates)."""
+    monkeypatch.setattr(engines, "measure", lambda calls, **kw: {"window": 4.0, "row": 1.0})
+    kw = dict(k=5, c=1, h=8, w=8, boundary="circular", n=64, banked=True)
+    assert engines.els_engine(("window", "row"), "window", "s", **kw).engine == "row"
+    merged = engines.els_engine(("window", "row"), "window", "s", unique_fraction=0.2, **kw)
+    assert merged.engine == "window" and merged.times["window"] == pytest.approx(0.8)
+    # Unknown N or a sharded machine: the static rule, nothing measured.
+    assert "static" in engines.els_engine(("window", "row"), "row", "static rule",
+                                          **dict(kw, n=None)).reason
+    assert engines.els_engine(("window", "row"), "row", "static rule", sharded=True,
+                              **kw).engine == "row"
+
+
+def _fixed_times(times, ran):
+    """A stand-in for ``engines.measure`` that runs every probe once (so the real probes are
+    exercised) and reports fixed times."""
+    def fake(calls, **kw):
+        for name, call in calls.items():
+            call()
+            ran.append(name)
+        return {name: times[name] for name in calls}
+    return fake
+
+
+@pytest.mark.parametrize("winner", ["window", "row"] + (["native"] if native.available() else []))
+def test_machine_runs_the_measured_engine_and_explains_it(tuner, monkeypatch, winner):
+    """The real probes run (every applicable engine on synthetic images); whichever engine
+    wins, the machine computes the oracle's x̂_0 and explain() says what decided."""
+    times = {"window": 3.0, "row": 3.0, "native": 3.0, winner: 1.0}
+    ran = []
+    monkeypatch.setattr(engines, "measure", _fixed_times(times, ran))
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (6, 9, 8, 1)).astype(np.float32)
+    x = jnp.asarray(0.8 * images[:2] + 0.6 * rng.normal(size=(2, 9, 8, 1)), jnp.float32)
+    m = ej.make_machine("els", images, scales=[3, 5], boundary="zeros", dedup=False)
+    want_engines = {"window", "row"} | ({"native"} if native.available() else set())
+    assert set(ran) == want_engines                      # both sizes: same applicable set
+    info = m.explain()
+    assert set(info) == {3, 5}
+    for k in (3, 5):
+        assert info[k]["engine"] == winner == m.engine(0 if k == 5 else 1)["engine"]
+        assert "measured" in info[k]["reason"] and info[k]["times"][winner] == 1.0
+    for i, k in ((0, 5), (1, 3)):
+        want = oracles.els_x0(x, 0.3, images, k, "zeros", False)
+        np.testing.assert_allclose(np.asarray(m.x0(x, jnp.float32(0.3), i)), want, atol=3e-4)
+    # The same machine again: chosen from the cache, nothing probed.
+    engines.clear_memory_cache()
+    ran.clear()
+    again = ej.make_machine("els", images, scales=[3, 5], boundary="zeros", dedup=False)
+    assert ran == [] and "cached" in again.explain()[3]["reason"]
+
+
+@pytest.mark.skipif(not native.available(), reason="no C++ compiler here")
+@pytest.mark.parametrize("winner", ["kernel", "xla"])
+def test_local_machine_engine_follows_the_measurement(tuner, monkeypatch, winner):
+    ran = []
+    monkeypatch.setattr(engines, "measure",
+                        _fixed_times({"kernel": 2.0, "xla": 2.0, winner: 1.0}, ran))
+    rng = np.random.default_rng(1)
+    images = rng.uniform(-1, 1, (40, 6, 7, 2)).astype(np.float32)
+    x = jnp.asarray(rng.normal(size=(3, 6, 7, 2)), jnp.float32)
+    m = ej.make_machine("local", images, scales=3, compile_for=x)
+    assert sorted(ran) == ["kernel", "xla"]
+    assert m.explain()[3]["engine"] == winner
+    hlo = m.lower(x, jnp.float32(0.5), 0).as_text()
+    assert ("els_local_softmax" in hlo) == (winner == "kernel")
+    want = oracles.local_x0(np.asarray(x, np.float64), 0.5, images.astype(np.float64), 3)
+    np.testing.assert_allclose(np.asarray(m.x0(x, jnp.float32(0.5), 0)), want, atol=2e-5)
+    # Explicit engines win over the measurement.
+    forced = ej.make_machine("local", images, scales=3, method="xla")
+    assert forced.explain()[3]["engine"] == "xla"
+    assert "explicit" in forced.explain()[3]["reason"]
+    with pytest.raises(ValueError, match="unknown LS engine"):
+        local.resolve_engine("row", k=3, c=1, h=6, w=7, n=40)
+
+
+def test_static_rules_without_autotuning(monkeypatch):
+    """ELS_JAX_AUTOTUNE=0 (the test suite's default): today's static rules, no probe."""
+    monkeypatch.setenv("ELS_JAX_AUTOTUNE", "0")
+    engines.clear_memory_cache()
+    monkeypatch.setattr(engines, "measure", lambda *a, **kw: pytest.fail("measured"))
+    images = np.random.default_rng(2).uniform(-1, 1, (10, 16, 16, 1)).astype(np.float32)
+    info = ej.make_machine("els", images, scales=[3, 11], boundary="circular").explain()
+    assert info[3]["engine"] == "window" and info[11]["engine"] == "row"
+    assert all("static rule" in v["reason"] for v in info.values())
+    zeros = ej.make_machine("els", images, scales=5, boundary="zeros").explain()[5]
+    assert zeros["engine"] == ("native" if native.available()
+                               else els.choose_method(5, 1, 16, "zeros"))
+    ideal = ej.make_machine("ideal", images).explain()[None]
+    assert ideal["engine"] == "window" and ideal["reason"]
+    x = jnp.zeros((1, 16, 16, 1))
+    assert ej.els_x0(x, 0.5, images, k=3).shape == x.shape
+
+
+def test_platform_signature_names_the_cpu_and_its_simd():
+    sig = engines.platform_signature()
+    assert sig["backend"] == "cpu" and sig["jax"] and sig["kernel"]
+    assert isinstance(sig["simd"], list) and sig["cores"] >= 1
+    assert schedules.Cosine()            # (the probes' schedule)

@@ -1,0 +1,173 @@
+"""The els_soft machine (SPEC §7): against a float64 oracle for both boundaries, the σ → ∞
+limit = ELS with k = k_max, gradients in x and σ, the machine wrapper, and the calibration of
+σ by gradient descent recovering known widths."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import els_jax as ej
+from els_jax import soft
+from tests import oracles
+
+H, W, C = 7, 6, 2
+# (boundary, wrap_patches, k_max): k_max = 7 ≥ min(H, W) with zero padding is the local
+# machine's layout (SPEC §2 notes).
+CONFIGS = [("circular", False, 3), ("circular", True, 5), ("zeros", False, 3),
+           ("zeros", False, 7)]
+
+
+def _setup(t, n=3, b=2, seed=0, shape=(H, W, C)):
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(-1, 1, size=(n,) + shape).astype(np.float32)
+    ab = oracles.alpha_bar(t)
+    x = (math.sqrt(ab) * images[rng.integers(0, n, size=b)]
+         + math.sqrt(1 - ab) * rng.normal(size=(b,) + shape)).astype(np.float32)
+    return jnp.asarray(x), jnp.asarray(images)
+
+
+def _close(got, want, tol=3e-4):
+    np.testing.assert_allclose(np.asarray(got), want, atol=tol)
+
+
+@pytest.mark.parametrize("boundary,wrap,k", CONFIGS)
+def test_matches_oracle_and_els_at_infinite_sigma(boundary, wrap, k):
+    kw = dict(k_max=k, boundary=boundary, wrap_patches=wrap, block=50)
+    for t, sigma in [(0.02, 0.7), (0.5, 1.6), (0.95, 3.0)]:
+        x, images = _setup(t)
+        want = oracles.els_soft_x0(x, t, images, sigma, k, boundary, wrap)
+        _close(soft.els_soft_x0(x, t, images, sigma=sigma, **kw), want)
+    # σ → ∞: the hard k_max window, i.e. ELS (and for zeros with k_max ≥ H, LS).
+    x, images = _setup(0.4)
+    hard = ej.els_x0(x, 0.4, images, k=k, boundary=boundary, wrap_patches=wrap)
+    _close(ej.els_soft_x0(x, 0.4, images, sigma=jnp.inf, **kw), hard, tol=2e-6)
+    _close(ej.els_soft_x0(x, 0.4, images, sigma=1e4, **kw), hard, tol=1e-5)
+    if boundary == "zeros" and k == 3:       # a class mask: candidates of 2 of the 3 images
+        mask = np.array([True, False, True])
+        _close(soft.els_soft_x0(x, 0.4, images, sigma=1.3, mask=jnp.asarray(mask), **kw),
+               oracles.els_soft_x0(x, 0.4, images, 1.3, k, boundary, wrap, mask=mask))
+
+
+def test_circular_commutes_with_translation_and_stays_in_the_data_range():
+    """With wrapping windows every translate of a candidate is a candidate: equivariance.
+    x̂_0 is a convex combination of pixel values, also at t = 0 and 1 and for far queries."""
+    kw = dict(sigma=1.2, k_max=5, boundary="circular", wrap_patches=True, block=50)
+    x, images = _setup(0.3)
+    x0 = soft.els_soft_x0(x, 0.3, images, **kw)
+    shifted = soft.els_soft_x0(jnp.roll(x, (2, -1), axis=(1, 2)), 0.3, images, **kw)
+    _close(shifted, jnp.roll(x0, (2, -1), axis=(1, 2)), tol=1e-5)
+    ab = oracles.alpha_bar(0.3)
+    _close(ej.els_soft_score(x, 0.3, images, **kw),
+           -(np.asarray(x) - math.sqrt(ab) * np.asarray(x0)) / (1 - ab), tol=1e-3)
+    lo, hi = float(images.min()), float(images.max())
+    for t, scale in [(0.0, 1.0), (1e-4, 1.0), (1.0, 1.0), (0.5, 1e3)]:
+        got = np.asarray(soft.els_soft_x0(x * scale, t, images, **kw))
+        assert np.all(np.isfinite(got)) and got.min() >= lo - 1e-5 and got.max() <= hi + 1e-5
+
+
+def test_gradients_in_x_and_sigma():
+    """jax.grad (reverse, through the rematerialised scan) and jax.jvp (forward) agree with
+    each other and with central differences; finite at t near 0 and 1. Zero padding: the
+    interior, edge and corner groups (the circular machine's gradients drive
+    test_calibration_recovers_known_sigmas)."""
+    kw = dict(k_max=3, boundary="zeros", block=50)
+    x, images = _setup(0.5, shape=(6, 6, 2))
+    rng = np.random.default_rng(3)
+    weights = jnp.asarray(rng.normal(size=x.shape).astype(np.float32))
+    direction = jnp.asarray(rng.normal(size=x.shape).astype(np.float32))
+
+    def f(x, sigma, t):
+        return jnp.sum(weights * soft.els_soft_x0(x, t, images, sigma=sigma, **kw))
+
+    value_and_grad = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+    t = jnp.float32(0.5)
+    _, (gx, gs) = value_and_grad(x, jnp.float32(1.3), t)
+    _, tangent = jax.jit(lambda x, s, t: jax.jvp(lambda x, s: f(x, s, t), (x, s),
+                                                 (direction, jnp.float32(1.0))))(
+        x, jnp.float32(1.3), t)
+    np.testing.assert_allclose(float(tangent), float(jnp.sum(gx * direction) + gs), rtol=1e-4)
+
+    def value(x, sigma):
+        return float(value_and_grad(x, jnp.float32(sigma), t)[0])
+    h = 1e-2
+    fd_sigma = (value(x, 1.3 + h) - value(x, 1.3 - h)) / (2 * h)
+    fd_x = (value(x + h * direction, 1.3) - value(x - h * direction, 1.3)) / (2 * h)
+    np.testing.assert_allclose(float(gs), fd_sigma, rtol=2e-2, atol=1e-4)
+    np.testing.assert_allclose(float(jnp.sum(gx * direction)), fd_x, rtol=2e-2, atol=1e-3)
+    for t_edge in (1e-3, 1.0):
+        val, grads = value_and_grad(x, jnp.float32(1.3), jnp.float32(t_edge))
+        assert all(np.all(np.isfinite(np.asarray(g))) for g in (val,) + grads)
+
+
+def test_machine_selects_sigma_by_step_and_merges_identical_windows():
+    """make_machine("els_soft"): step i uses sigmas[m − 1 − i]; the bank (identical
+    background windows merged with their count) gives the functional result; the sampler
+    drives it."""
+    rng = np.random.default_rng(5)
+    images = -np.ones((3, H, W, C), np.float32)           # blank background, a small blob
+    for i, (r, c) in enumerate([(1, 1), (3, 2), (4, 4)]):
+        images[i, r:r + 2, c:c + 2] = rng.uniform(-1, 1, size=(2, 2, C))
+    mask = np.array([True, False, True])
+    sigmas = [0.6, 1.1, 2.5]                              # index 0 = last step
+    machine = ej.make_machine("els_soft", images, sigmas=sigmas, k_max=3, boundary="zeros",
+                              mask=mask)
+    assert machine.num_steps == 3 and machine.engine(0)["bank"]
+    assert machine.engine(0)["unique_fraction"] < 0.9     # windows were merged
+    x = jnp.asarray(rng.normal(size=(2, H, W, C)).astype(np.float32))
+    for i, t in enumerate([0.9, 0.5, 0.1]):
+        assert machine.sigma(i) == sigmas[2 - i]
+        want = soft.els_soft_x0(x, t, images, sigma=sigmas[2 - i], k_max=3, boundary="zeros",
+                                mask=jnp.asarray(mask), block=50)
+        _close(machine.x0(x, jnp.float32(t), i), want, tol=2e-5)
+    out = ej.sample(machine, x, ej.uniform_times(3))
+    assert np.all(np.isfinite(np.asarray(out)))
+    with pytest.raises(ValueError, match="3 steps"):
+        ej.sample(machine, x, ej.uniform_times(4))
+
+
+def test_errors():
+    x, images = _setup(0.5)
+    kw = dict(k_max=3, boundary="circular")
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="sigma must be > 0"):
+            soft.els_soft_x0(x, 0.5, images, sigma=bad, **kw)
+    with pytest.raises(ValueError, match="scalar"):
+        soft.els_soft_x0(x, 0.5, images, sigma=jnp.ones(2), **kw)
+    with pytest.raises(ValueError, match="odd"):
+        soft.els_soft_x0(x, 0.5, images, sigma=1.0, k_max=4)
+    with pytest.raises(ValueError, match="larger than the 7×6 image"):
+        soft.els_soft_x0(x, 0.5, images, sigma=1.0, k_max=7, boundary="circular")
+    with pytest.raises(ValueError, match="exceeds"):
+        soft.els_soft_x0(x, 0.5, images, sigma=1.0, k_max=15, boundary="zeros")
+    with pytest.raises(ValueError, match="boundary"):
+        soft.els_soft_x0(x, 0.5, images, sigma=1.0, k_max=3, boundary="reflect")
+    with pytest.raises(ValueError, match="sigma"):
+        ej.make_machine("els_soft", images, sigmas=[1.0, -2.0], k_max=3)
+    with pytest.raises(ValueError, match="needs sigmas"):
+        ej.make_machine("els_soft", images, k_max=3)
+    with pytest.raises(ValueError, match="not scales"):
+        ej.make_machine("els_soft", images, scales=3, sigmas=1.0, k_max=3)
+    with pytest.raises(ValueError, match="els_soft"):
+        ej.make_machine("els", images, scales=3, sigmas=1.0)
+
+
+def test_calibration_recovers_known_sigmas():
+    """The "network" is itself an els_soft machine with known widths per step; fitting σ along
+    its trajectory by gradient descent must find them (a test that can fail: with Adam's
+    default moments, β1 = 0.9 and β2 = 0.999, it found 0.61, 1.25, 2.22)."""
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (16, 8, 8, 1)).astype(np.float32)
+    true = [0.8, 1.3, 2.0]                                 # index 0 = last step
+    network = ej.make_machine("els_soft", images, sigmas=true, k_max=5, boundary="circular")
+    x_T = jax.random.normal(jax.random.PRNGKey(1), (4, 8, 8, 1))
+    times = ej.uniform_times(3, t_max=0.8, t_min=0.2)
+    cal = ej.calibrate_sigma(network, images, x_T, times, k_max=5, boundary="circular",
+                             init_scales=[5, 1, 1], steps=50)   # σ 1.41, 0.3, 0.3
+    np.testing.assert_allclose(cal.sigmas, true, rtol=0.04)
+    np.testing.assert_allclose(cal.init, [0.3, 0.3, soft.sigma_for_scale(5)])
+    assert np.all(cal.cosine_after >= cal.cosine_before - 1e-6)
+    assert np.all(cal.cosine_after > 1 - 1e-5) and np.all(cal.cosine_before < 1 - 1e-5)
+    assert cal.loss.shape == (3, 50)
