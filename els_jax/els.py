@@ -268,7 +268,9 @@ def _augmented_logits(dot, q, keys):
     constant's cotangent). An absent candidate's logit is −inf whatever x is and its weight
     exactly 0, so its tangent does not matter: the tangent uses the keys with non-finite
     entries zeroed (elsewhere the plain tangent). Linear in the tangents, so reverse mode
-    transposes it."""
+    transposes it. Limit: first order. The engines call this inside ``lax.scan``, whose
+    partial evaluation inlines the primal matmul, so a second derivative through it (e.g. a
+    Hessian-vector product) meets the plain rule again: NaN with absent candidates."""
     return dot(q, keys)
 
 
@@ -277,7 +279,7 @@ def _augmented_logits_jvp(dot, primals, tangents):
 
     q, keys = primals
     dq, dkeys = tangents
-    logits = _augmented_logits(dot, q, keys)          # (so that higher orders stay finite)
+    logits = _augmented_logits(dot, q, keys)
     finite = jnp.isfinite(keys)
     tangent = jnp.zeros_like(logits)
     if not isinstance(dq, SymbolicZero):

@@ -13,7 +13,7 @@ system C++ compiler (``$CXX``, else ``c++`` / ``g++``) into ``$ELS_JAX_CACHE`` (
 
 Differentiation: a custom call has no derivative rule, so every kernel-backed function is
 wrapped by ``with_reference_derivatives``: its values come from the kernel, its derivatives
-(forward and reverse mode, any order) from the XLA path of the same computation.
+(forward and reverse mode) from the XLA path of the same computation.
 """
 
 from __future__ import annotations
@@ -129,11 +129,14 @@ def with_reference_derivatives(fast, reference):
     """``fast`` with the derivatives of ``reference``: f(*args) = fast(*args) (e.g. a custom
     call, which JAX cannot differentiate), and jax.jvp(f) = (fast(*args), the tangent of
     jax.jvp(reference)). Reverse mode follows: JAX linearizes the tangent (plain XLA ops, hence
-    transposable) and transposes it, so ``jax.grad``, ``jax.vjp`` and higher orders work; under
-    ``jax.vmap`` the kernel is mapped as its ffi_call says. Both must compute the same function
-    of the same pytree of float arrays (results equal to float32 rounding) with the same output
-    structure. Only the arguments actually differentiated are traced through ``reference``
-    (symbolic zeros): differentiating w.r.t. the queries does not differentiate the bank."""
+    transposable) and transposes it, so ``jax.grad`` and ``jax.vjp`` work; under ``jax.vmap``
+    the kernel is mapped as its ffi_call says. Second order works where JAX keeps the rule
+    (e.g. ``jax.hessian`` of a machine call), not when f sits in a ``lax.scan`` body that is
+    differentiated twice: JAX then inlines the primal, the custom call. Both functions must
+    compute the same function of the same pytree of float arrays (equal to float32 rounding)
+    with the same output structure. Only the arguments actually differentiated are traced
+    through ``reference`` (symbolic zeros): differentiating w.r.t. the queries does not
+    differentiate the bank."""
     from jax.custom_derivatives import SymbolicZero
 
     @jax.custom_jvp
