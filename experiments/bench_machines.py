@@ -1,7 +1,7 @@
 """Benchmark of the analytic machines (issue 3). Prints one JSON object per line.
 
-    python experiments/bench_machines.py                  # full grid (~8 min on 2 cores)
-    python experiments/bench_machines.py --quick          # a small subset (~1 min)
+    python experiments/bench_machines.py                  # full grid (~30+ min on 2 cores)
+    python experiments/bench_machines.py --quick          # a small subset (~5 min)
     python experiments/bench_machines.py --host-devices 2  # the CPU as 2 XLA devices, candidates split
     python experiments/bench_machines.py --out runs/bench_machines.jsonl
     python experiments/bench_machines.py --table runs/bench_machines.jsonl   # Markdown summary
@@ -39,7 +39,9 @@ calls (one call when a call takes over 2 s). Per row:
   engine_times_s the median call of the same machine on every exact engine (``method=``),
                  timed in alternation with the default; best_engine, best_time_s,
                  best_ns_per_pair the fastest of them; default_vs_best = time_s / best_time_s
-                 (default_vs_best_min: the same ratio of the fastest calls).
+                 (default_vs_best_min: the same ratio of the fastest calls). Not with
+                 --host-devices: a machine split over a mesh keeps the static rule and is
+                 timed alone.
 
 The first row describes the platform: CPU model, SIMD flags and cores (or the device kind),
 XLA_FLAGS, jax version, the kernel's source hash and whether it was built, engine
@@ -414,7 +416,7 @@ def table(path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a small subset (~2 min)")
+    parser.add_argument("--quick", action="store_true", help="a small subset (~5 min)")
     parser.add_argument("--out", help="also append the JSON lines to this file")
     parser.add_argument("--no-sample", action="store_true", help="skip the 20-step sample")
     parser.add_argument("--sample-only", action="store_true", help="only the 20-step sample")
