@@ -114,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reuse the network trained in this directory (els-jax train --workdir)")
     p.add_argument("--train-steps", type=int, default=None, help="override the training length")
     p.add_argument("--seeds", type=int, default=32, help="comparison seeds")
-    p.add_argument("--calib-seeds", type=int, default=8, help="calibration seeds (other seeds)")
+    p.add_argument("--calib-seeds", type=int, default=None,
+                   help="calibration seeds, disjoint from the compared ones (default 8; 4 on "
+                        "mnist5k)")
     p.add_argument("--machine-steps", type=int, default=20)
     p.add_argument("--network-steps", type=int, default=150,
                    help="DDIM steps for the network (the paper's 150; machines use --machine-steps)")
@@ -129,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(experiments/checkpoints/)")
     p.add_argument("--candidates", type=_odd_sizes, default=None,
                    help="patch sizes for the calibration, e.g. 3,5,7 (default 3, 5, …, image size)")
+    p.add_argument("--calib-neighbours", type=_neighbours, default=1,
+                   help="after the first step, calibrate only the sizes within this many "
+                        "places of the last step's best ('all' = every size; default 1)")
+    p.add_argument("--families", type=_names, default=None,
+                   help="families compared, e.g. els,ls,is,gaussian (default: all, but "
+                        "els_soft not on mnist5k; els and is always run)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="run folder (default: a new one under ./runs); "
                    "an existing one is resumed")
@@ -210,6 +218,29 @@ def _odd_sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
+def _neighbours(text: str) -> int | None:
+    if text.strip().lower() == "all":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count ≥ 0 or 'all', got {text!r}")
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a count ≥ 0 or 'all', got {text!r}")
+    return n
+
+
+def _names(text: str) -> tuple[str, ...]:
+    from els_jax.experiment import MACHINE_NAMES
+
+    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    unknown = [n for n in names if n not in MACHINE_NAMES]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown families {unknown}; choose from {','.join(MACHINE_NAMES)}")
+    return names
+
+
 def _cmd_reproduce(args) -> int:
     from els_jax.experiment import ReproduceConfig, reproduce
 
@@ -220,7 +251,8 @@ def _cmd_reproduce(args) -> int:
         train=None if args.train_steps is None else {"steps": args.train_steps},
         n_seeds=args.seeds, calib_seeds=args.calib_seeds, machine_steps=args.machine_steps,
         network_steps=args.network_steps, candidates=args.candidates, seed=args.seed,
-        t_max=args.t_max, compare_t_max=args.compare_t_max, retrain=args.retrain)
+        t_max=args.t_max, compare_t_max=args.compare_t_max, retrain=args.retrain,
+        families=args.families, calib_neighbours=args.calib_neighbours)
     out = args.out or _new_run_dir(f"reproduce-{args.dataset}-{args.arch}-{args.padding}")
     print(f"els-jax reproduce → {out}", flush=True)
     report = reproduce(cfg, out, progress=not args.no_progress)

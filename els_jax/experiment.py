@@ -43,6 +43,7 @@ from els_jax import train as train_lib
 
 __all__ = ["ReproduceConfig", "reproduce", "default_train_config", "digits_train_config",
            "mnist5k_train_config", "shipped_checkpoint", "FAMILIES", "MACHINE_NAMES",
+           "DATASET_DEFAULTS",
            "CHECKPOINTS_DIR"]
 
 # Every model compared with the network: report name → ``make_machine`` kind (a literal dict,
@@ -51,6 +52,15 @@ __all__ = ["ReproduceConfig", "reproduce", "default_train_config", "digits_train
 FAMILIES = {"els": "els", "ls": "local", "is": "ideal", "gaussian": "gaussian",
             "nearest": "nearest", "pca_locality": "pca_locality", "els_soft": "els_soft"}
 MACHINE_NAMES = tuple(FAMILIES)
+
+# What `reproduce` runs on a data set when the config leaves calib_seeds / families as None.
+# mnist5k (N = 5000 at 32×32): one exact ELS call on 16 queries costs 10⁴–10⁵× one on 8×8
+# digits, so the calibration uses 4 seeds, and els_soft, whose width fit differentiates
+# through ELS 25 times per step, is left out (ask for it with families=(..., "els_soft")).
+DATASET_DEFAULTS = {
+    "mnist5k": {"calib_seeds": 4,
+                "families": tuple(n for n in MACHINE_NAMES if n != "els_soft")},
+}
 _CONFIG_FILE, _SCALES_FILE, _TIMINGS_FILE = "config.json", "scales.json", "timings.json"
 
 # Trained networks shipped with the repository (made by `els-jax train` with the configs in
@@ -82,13 +92,13 @@ def mnist5k_train_config(arch: str = "resnet", padding: str = "zeros", **overrid
     embedded real MNIST digits ("mnist5k", 32×32).
 
     ResNet: 6 residual 3×3 layers (receptive field 17, as SPEC §5) at width 32 instead of 256;
-    UNet: 3 scales of 32/64/128 channels instead of 64/128/256. 4000 steps of batch 128 (≈ 100
+    UNet: 3 scales of 32/64/128 channels instead of 64/128/256. 3000 steps of batch 128 (≈ 77
     epochs of the 5000 digits) at lr 5e-4 ×0.9998 per step with an EMA of the weights (the
     paper: 300 epochs of 60 000 digits at lr 1e-4).
     """
     base = dict(dataset="mnist5k", image_size=32, arch=arch, padding=padding,
                 conditional=False, channels=32 if arch == "resnet" else (32, 64, 128),
-                depth=6, batch_size=128, steps=4000, epochs=None, lr=5e-4, lr_decay=0.9998,
+                depth=6, batch_size=128, steps=3000, epochs=None, lr=5e-4, lr_decay=0.9998,
                 ema=0.999, weight_decay=0.0, seed=0, checkpoint_every=200,
                 keep_checkpoints=2, log_every=50)
     base.update(overrides)
@@ -116,7 +126,8 @@ class ReproduceConfig:
     arch, padding, conditional: the network (ignored when ``checkpoint`` or ``train`` is set).
     train: optional TrainConfig fields (dict) overriding ``default_train_config``.
     checkpoint: reuse the network trained in this directory instead of training one.
-    n_seeds: comparison seeds; calib_seeds: calibration seeds (disjoint from them).
+    n_seeds: comparison seeds; calib_seeds: calibration seeds (disjoint from them); None = the
+      data set's default (``DATASET_DEFAULTS``, else 8).
     machine_steps / network_steps: DDIM steps for the machines and for the network.
     candidates: patch sizes tried by the calibration (default 3, 5, …, image size).
     seed: base of the noise seeds.
@@ -131,6 +142,12 @@ class ReproduceConfig:
     retrain: train the network even when the repository ships one for this configuration
       (``experiments/checkpoints/``; used by default for the embedded data sets).
     soft_steps: gradient steps per sampler step when fitting the els_soft widths.
+    families: the analytic families compared (names of ``FAMILIES``); None = the data set's
+      default (``DATASET_DEFAULTS``, else all). ELS and IS are always included (the headline:
+      ELS vs IS).
+    calib_neighbours: the calibration's search (``calibrate(neighbours=...)``): after the first
+      step, try only the sizes within this many places of the previous step's best sizes.
+      None = every candidate at every step.
     """
 
     dataset: str = "digits"
@@ -143,7 +160,7 @@ class ReproduceConfig:
     train: dict | None = None
     checkpoint: str | None = None
     n_seeds: int = 32
-    calib_seeds: int = 8
+    calib_seeds: int | None = None
     machine_steps: int = 20
     network_steps: int = 150
     candidates: tuple[int, ...] | None = None
@@ -152,6 +169,8 @@ class ReproduceConfig:
     compare_t_max: tuple[float, ...] = (1.0,)
     retrain: bool = False
     soft_steps: int = 25
+    families: tuple[str, ...] | None = None
+    calib_neighbours: int | None = 1
 
     @property
     def start(self) -> float:
@@ -168,10 +187,33 @@ class ReproduceConfig:
                 out.append(float(t))
         return out
 
+    def resolved(self) -> "ReproduceConfig":
+        """The fields left None filled from ``DATASET_DEFAULTS`` (what runs, and is saved) of
+        the data set the network was trained on (a given checkpoint's, else ``dataset``)."""
+        dataset = self.dataset
+        saved = os.path.join(self.checkpoint or "", train_lib.CONFIG_FILE)
+        if self.checkpoint and os.path.exists(saved):
+            dataset = _read_json(saved).get("dataset", dataset)
+        preset = DATASET_DEFAULTS.get(dataset, {})
+        fill = {"calib_seeds": preset.get("calib_seeds", 8),
+                "families": preset.get("families", MACHINE_NAMES)}
+        return dataclasses.replace(self, **{k: v for k, v in fill.items()
+                                            if getattr(self, k) is None})
+
+    def family_names(self) -> tuple[str, ...]:
+        """The compared families in ``FAMILIES`` order (els and is always among them)."""
+        chosen = set(MACHINE_NAMES if self.families is None else self.families) | {"els", "is"}
+        return tuple(n for n in MACHINE_NAMES if n in chosen)
+
     def validate(self):
+        unknown = sorted(set(self.families or ()) - set(MACHINE_NAMES))
+        if unknown:
+            raise ValueError(f"unknown families {unknown}; choose from {list(MACHINE_NAMES)}")
+        if self.calib_neighbours is not None and self.calib_neighbours < 0:
+            raise ValueError(f"calib_neighbours must be None or ≥ 0; got {self.calib_neighbours}")
         if self.n_seeds < 2:
             raise ValueError(f"n_seeds must be at least 2 (medians over seeds); got {self.n_seeds}")
-        if self.calib_seeds < 1:
+        if self.calib_seeds is not None and self.calib_seeds < 1:
             raise ValueError(f"calib_seeds must be at least 1; got {self.calib_seeds}")
         for t in ([] if self.t_max is None else [self.t_max]) + list(self.compare_t_max):
             if not 0.0 < t <= 1.0:
@@ -188,6 +230,7 @@ class ReproduceConfig:
         d = dataclasses.asdict(self)
         d["candidates"] = None if self.candidates is None else list(self.candidates)
         d["compare_t_max"] = [float(t) for t in self.compare_t_max]
+        d["families"] = None if self.families is None else list(self.families)
         return d
 
 
@@ -389,6 +432,15 @@ def _network(cfg: ReproduceConfig, out: str, timer: _Timer, progress: bool):
     return (*train_lib.load_trained(workdir), "network (trained by this run)")
 
 
+def _mean_over_seeds(cos) -> list:
+    """[m, K, S] cosines → [m][K] means over seeds, None where no seed tried the size."""
+    tried = ~np.isnan(cos)
+    total = np.where(tried, cos, 0.0).sum(axis=2)
+    count = tried.sum(axis=2)
+    return [[float(t / c) if c else None for t, c in zip(trow, crow)]
+            for trow, crow in zip(total, count)]
+
+
 def _calibrate(cfg, out, model, params, images, train_labels, num_classes, boundary, schedule,
                timer, progress):
     """Stage 2: scales.json for ELS and LS (median over calibration seeds)."""
@@ -409,6 +461,8 @@ def _calibrate(cfg, out, model, params, images, train_labels, num_classes, bound
     result = {"candidates": list(cands), "calibration_seeds": seeds,
               "times": np.asarray(times).tolist()}
     for name, kind in (("els", "els"), ("ls", "local")):
+        if name not in cfg.family_names():
+            continue
         best, cos = [], []
         for idx, label in _by_label(labels):
             sel = slice(None) if idx is None else idx
@@ -419,14 +473,14 @@ def _calibrate(cfg, out, model, params, images, train_labels, num_classes, bound
             machines = calibrate_lib.candidate_machines(
                 kind, images, local_cands, boundary=boundary, schedule=schedule, mask=mask)
             cal = calibrate_lib.calibrate(net, machines, x_T[sel], times, schedule=schedule,
-                                          progress=progress)
+                                          progress=progress, neighbours=cfg.calib_neighbours)
             best.append(cal.best)
             cos.append(cal.cosine)
         best = np.concatenate(best, axis=1)
         per_step = calibrate_lib.median_odd(best, axis=1)
         result[name] = {"scales": [int(k) for k in per_step[::-1]],
                         "per_step": per_step.tolist(), "best_per_seed": best.tolist(),
-                        "mean_cosine": np.concatenate(cos, axis=2).mean(axis=2).tolist()}
+                        "mean_cosine": _mean_over_seeds(np.concatenate(cos, axis=2))}
     _atomic_json(path, result)
     timer.add("calibrate", time.perf_counter() - t0)
     return result
@@ -490,7 +544,8 @@ def _compare(cfg, out, model, params, images, train_labels, num_classes, boundar
     labels = seed_labels(seeds, num_classes)
     t_machine = sampler.uniform_times(cfg.machine_steps, t_max=t_max)
     t_net = sampler.uniform_times(cfg.network_steps, t_max=t_max)
-    jobs = [("network", None)] + list(FAMILIES.items())
+    names = cfg.family_names()
+    jobs = [("network", None)] + [(n, FAMILIES[n]) for n in names]
     if progress:
         from tqdm.auto import tqdm
         jobs = tqdm(jobs, desc=f"compare (t_max={t_max:g})", leave=False)
@@ -517,7 +572,7 @@ def _compare(cfg, out, model, params, images, train_labels, num_classes, boundar
         suffix = "" if parts_dir == "parts" else f"@{t_max:g}"
         timer.add(f"sample_{name}{suffix}", time.perf_counter() - t0)
     return {name: dict(np.load(os.path.join(parts, f"{name}.npz")))
-            for name in ("network",) + MACHINE_NAMES}
+            for name in ("network",) + names}
 
 
 def check_same_inputs(results: dict, machine_times) -> None:
@@ -535,8 +590,9 @@ def check_same_inputs(results: dict, machine_times) -> None:
 def _grid_summary(cfg, results) -> tuple[dict, dict, dict]:
     """Per-seed metrics, their summary, and the per-step agreements of one start t_max."""
     net = results["network"]
+    names = cfg.family_names()
     per_seed = {name: metrics.compare_images(net["x0"], results[name]["x0"])
-                for name in MACHINE_NAMES}
+                for name in names}
     summary = metrics.summarize(per_seed, reference="is", challenger="els", seed=cfg.seed)
     # Where along the trajectory the machines and the network diverge: r² of x̂_0 per step.
     t_machine = results["els"]["times"]
@@ -544,12 +600,12 @@ def _grid_summary(cfg, results) -> tuple[dict, dict, dict]:
     steps = {"times": np.asarray(t_machine[:-1]).tolist(),
              "trajectory_x0_r2": {name: [float(np.median(metrics.r_squared(
                  net["x0_hat"][j], results[name]["x0_hat"][i]))) for i, j in enumerate(align)]
-                 for name in MACHINE_NAMES},
+                 for name in names},
              # SPEC §7's single-step metric: the network applied to the machine's own x_t.
              "single_step_R2": {name: np.median(results[name]["single_step_R2"], axis=1).tolist()
-                                for name in MACHINE_NAMES},
+                                for name in names},
              "single_step_mse": {name: np.median(results[name]["single_step_mse"],
-                                                 axis=1).tolist() for name in MACHINE_NAMES}}
+                                                 axis=1).tolist() for name in names}}
     return per_seed, summary, steps
 
 
@@ -559,11 +615,12 @@ def _report(cfg, tcfg, out, by_start, scales, timer, t_start, network_source):
     results = by_start[start]
     net = results["network"]
     per_seed, summary, steps = _grid_summary(cfg, results)
+    names = cfg.family_names()
     _atomic_npz(os.path.join(out, "samples.npz"), network=net["x0"],
-                **{name: results[name]["x0"] for name in MACHINE_NAMES},
+                **{name: results[name]["x0"] for name in names},
                 x_T=net["x_T"], seeds=net["seeds"], labels=net["labels"],
                 times_machine=results["els"]["times"], times_network=net["times"],
-                **{f"{m}_{name}": v for name in MACHINE_NAMES
+                **{f"{m}_{name}": v for name in names
                    for m, v in per_seed[name].items()})
     report = dict(summary)
     by_t_max = {}
@@ -572,8 +629,8 @@ def _report(cfg, tcfg, out, by_start, scales, timer, t_start, network_source):
         by_t_max[f"{t:g}"] = {k: s_t[k] for k in ("median_r", "median_r2", "median_R2",
                                                   "ci_r2", "frac_els_beats_is")}
     report.update({
-        "families": list(MACHINE_NAMES),
-        "scales": {"els": scales["els"]["scales"], "ls": scales["ls"]["scales"]},
+        "families": list(names),
+        "scales": {n: scales[n]["scales"] for n in ("els", "ls") if n in scales},
         "els_soft": scales.get("els_soft"),
         "n_seeds": cfg.n_seeds, "calib_seeds": cfg.calib_seeds,
         "machine_steps": cfg.machine_steps, "network_steps": cfg.network_steps,
@@ -589,7 +646,7 @@ def _report(cfg, tcfg, out, by_start, scales, timer, t_start, network_source):
         "single_step": {"times": steps["times"], "R2": steps["single_step_R2"],
                         "mse": steps["single_step_mse"]},
         "per_seed": {name: {m: v.tolist() for m, v in per_seed[name].items()}
-                     for name in MACHINE_NAMES},
+                     for name in names},
         "timings_s": timer.times,
     })
     report["elapsed_s"] = round(timer.total + (time.perf_counter() - t_start), 3)
@@ -611,7 +668,7 @@ def _figures(out, net, results, per_seed, scales, report) -> dict:
     fdir = os.path.join(out, "figures")
     os.makedirs(fdir, exist_ok=True)
     paths = {}
-    names = list(MACHINE_NAMES)
+    names = list(report["families"])
     # 1. Image grid: one row per seed, columns network | every family.
     rows = min(12, len(net["x0"]))
     ncols = 1 + len(names)
@@ -642,6 +699,8 @@ def _figures(out, net, results, per_seed, scales, report) -> dict:
     times = np.asarray(scales["times"])[:-1]
     fig, ax = plt.subplots(figsize=(5, 3))
     for name in ("els", "ls"):
+        if name not in scales:
+            continue
         ax.step(times, scales[name]["per_step"], where="mid", label=name.upper())
     ax.set_xlabel("t")
     ax.set_ylabel("patch size k")
@@ -712,6 +771,7 @@ def reproduce(cfg: ReproduceConfig, out: str, *, progress: bool = True) -> dict:
     "is"} → value), their bootstrap intervals ci_*, frac_els_beats_is, scales, n_seeds,
     elapsed_s (summed over resumed sessions), per-seed metrics and per-step agreement.
     """
+    cfg = cfg.resolved()
     cfg.validate()
     t_start = time.perf_counter()
     os.makedirs(out, exist_ok=True)
@@ -731,7 +791,7 @@ def reproduce(cfg: ReproduceConfig, out: str, *, progress: bool = True) -> dict:
     t_prep = time.perf_counter() - t_start
     scales = _calibrate(cfg, out, model, params, images, train_labels, num_classes, boundary,
                         schedule, timer, progress)
-    if "els_soft" in MACHINE_NAMES:
+    if "els_soft" in cfg.family_names():
         scales = _calibrate_soft(cfg, out, scales, model, params, images, train_labels,
                                  num_classes, boundary, schedule, timer, progress)
     by_start = {}

@@ -25,7 +25,37 @@ from els_jax import schedules as schedules_lib
 from els_jax import softmax
 from els_jax.validation import check_query_and_images, mask_log_weights
 
-__all__ = ["ideal_score", "ideal_x0"]
+__all__ = ["ideal_score", "ideal_x0", "prepare", "chunk_scores"]
+
+
+@jax.jit
+def prepare(images):
+    """What does not depend on the query: the images flattened [N, D], their mean μ [D] and
+    ‖x_i − μ‖²/2 [N] (from centred values, for accuracy)."""
+    flat = images.reshape(images.shape[0], -1).astype(jnp.float32)
+    mu = jnp.mean(flat, axis=0)
+    return flat, mu, 0.5 * jnp.sum(jnp.square(flat - mu[None]), axis=-1)
+
+
+def chunk_scores(q, a, flat, half_sq, log_w, start, first, chunk_size: int):
+    """One chunk of whole-image candidates, for the machines that stream the training set
+    (ideal: softmax; nearest: argmax).
+
+    Args:
+      q: centred queries x − a·μ [B, D]; a: [B, 1]; flat, half_sq: ``prepare``'s [N, D], [N];
+      log_w: [N] 0 or −inf (class mask); start, first: ``softmax.chunk_starts``' chunk.
+    Returns:
+      c [M, D] the chunk's images; s [B, M] = a q·c − a²‖c − μ‖²/2, which is −‖x − a·c‖²/2
+      plus a term the same for every candidate; lw [M] the log-weights with the rows the
+      previous chunk already covered set to −inf.
+    """
+    rows = jnp.arange(chunk_size, dtype=jnp.int32)
+    c = jax.lax.dynamic_slice_in_dim(flat, start, chunk_size)              # [M, D]
+    hs = jax.lax.dynamic_slice_in_dim(half_sq, start, chunk_size)
+    lw = jax.lax.dynamic_slice_in_dim(log_w, start, chunk_size)
+    lw = jnp.where(rows >= first, lw, -jnp.inf)                            # seen before
+    qc = jnp.matmul(q, c.T, precision=jax.lax.Precision.HIGHEST)           # [B, M]
+    return c, a * qc - (a * a) * hs[None], lw
 
 
 @functools.partial(jax.jit, static_argnames=("schedule", "chunk_size"))
@@ -36,25 +66,15 @@ def _ideal_x0(x, t, images, log_w, *, schedule, chunk_size):
     a = jnp.broadcast_to(a, (bsz,))[:, None]
     b2 = jnp.maximum(jnp.broadcast_to(b2, (bsz,)), conversions.B2_FLOOR)[:, None]
 
-    flat = images.reshape(n, -1).astype(jnp.float32)
-    mu = jnp.mean(flat, axis=0, keepdims=True)
-    # ‖c − μ‖²/2 for every image: N floats, computed from centred values for accuracy.
-    half_sq = 0.5 * jnp.sum((flat - mu) ** 2, axis=-1)
+    flat, mu, half_sq = prepare(images)
     # Centred query q = x − a·μ. The logit −‖q − a(c − μ)‖²/(2b²) equals, up to terms that are
     # the same for every candidate, (a q·c − a²‖c − μ‖²/2)/b²; a small q keeps q·c accurate.
-    q = x.reshape(bsz, -1) - a * mu                       # [B, D]
+    q = x.reshape(bsz, -1) - a * mu[None]                 # [B, D]
     starts, first_new = softmax.chunk_starts(n, chunk_size)
-    rows = jnp.arange(chunk_size, dtype=jnp.int32)
 
     def body(state, chunk):
-        start, first = chunk
-        c = jax.lax.dynamic_slice_in_dim(flat, start, chunk_size)            # [M, D]
-        hs = jax.lax.dynamic_slice_in_dim(half_sq, start, chunk_size)
-        lw = jax.lax.dynamic_slice_in_dim(log_w, start, chunk_size)
-        lw = jnp.where(rows >= first, lw, -jnp.inf)                            # seen before
-        qc = jnp.matmul(q, c.T, precision=jax.lax.Precision.HIGHEST)          # [B, M]
-        logits = (a * qc - (a * a) * hs[None]) / b2 + lw[None]
-        return softmax.update(state, logits, c), None
+        c, score, lw = chunk_scores(q, a, flat, half_sq, log_w, *chunk, chunk_size)
+        return softmax.update(state, score / b2 + lw[None], c), None
 
     state, _ = jax.lax.scan(body, softmax.init((bsz,), flat.shape[1]), (starts, first_new))
     return softmax.finalize(state).reshape(x.shape)

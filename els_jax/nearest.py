@@ -19,21 +19,13 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from els_jax import conversions, softmax
+from els_jax import conversions, ideal, softmax
+from els_jax.ideal import prepare
 from els_jax import schedules as schedules_lib
 from els_jax.validation import check_query_and_images, mask_log_weights
 
 __all__ = ["nearest_x0", "nearest_score", "nearest_index", "prepare", "nearest_prepared_index",
            "nearest_prepared_x0"]
-
-
-@jax.jit
-def prepare(images):
-    """What does not depend on the query: the images flattened [N, D], their mean μ [D] and
-    ‖x_i − μ‖²/2 [N]."""
-    flat = images.reshape(images.shape[0], -1).astype(jnp.float32)
-    mu = jnp.mean(flat, axis=0)
-    return flat, mu, 0.5 * jnp.sum(jnp.square(flat - mu[None]), axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames=("schedule", "chunk_size"))
@@ -46,17 +38,12 @@ def nearest_prepared_index(x, t, flat, mu, half_sq, log_w, *, schedule, chunk_si
     a = jnp.broadcast_to(a, (bsz,))[:, None]
     q = x.reshape(bsz, -1) - a * mu[None]                                   # [B, D]
     starts, first_new = softmax.chunk_starts(n, chunk_size)
-    rows = jnp.arange(chunk_size, dtype=jnp.int32)
 
     def body(best, chunk):
         best_val, best_idx = best
-        start, first = chunk
-        c = jax.lax.dynamic_slice_in_dim(flat, start, chunk_size)            # [M, D]
-        hs = jax.lax.dynamic_slice_in_dim(half_sq, start, chunk_size)
-        lw = jax.lax.dynamic_slice_in_dim(log_w, start, chunk_size)
-        lw = jnp.where(rows >= first, lw, -jnp.inf)                          # seen before
-        qc = jnp.matmul(q, c.T, precision=jax.lax.Precision.HIGHEST)         # [B, M]
-        val = a * qc - (a * a) * hs[None] + lw[None]
+        start, _ = chunk
+        _, score, lw = ideal.chunk_scores(q, a, flat, half_sq, log_w, *chunk, chunk_size)
+        val = score + lw[None]
         j = jnp.argmax(val, axis=1)
         v = jnp.take_along_axis(val, j[:, None], axis=1)[:, 0]
         better = v > best_val                     # strict: the earlier image wins a tie

@@ -92,6 +92,38 @@ def test_calibration_recovers_the_patch_size_of_a_machine(digits_small, kind, bo
     np.testing.assert_allclose(c.cosine[:, j], 1.0, atol=1e-5)
 
 
+def test_calibration_neighbour_search_follows_a_moving_size_with_fewer_calls(digits_small):
+    """A teacher whose size shrinks by one place per step: searching ±1 place around the last
+    step's best finds the same sizes as trying all, with fewer machine calls; the sizes not
+    tried are NaN."""
+    images, _ = digits_small
+    teacher = ej.make_machine("els", images, scales=(3, 3, 5, 5, 7, 9), boundary="zeros")
+    calls = {}
+
+    def counted(k, fn):
+        def eps(x, t, i):
+            calls[k] = calls.get(k, 0) + 1
+            return fn(x, t, i)
+        return eps
+
+    machines = {k: counted(k, fn) for k, fn in
+                cal.candidate_machines("els", images, (3, 5, 7, 9), boundary="zeros").items()}
+    x_T = jax.random.normal(jax.random.PRNGKey(4), (2,) + images.shape[1:])
+    times = ej.uniform_times(6)
+    full = cal.calibrate(teacher, machines, x_T, times)
+    n_full = sum(calls.values())
+    calls.clear()
+    near = cal.calibrate(teacher, machines, x_T, times, neighbours=1)
+    assert full.scales == near.scales == (3, 3, 5, 5, 7, 9)
+    np.testing.assert_array_equal(full.best, near.best)
+    assert n_full == 6 * 4 and sum(calls.values()) < n_full
+    # step 0 tries all; best 9 → step 1 tries 7, 9 only; then 5–9, 3–7, 3–7, 3–5.
+    assert [calls[k] for k in (3, 5, 7, 9)] == [4, 5, 5, 3]
+    assert np.isnan(near.cosine[1, :2]).all() and not np.isnan(near.cosine[1, 2:]).any()
+    with pytest.raises(ValueError, match="neighbours"):
+        cal.calibrate(teacher, machines, x_T, times, neighbours=-1)
+
+
 def test_sample_machine_groups_seeds_by_label(digits_small):
     """Conditional: each seed is sampled by the machine restricted to its label's images."""
     images, labels = digits_small
@@ -112,7 +144,7 @@ def test_sample_machine_groups_seeds_by_label(digits_small):
 
 TINY = rp.ReproduceConfig(
     max_examples=256, n_seeds=3, calib_seeds=2, machine_steps=4, network_steps=6,
-    candidates=(3, 5),
+    candidates=(3, 5), soft_steps=5,
     train=dict(steps=10, channels=8, depth=1, batch_size=64, checkpoint_every=5, log_every=5,
                ema=None))
 
@@ -205,6 +237,20 @@ def test_reproduce_end_to_end_and_resume(tmp_path):
     with pytest.raises(ValueError, match="another configuration"):
         rp.reproduce(dataclasses.replace(TINY, n_seeds=4), out, progress=False)
 
+    # A subset of the families (the cheap run at 32×32): ELS and IS always run, LS is neither
+    # calibrated nor sampled, and the numbers are those of the full run (same network, seeds,
+    # calibration).
+    sub = rp.reproduce(dataclasses.replace(TINY, families=("gaussian",), compare_t_max=(),
+                                           checkpoint=os.path.join(out, "network")),
+                       str(tmp_path / "subset"), progress=False)
+    assert sub["families"] == ["els", "is", "gaussian"] and set(sub["scales"]) == {"els"}
+    assert set(os.listdir(tmp_path / "subset" / "parts")) == {
+        "network.npz", "els.npz", "is.npz", "gaussian.npz"}
+    for name in sub["families"]:
+        assert sub["median_r2"][name] == pytest.approx(saved["median_r2"][name], abs=1e-5)
+    with pytest.raises(ValueError, match="unknown families"):
+        dataclasses.replace(TINY, families=("wiener",)).validate()
+
 
 def test_reproduce_rejects_bad_config():
     import dataclasses
@@ -267,3 +313,31 @@ def test_authors_start_and_side_by_side_starts():
     assert cfg.starts() == [1.0, 0.9]
     with pytest.raises(ValueError, match="t_max"):
         dataclasses.replace(cfg, compare_t_max=(1.5,)).validate()
+
+
+def test_cli_parses_families_and_calibration_search():
+    from els_jax import cli
+    args = cli.build_parser().parse_args(
+        ["reproduce", "--families", "ls,gaussian", "--calib-neighbours", "all"])
+    assert args.families == ("ls", "gaussian") and args.calib_neighbours is None
+    args = cli.build_parser().parse_args(["reproduce"])
+    assert args.families is None and args.calib_neighbours == rp.ReproduceConfig().calib_neighbours
+    for bad in (["--families", "wiener"], ["--calib-neighbours", "-1"]):
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args(["reproduce"] + bad)
+
+
+def test_dataset_defaults_fill_only_what_is_left_open(tmp_path):
+    import dataclasses
+    big = rp.ReproduceConfig(dataset="mnist5k").resolved()
+    assert big.calib_seeds == 4 and "els_soft" not in big.family_names()
+    assert set(big.family_names()) == set(rp.MACHINE_NAMES) - {"els_soft"}
+    small = rp.ReproduceConfig().resolved()
+    assert small.calib_seeds == 8 and small.family_names() == rp.MACHINE_NAMES
+    asked = dataclasses.replace(big, calib_seeds=None, families=("els_soft",)).resolved()
+    assert asked.family_names() == ("els", "is", "els_soft") and asked.calib_seeds == 4
+    # With a checkpoint, the network's own data set decides (read from its config.json).
+    ckpt = tmp_path / "net"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"dataset": "mnist5k"}))
+    assert rp.ReproduceConfig(checkpoint=str(ckpt)).resolved().calib_seeds == 4

@@ -49,11 +49,12 @@ def test_els_matches_oracle(t, k, boundary, wrap, method):
     _close(got, oracles.els_x0(x, t, images, k, boundary, wrap))
 
 
-@pytest.mark.parametrize("h,w,c,k", [(12, 9, 3, 7), (9, 12, 2, 7), (10, 10, 1, 9)])
-def test_zero_padded_border_engine_matches_oracle(h, w, c, k):
+@pytest.mark.parametrize("case,h,w,c,k", [(0, 12, 9, 3, 7), (1, 9, 12, 2, 7), (2, 10, 10, 1, 9)])
+def test_zero_padded_border_engine_matches_oracle(case, h, w, c, k):
     """The border engine (edge bands, corner crops) on non-square images with the largest k
-    below min(H, W): wide bands, corner crops that overlap, streamed and banked, both engines
-    for the interior."""
+    below min(H, W): wide bands, corner crops that overlap, streamed and banked. The interior
+    engines take turns over the cases (each is compiled per shape; the window and row
+    engines also meet the oracle on non-square images in test_els_matches_oracle)."""
     rng = np.random.default_rng(h * w + k)
     images = rng.uniform(-1, 1, size=(5, h, w, c)).astype(np.float32)
     t = 0.3
@@ -62,10 +63,10 @@ def test_zero_padded_border_engine_matches_oracle(h, w, c, k):
                      + math.sqrt(1 - ab) * rng.normal(size=(3, h, w, c))).astype(np.float32))
     want = oracles.els_x0(x, t, jnp.asarray(images), k, "zeros", False)
     _close(ej.els_x0(x, t, images, k=k, boundary="zeros", block=300), want, tol=1e-5)
-    for method in ZERO_METHODS:
-        m = ej.make_machine("els", images, scales=k, boundary="zeros", method=method, block=500,
-                            dedup_threshold=1.0)
-        _close(m.x0(x, jnp.float32(t), 0), want, tol=1e-5)
+    methods = ZERO_METHODS[case % len(ZERO_METHODS):] + ZERO_METHODS[:case % len(ZERO_METHODS)]
+    m = ej.make_machine("els", images, scales=k, boundary="zeros", method=methods[0],
+                        block=500, dedup_threshold=1.0)
+    _close(m.x0(x, jnp.float32(t), 0), want, tol=1e-5)
 
 
 @pytest.mark.parametrize("boundary,wrap", [("circular", False), ("circular", True), ("zeros", False)])
@@ -246,13 +247,13 @@ def test_els_sample_is_a_patch_mosaic():
 @pytest.mark.parametrize("boundary,wrap", [("circular", False), ("circular", True), ("zeros", False)])
 def test_engines_agree_on_a_larger_case(boundary, wrap):
     """Window and row engines, streamed and banked, several chunks (incl. a padded last one),
-    per-query times, C = 3, k = 1 … 7 on 12×10 images: the same x̂_0 (to float32 rounding of
+    per-query times, C = 3, k = 1 and 7 on 12×10 images: the same x̂_0 (to float32 rounding of
     logits ~1e4 at t = 0.02, which the softmax amplifies by 1/b² ≈ 1e3)."""
     rng = np.random.default_rng(3)
     images = rng.uniform(-1, 1, size=(13, 12, 10, 3)).astype(np.float32)
     x = jnp.asarray(rng.normal(size=(3, 12, 10, 3)).astype(np.float32))
     t = jnp.asarray([0.02, 0.3, 0.9], jnp.float32)
-    for k in (1, 5, 7):
+    for k in (1, 7):
         ref = ej.els_x0(x, t, images, k=k, boundary=boundary, wrap_patches=wrap, method="window")
         got = ej.els_x0(x, t, images, k=k, boundary=boundary, wrap_patches=wrap, method="row",
                         block=3000)

@@ -116,8 +116,7 @@ def test_build_cache_and_fallback(tmp_path, env, expect):
     assert len(built) == (1 if expect.startswith("AVAILABLE True") else 0)
 
 
-@pytest.mark.parametrize("k", [7, 9])
-@pytest.mark.parametrize("t", [0.02, 0.5])
+@pytest.mark.parametrize("k,t", [(7, 0.02), (9, 0.5)])
 def test_interior_kernel_at_large_k_matches_oracle(k, t):
     """The interior kernel's window rows summed as two partial sums (k ≥ 7), with far
     candidates skipped (small t), against the float64 oracle on the interior pixels."""

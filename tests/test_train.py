@@ -197,7 +197,11 @@ def test_experiment_configs_load_and_document_their_launch_command(path):
         source = f.read()
     rel = os.path.relpath(path, REPO)
     assert f"els-jax train --config {rel}" in source
-    if config.dataset != "digits":  # a paper run (SPEC §5)
+    if config.dataset == "mnist5k":  # CPU-sized, defined once in the library (issue 14)
+        from els_jax.experiment import mnist5k_train_config
+        assert config == mnist5k_train_config(arch=config.arch, padding=config.padding)
+        assert config.image_size == 32
+    elif config.dataset != "digits":  # a paper run (SPEC §5)
         assert (config.batch_size, config.lr, config.lr_decay, config.epochs,
                 config.weight_decay) == (128, 1e-4, 0.999965, 300, 0.0)
         assert config.image_size == 32

@@ -1,8 +1,8 @@
 """UNet, zero padding, 3 scales (paper: ELS median r² .89 on MNIST).
 
 Trained on the embedded real MNIST digits "mnist5k" (5000 digits at 32×32), CPU-sized: the
-paper's architecture (SPEC §5) as a UNet of 32/64/128 channels instead of 64/128/256, 4000
-steps of batch 128 (≈ 100 epochs) at lr 5e-4 decayed ×0.9998 per step, with an EMA of the
+paper's architecture (SPEC §5) as a UNet of 32/64/128 channels instead of 64/128/256, 3000
+steps of batch 128 (≈ 77 epochs) at lr 5e-4 decayed ×0.9998 per step, with an EMA of the
 weights (the paper: 300 epochs of 60 000 digits at lr 1e-4, no EMA). The trained checkpoint is
 shipped in experiments/checkpoints/mnist5k_unet_zeros/ (config.json and metrics.jsonl beside
 it).
