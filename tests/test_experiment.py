@@ -4,6 +4,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -341,3 +342,24 @@ def test_dataset_defaults_fill_only_what_is_left_open(tmp_path):
     ckpt.mkdir()
     (ckpt / "config.json").write_text(json.dumps({"dataset": "mnist5k"}))
     assert rp.ReproduceConfig(checkpoint=str(ckpt)).resolved().calib_seeds == 4
+
+
+def test_every_shipped_network_is_the_one_reproduce_would_train():
+    """The repository's checkpoints match today's default training (a changed default would
+    otherwise silently retrain), and they load."""
+    import warnings
+    shipped = [key for key, name in rp._SHIPPED.items()
+               if (rp.CHECKPOINTS_DIR / name / "config.json").exists()]
+    assert ("digits", "resnet", "zeros") in shipped and ("mnist5k", "resnet", "zeros") in shipped
+    for dataset, arch, padding in shipped:
+        cfg = rp.ReproduceConfig(dataset=dataset, arch=arch, padding=padding)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            path = rp.shipped_checkpoint(cfg)
+        model, params, tcfg = ej.load_trained(path)
+        assert (tcfg.dataset, tcfg.arch, tcfg.padding) == (dataset, arch, padding)
+        if arch == "resnet":
+            assert ej.receptive_field(model) == 17                      # SPEC §5
+        x = np.zeros((1,) + tuple(tcfg.image_shape), np.float32)
+        eps = ej.make_network(model, params)(jnp.asarray(x), jnp.float32(0.5), 0)
+        assert eps.shape == x.shape and np.isfinite(np.asarray(eps)).all()
