@@ -76,7 +76,8 @@ def calibrate(network_eps: Callable, machines: dict[int, Callable], x_T, times, 
         (in sorted order) of any seed's best size at step i. The network's trajectory does not
         depend on the machines, so this changes which sizes are looked at, never the path: it
         finds the same best sizes whenever the best size moves by at most n places per step
-        (the calibrated scales change slowly with t: SPEC §5's move by ≤ 1 place per step).
+        (the calibrated scales change slowly with t: SPEC §5's ResNet lists move by ≤ 1 place
+        per step, its MNIST UNet list by 2 places once).
         Sizes not tried get cosine NaN. For expensive machines (ELS at N = 5000, 32×32) this
         cuts the calibration's cost by the number of candidates over (2n + 1).
     Returns:
