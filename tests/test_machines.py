@@ -436,11 +436,11 @@ _SHARDED = textwrap.dedent("""
     images = jnp.asarray(images[:101])
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 1))
     mesh = ej.candidate_mesh()
-    for kind, kw in [("els", dict(scales=3, boundary="zeros")), ("els", dict(scales=5)),
-                     ("els", dict(scales=5, method="row")),
-                     ("els", dict(scales=3, boundary="zeros", method="row")), ("ideal", {}),
+    # One case per engine family and placement (window / row / kernel, banked / streamed).
+    for kind, kw in [("els", dict(scales=3, boundary="zeros")),
+                     ("els", dict(scales=5, method="row")), ("ideal", {}),
                      ("els", dict(scales=5, boundary="zeros", dedup=False)),  # auto: native
-                     ("local", dict(scales=3)), ("local", dict(scales=5, block=64)),
+                     ("local", dict(scales=5, block=64)),
                      ("equivariant", dict(block=128)),
                      # banks over bank_bytes: streamed from the images, split over devices
                      ("els", dict(scales=3, boundary="zeros", bank_bytes=0)),
