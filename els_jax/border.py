@@ -267,7 +267,7 @@ def stream_border_states(x, a, b2, images, log_w, *, k: int, mu, block: int):
 
 
 def border_results(states, x_shape, k: int, mu_corner):
-    """(pixels, x̂_0 [B, P, C]) pairs for ``els._scatter`` from ``border_states``' output.
+    """(pixels, x̂_0 [B, P, C]) pairs for ``els_layout.scatter`` from ``border_states``' output.
     mu_corner: the corner banks' shift [C, 2m, 2m, 1] (added back to their means)."""
     bands, corners = states
     bsz, h, w, c = x_shape

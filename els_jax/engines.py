@@ -4,7 +4,8 @@ on disk, like XLA's and Triton's autotuning (issue 13).
 Several engines compute the same machine, equal to float32 rounding, at speeds that depend on
 the CPU or accelerator, k, C, H, W, N and the batch:
 
-  ELS main pass (``els.py``): "window" | "row" (XLA) | "native" (the fused CPU kernel of the
+  ELS main pass (``resolve_els_engine``): "window" (``els_window``) | "row" (``els_row``)
+      (XLA) | "native" (``els_interior``: the fused CPU kernel of the
       zero-padded interior, ``native.py``: banked machines without merged windows, k < H, W)
   LS (``local.py``): "kernel" (``native.py``) | "xla" (local.py's passes)
 
@@ -14,7 +15,7 @@ slower than the best (zero-padded ELS, N = 1000, 32×32). So ``select`` measures
   - an explicit method wins (``method="window"``, ...; the callers handle it);
   - with one applicable engine, that one;
   - with ``ELS_JAX_AUTOTUNE=0`` (or nothing to probe, e.g. a machine split over a mesh), the
-    static rule the caller passes (``els.choose_method``'s cost model and the kernel rule);
+    static rule the caller passes (``choose_method``'s cost model and the kernel rule);
   - otherwise the fastest engine for this key: from memory, from the disk cache, or measured
     now. Each applicable engine runs on a probe of the same shape class (same k, C, H, W and
     batch, synthetic images, N cut so that one call is ~2·10⁷ pairs, tens of milliseconds):
@@ -59,6 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["Choice", "select", "measure", "els_engine", "local_engine", "autotune_enabled",
+           "resolve_els_engine", "choose_method", "native_interior_ok", "METHODS",
            "platform_signature", "cpu_info", "cache_file", "clear_memory_cache",
            "PROBE_PAIRS", "PROBE_ROUNDS", "PROBE_BUDGET_S"]
 
@@ -287,6 +289,79 @@ def select(kind: str, shape: Mapping, engines: Sequence[str], static: str, stati
 
 
 # ----------------------------------------------------------------------------------------
+# The ELS main pass: which engines apply, the static rule, and the choice.
+
+METHODS = ("auto", "window", "row", "native")
+
+# The static rule's cost per computed pair (relative units, fitted once on a 2-core CPU with
+# experiments/bench_machines.py): window ≈ W0 + W1·C^0.63·(k²C + 2), the matmul of length
+# k²C + 2 dominating for k ≥ 5; row ≈ R0 + R1·k·C^1.3 (a matmul of length kC + 2 and a k-term
+# box sum). With zero padding the row engine also computes query rows it discards: H/(H−k+1)
+# more box sums and softmax work and (H/(H−k+1))² more row products, modelled as a factor
+# (H/(H−k+1))^1.5. Used only where nothing is measured (ELS_JAX_AUTOTUNE=0, a mesh, N unknown).
+_W0, _W1 = 0.6, 0.0165
+_R0, _R1 = 0.55, 0.125
+
+
+def choose_method(k: int, c: int, h: int, boundary: str, unique_fraction: float = 1.0) -> str:
+    """The cheaper XLA engine for the main pass by the cost model above: "window" or "row".
+
+    unique_fraction: fraction of candidate windows left after merging duplicates (window
+    engine with a deduplicated bank only)."""
+    window = unique_fraction * (_W0 + _W1 * c ** 0.63 * (k * k * c + 2))
+    waste = h / max(1, h - k + 1) if boundary == "zeros" else 1.0
+    row = waste ** 1.5 * (_R0 + _R1 * k * c ** 1.3)
+    return "row" if row < window else "window"
+
+
+def native_interior_ok(k: int, h: int, w: int, boundary: str) -> bool:
+    """Whether the fused CPU kernel can compute the main pass: zero padding, an interior
+    (k < H, W), the default backend a CPU and the kernel built (``native.available()``)."""
+    from els_jax import native
+    return (boundary == "zeros" and k < min(h, w) and jax.default_backend() == "cpu"
+            and native.available())
+
+
+def resolve_els_engine(method, k, c, h, boundary, unique_fraction=1.0, banked=False, w=None,
+                       *, wrap_patches=False, n=None, batch=1, sharded=False,
+                       block=1 << 20) -> Choice:
+    """The engine of the ELS main pass and why: the one place that decides.
+
+    An explicit ``method`` wins ("native" raises where the kernel cannot run). "auto": the
+    applicable engines are "window" and "row", and "native" (the fused CPU kernel) for a
+    banked zero-padded machine whose windows are not merged, when it is built; ``els_engine``
+    times them on a probe (n = the number of training images, B = ``batch``) and caches the
+    winner. With ``ELS_JAX_AUTOTUNE=0``, without n, or ``sharded``, the static rule decides:
+    the kernel when it applies (except at k = 3 with C ≥ 2, where the window engine's short
+    matmul won when the rule was set), otherwise ``choose_method``'s cost model."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    w = h if w is None else w
+    if method == "native":
+        if not banked or not native_interior_ok(k, h, w, boundary):
+            raise ValueError("method='native' (the fused CPU kernel) needs a machine "
+                             "(make_machine) with boundary='zeros', k < H, W, a CPU backend "
+                             "and a C++ compiler (see els_jax.native)")
+        return Choice(method, "method='native' (explicit)")
+    if method != "auto":
+        return Choice(method, f"method={method!r} (explicit)")
+    applicable = ("window", "row")
+    kernel = banked and unique_fraction >= 1.0 and native_interior_ok(k, h, w, boundary)
+    if kernel:
+        applicable += ("native",)
+    if kernel and not (k <= 3 and c >= 2):
+        static = "native"
+        why = ("static rule: the fused CPU kernel for a banked zero-padded machine without "
+               "merged windows (not at k = 3, C ≥ 2)")
+    else:
+        static = choose_method(k, c, h, boundary, unique_fraction)
+        why = "static rule: choose_method's cost model"
+    return els_engine(applicable, static, why, k=k, c=c, h=h, w=w, boundary=boundary,
+                      wrap_patches=wrap_patches, n=n, batch=batch, banked=banked,
+                      unique_fraction=unique_fraction, sharded=sharded, block=block)
+
+
+# ----------------------------------------------------------------------------------------
 # The machines' probes: synthetic images of the machine's shape class, the same code paths.
 
 
@@ -313,10 +388,14 @@ def _els_probe_calls(k, c, h, w, boundary, wrap_patches, n, batch, engines, bank
     """(calls, note, scale) for ``select``: each ELS engine's main pass (the zero-padded
     border pass is the same for every engine and left out) on synthetic images, banked as
     ``els.build_bank`` builds it (without merging) or streamed as ``els_x0`` streams it."""
-    from els_jax import els, local
+    from els_jax import els
+    from els_jax import els_interior as interior_lib
+    from els_jax import els_layout as geo
+    from els_jax import els_row as row_lib
+    from els_jax import els_window as window_lib
     from els_jax import schedules as schedules_lib
 
-    main = els.layout(k, boundary, wrap_patches, h, w)[0]
+    main = geo.layout(k, boundary, wrap_patches, h, w)[0]
     per_image = batch * main.query_pixels.size * main.cand_pixels.size
     n_probe = _probe_images(n, per_image)
     images, x, t = _probe_inputs(n_probe, batch, h, w, c)
@@ -325,9 +404,9 @@ def _els_probe_calls(k, c, h, w, boundary, wrap_patches, n, batch, engines, bank
     calls = {}
     for engine in engines:
         if not banked:
-            lay = els._row_layout(k, boundary, wrap_patches, h, w) if engine == "row" else None
-            groups = els._grouped_passes(k, boundary, wrap_patches, h, w, False, engine)
-            fn = jax.jit(functools.partial(els._stream_states, k=k, schedule=schedule,
+            lay = row_lib.row_layout(k, boundary, wrap_patches, h, w) if engine == "row" else None
+            groups = geo.grouped_passes(k, boundary, wrap_patches, h, w, False, engine)
+            fn = jax.jit(functools.partial(els.stream_states, k=k, schedule=schedule,
                                            block=block, lay=lay, groups=groups))
             args = (x, t, jnp.asarray(images), jnp.zeros((n_probe,), jnp.float32),
                     jnp.asarray(mu))
@@ -336,29 +415,14 @@ def _els_probe_calls(k, c, h, w, boundary, wrap_patches, n, batch, engines, bank
             continue
         row, windows, interior, chunks, row_images = None, (), None, (), 0
         if engine == "window":                    # build_bank's main pass, not merged
-            gp = els._grouped_passes(k, boundary, wrap_patches, h, w, False, "window")[0]
-            g, pq = gp.query_pixels.shape
-            m = n_probe * gp.cand_pixels.shape[1]
-            ch = min(els._pow2_floor(max(1, block // (g * pq))),
-                     1 << int(np.ceil(np.log2(max(1, m)))))
-            windows = (els._fill_window_bank(images, k, gp, mu, -(-m // ch) * ch),)
-            chunks = (int(ch),)
+            gp = geo.grouped_passes(k, boundary, wrap_patches, h, w, False, "window")[0]
+            bank, ch = window_lib.build_window_bank(images, k, gp, mu, dedup=False, block=block)
+            windows, chunks = (bank,), (ch,)
         elif engine == "row":
-            lay = els._row_layout(k, boundary, wrap_patches, h, w)
-            per = len(lay.c_rows) * len(lay.q_cols) * len(lay.c_cols)
-            row_images = min(els._pow2_floor(max(1, block // per)),
-                             1 << int(np.ceil(np.log2(n_probe))))
-            total = -(-n_probe // row_images) * row_images
-            padded = np.concatenate([images, np.zeros((total - n_probe, h, w, c), np.float32)])
-            log_w = np.where(np.arange(total) < n_probe, 0.0, -np.inf).astype(np.float32)
-            keys, values = jax.jit(lambda im, lw: els._row_candidates(
-                im, lw, k, lay, jnp.asarray(mu)))(jnp.asarray(padded), jnp.asarray(log_w))
-            row = els.RowBank(keys, values)
+            lay = row_lib.row_layout(k, boundary, wrap_patches, h, w)
+            row, row_images = row_lib.build_row_bank(images, k, lay, mu, block=block)
         else:                                     # "native"
-            lb = local.build_local_bank(local.transpose_images(images), k=k,
-                                        mean=jnp.asarray(mu)[:, None, None, None])
-            interior = els.InteriorBank(lb.centred_and_ones, lb.half_sq,
-                                        jnp.zeros((n_probe,), jnp.float32))
+            interior = interior_lib.build_interior_bank(images, k, mu)
         bank = els.MachineBank(jnp.asarray(mu), row, windows, None, interior)
         spec = els.BankSpec(int(k), boundary, bool(wrap_patches), False, engine, chunks,
                             int(row_images), 1.0, 0)
@@ -372,7 +436,7 @@ def els_engine(engines: Sequence[str], static: str, static_reason: str, *, k: in
                h: int, w: int, boundary: str, wrap_patches: bool = False, n: int | None = None,
                batch: int = 1, banked: bool = True, unique_fraction: float = 1.0,
                sharded: bool = False, block: int = 1 << 20) -> Choice:
-    """The ELS main pass's engine among ``engines`` (see ``els._resolve_engine``, which
+    """The ELS main pass's engine among ``engines`` (see ``resolve_els_engine``, which
     decides which apply and the static rule). A window bank whose duplicate windows are merged
     holds ``unique_fraction`` of the candidates: its probe time is scaled by that fraction.
     Without N (unknown), or split over a mesh, the static rule decides."""

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from els_jax import conversions, els, patches
+from els_jax import conversions, els, els_layout, els_row, els_window, engines, patches
 from els_jax import schedules as schedules_lib
 from els_jax import equivariant as equivariant_lib
 from els_jax import local as local_lib
@@ -175,9 +175,8 @@ def _stream_fn(images_j, k, boundary, wrap_patches, schedule, method, block, uni
               block=block, method=method, mesh=mesh)
 
     def fn(x, t):
-        return els._stream_images_x0(*_inputs(x, t, mesh), images, log_w, mu, **kw)
-    fn.lower = lambda x, t: els._stream_images_x0.lower(*_inputs(x, t, mesh), images, log_w,
-                                                         mu, **kw)
+        return els.stream_x0(*_inputs(x, t, mesh), images, log_w, mu, **kw)
+    fn.lower = lambda x, t: els.stream_x0.lower(*_inputs(x, t, mesh), images, log_w, mu, **kw)
     fn.info = {"engine": method, "bank": False, "unique_fraction": round(unique, 4)}
     fn.bank = images
     return fn
@@ -347,7 +346,7 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
                  boundary: str = "circular", wrap_patches: bool = False,
                  schedule=schedules_lib.Cosine(), mask=None, dedup: bool = True,
                  mesh=None, chunk: int | None = None, method: str = "auto",
-                 block: int = els.DEFAULT_BLOCK, bank_bytes: int = 2 << 30,
+                 block: int = els_layout.DEFAULT_BLOCK, bank_bytes: int = 2 << 30,
                  dedup_threshold: float = 0.9, compile_for=None, rank: int | None = None,
                  tau: float | None = None, sigmas: float | Sequence[float] | None = None,
                  k_max: int | None = None) -> Machine:
@@ -369,7 +368,7 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
       method: "auto" (per patch size the fastest exact engine, measured once per platform and
         shape class and cached on disk, ``els_jax.engines``; with ``ELS_JAX_AUTOTUNE=0`` the
         static rules: for zero padding without merged windows on a CPU the fused kernel
-        ``els_jax.native``, otherwise ``els.choose_method``); els: "window", "row" or
+        ``els_jax.native``, otherwise ``engines.choose_method``); els: "window", "row" or
         "native"; local (and the zero-padded ELS's LS sizes): "kernel" or "xla".
         ``Machine.explain()`` says which engine runs each patch size and why.
       block: logits per streamed chunk (memory knob).
@@ -489,18 +488,19 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
                 ls_engine, k=k, c=c, h=h, w=w, n=-(-n // n_shards), batch=batch, block=block),
                 None))
             continue
-        k = els._check_els_k(k, h, w, boundary, wrap_patches)
-        unique = (els.estimate_unique_fraction(images, k=k, boundary=boundary,
-                                               wrap_patches=wrap_patches)
+        k = els_layout.check_k(k, h, w, boundary, wrap_patches)
+        unique = (els_window.estimate_unique_fraction(images, k=k, boundary=boundary,
+                                                      wrap_patches=wrap_patches)
                   if dedup else 1.0)
         merged = unique if unique <= dedup_threshold else 1.0
         shape = dict(w=w, wrap_patches=wrap_patches, n=n, batch=batch, sharded=mesh is not None,
                      block=block)
-        choice = els._resolve_engine(method, k, c, h, boundary, merged, banked=True, **shape)
+        choice = engines.resolve_els_engine(method, k, c, h, boundary, merged, banked=True,
+                                            **shape)
         if choice.engine == "native":     # the centred images and their window norms
             size = n * h * w * (c + 2)
         elif choice.engine == "row":
-            lay = els._row_layout(k, boundary, wrap_patches, h, w)
+            lay = els_row.row_layout(k, boundary, wrap_patches, h, w)
             size = h * (k * c + 2) * n * len(lay.c_cols) + n * h * w * c
         else:
             # (zeros: the interior windows; border.py's bank of the border is small)
@@ -509,8 +509,8 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
         if size * 4 <= bank_bytes:
             plan.append((k, "bank", choice, unique))
         else:
-            plan.append((k, "stream", els._resolve_engine(method, k, c, h, boundary, **shape),
-                         unique))
+            plan.append((k, "stream",
+                         engines.resolve_els_engine(method, k, c, h, boundary, **shape), unique))
 
     with background:
         if kind == "ideal":

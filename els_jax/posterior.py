@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from els_jax import els, softmax
+from els_jax import els_layout, softmax
 from els_jax import schedules as schedules_lib
 from els_jax.validation import check_query_and_images, mask_log_weights
 
@@ -95,14 +95,14 @@ def _update(st: _State, logits, ids, values) -> _State:
 
 def _passes(kind, k, boundary, wrap_patches, h, w):
     if kind == "ideal":
-        return els._ideal_layout(h, w)
+        return els_layout.ideal_layout(h, w)
     allpix = np.arange(h * w)
     if kind == "local" or (boundary == "zeros" and k >= min(h, w)):
         # LS as a zero-padded pass where every pixel is its own group: the candidate of pixel
         # i is the window at i in each image. Zero padding of both windows, shifted by the
         # same mean, contributes exactly 0, as cutting the window at the border does.
-        return [els.Pass(allpix, "zeros", allpix, "zeros", allpix, allpix)]
-    return els.layout(k, boundary, wrap_patches, h, w)
+        return [els_layout.Pass(allpix, "zeros", allpix, "zeros", allpix, allpix)]
+    return els_layout.layout(k, boundary, wrap_patches, h, w)
 
 
 @functools.partial(jax.jit, static_argnames=("kind", "k", "boundary", "wrap_patches",
@@ -111,16 +111,16 @@ def _provenance(x, t, images, log_w, *, kind, k, boundary, wrap_patches, schedul
                 block):
     bsz, h, w, c = x.shape
     n = images.shape[0]
-    a, b2 = els._coeffs(t, bsz, schedule)
+    a, b2 = els_layout.coefficients(t, bsz, schedule)
     mu = jnp.mean(images, axis=(0, 1, 2))
     kk = 0 if kind == "ideal" else k
     out = {f: jnp.zeros((bsz, h * w) + s, d) for f, s, d in (
         ("id", (top_k,), jnp.int32), ("weight", (top_k,), jnp.float32),
         ("entropy", (), jnp.float32), ("x0", (c,), jnp.float32))}
     for ps in _passes(kind, k, boundary, wrap_patches, h, w):
-        q = els._queries(x, a, kk, ps, mu)
+        q = els_layout.pass_queries(x, a, kk, ps, mu)
         q_group = None if ps.query_group is None else jnp.asarray(ps.query_group, jnp.int32)
-        shift = els._shift_vector(mu, kk, ps.cand_mode, h, w)
+        shift = els_layout.shift_vector(mu, kk, ps.cand_mode, h, w)
         pc = len(ps.cand_pixels)
         cand_pix = jnp.asarray(ps.cand_pixels, jnp.int32)
         n_img = int(min(n, max(1, block // max(1, bsz * q.shape[1] * pc))))
@@ -133,7 +133,7 @@ def _provenance(x, t, images, log_w, *, kind, k, boundary, wrap_patches, schedul
             imgs = jax.lax.dynamic_slice_in_dim(images, start, n_img)
             lw = jax.lax.dynamic_slice_in_dim(log_w, start, n_img)
             lw = jnp.where(rows >= first, lw, -jnp.inf)
-            cand = els._candidates(imgs, lw, kk, ps, shift)
+            cand = els_layout.pass_candidates(imgs, lw, kk, ps, shift)
             qc = jnp.einsum("bpd,md->bpm", q, cand.keys, precision=_HI)
             a3, b3 = a[:, None, None], b2[:, None, None]
             logits = (a3 * qc - a3 * a3 * cand.half_sq[None, None]) / b3 + cand.log_w[None, None]
@@ -187,7 +187,7 @@ def provenance(x, t, images, *, kind: str = "els", k: int | None = None,
         raise ValueError(f"provenance supports kind 'els', 'local' or 'ideal'; got {kind!r}")
     bsz, h, w, c = x.shape
     if kind == "els":
-        k = els._check_els_k(k, h, w, boundary, wrap_patches)
+        k = els_layout.check_k(k, h, w, boundary, wrap_patches)
     elif kind == "local":
         from els_jax.local import _check_local_k
         k = _check_local_k(k, h, w)

@@ -8,7 +8,7 @@ support of k_max × k_max pixels (k_max odd, m = k_max//2):
 
     w_{i,c} = softmax_c( −Σ_δ g_σ(δ)·(q_{i,δ} − a·c_δ)² / (2b²) ),      x̂_0,i = Σ_c w_{i,c} v_c,
 
-over the SAME candidates as ELS with k = k_max (``els.layout``: "circular" with or without
+over the SAME candidates as ELS with k = k_max (``els_layout.layout``: "circular" with or without
 ``wrap_patches``; "zeros" with its interior / edge / corner candidate sets, and the local
 machine's same-location candidates when k_max ≥ min(H, W)); v_c is the window's centre pixel.
 One global softmax per query pixel over all candidates, streamed (``softmax.py``). As σ → ∞
@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from els_jax import conversions, els, softmax
+from els_jax import conversions, els_layout, els_window, softmax
 from els_jax import machine as machine_lib
 from els_jax import schedules as schedules_lib
 from els_jax.validation import check_query_and_images, mask_log_weights
@@ -85,17 +85,17 @@ def sigma_for_scale(k: int) -> float:
 
 def soft_groups(k_max: int, boundary: str, wrap_patches: bool, h: int, w: int):
     """The ELS candidate layout for window size k_max as batches of equal groups
-    (``els._Grouped``: G groups of Pq query pixels, each with its own Pc candidate centres).
+    (``els_layout.Grouped``: G groups of Pq query pixels, each with its own Pc candidate centres).
 
-    "circular" and "zeros" with k_max < min(H, W): every pass of ``els.layout`` (for "zeros"
+    "circular" and "zeros" with k_max < min(H, W): every pass of ``els_layout.layout`` (for "zeros"
     the interior and the edge/corner groups). "zeros" with k_max ≥ min(H, W): the local
     machine's layout (SPEC §2 notes), each pixel matched only with its own location."""
     if boundary == "zeros" and k_max >= min(h, w):
         pix = np.arange(h * w)
-        passes = [els.Pass(pix, "zeros", pix, "zeros", pix, pix)]
+        passes = [els_layout.Pass(pix, "zeros", pix, "zeros", pix, pix)]
     else:
-        passes = els.layout(k_max, boundary, wrap_patches, h, w)
-    return [gp for ps in passes for gp in els._grouped(ps)]
+        passes = els_layout.layout(k_max, boundary, wrap_patches, h, w)
+    return [gp for ps in passes for gp in els_layout.group_pass(ps)]
 
 
 def _check_sigma(sigma):
@@ -113,7 +113,7 @@ def _check_k_max(k_max, h, w, boundary, wrap_patches):
     if boundary not in ("circular", "zeros"):
         raise ValueError(f"unknown boundary {boundary!r}; choose 'circular' or 'zeros'")
     try:
-        return els._check_els_k(k_max, h, w, boundary, wrap_patches)
+        return els_layout.check_k(k_max, h, w, boundary, wrap_patches)
     except ValueError as err:
         raise ValueError(f"k_max: {err}") from None
 
@@ -127,8 +127,8 @@ def _queries(x, a, b2, g, k, gp, mu):
     coefficient −a²/b² of ½Σ g c̃², [G, B·Pq] (group first, then batch, then pixel)."""
     bsz, h, w, _ = x.shape
     n_groups, pq = gp.query_pixels.shape
-    shift = els._shift_vector(mu, k, gp.query_mode, h, w)
-    q = els._windows(x, k, gp.query_mode, gp.query_pixels.reshape(-1))   # [B, G·Pq, D]
+    shift = els_layout.shift_vector(mu, k, gp.query_mode, h, w)
+    q = els_layout.gather_windows(x, k, gp.query_mode, gp.query_pixels.reshape(-1))   # [B, G·Pq, D]
     q = (q - a[:, None, None] * shift[None, None]) * (a / b2)[:, None, None] * g[None, None]
     q = jnp.swapaxes(q.reshape(bsz, n_groups, pq, -1), 0, 1).reshape(n_groups, bsz * pq, -1)
     coef = jnp.broadcast_to((-(a * a) / b2)[None, :, None], (n_groups, bsz, pq))
@@ -140,7 +140,7 @@ def _image_candidates(images, log_w, k, gp, shift):
     mean shift [G, n·Pc, D], centre pixels [G, n·Pc, C], log weights [G, n·Pc]."""
     n, h, w, c = images.shape
     n_groups, pc = gp.cand_pixels.shape
-    keys = els._windows(images, k, gp.cand_mode, gp.cand_pixels.reshape(-1)) - shift[None, None]
+    keys = els_layout.gather_windows(images, k, gp.cand_mode, gp.cand_pixels.reshape(-1)) - shift[None, None]
     values = images.reshape(n, h * w, c)[:, gp.cand_pixels.reshape(-1)]
 
     def by_group(arr):
@@ -196,12 +196,12 @@ def _halve_to_block(chunk: int, per_candidate: int, block: int) -> int:
 def _stream_x0(x, t, sigma, images, log_w, mu, *, k, boundary, wrap_patches, schedule, block):
     bsz, h, w, c = x.shape
     n = images.shape[0]
-    a, b2 = els._coeffs(t, bsz, schedule)
+    a, b2 = els_layout.coefficients(t, bsz, schedule)
     g = gaussian_window(sigma, k, c)
     results = []
     for gp in soft_groups(k, boundary, wrap_patches, h, w):
         q, coef = _queries(x, a, b2, g, k, gp, mu)
-        shift = els._shift_vector(mu, k, gp.cand_mode, h, w)
+        shift = els_layout.shift_vector(mu, k, gp.cand_mode, h, w)
         n_groups, pq = gp.query_pixels.shape
         pc = gp.cand_pixels.shape[1]
         n_img = int(min(n, max(1, block // max(1, bsz * n_groups * pq * pc))))
@@ -219,14 +219,14 @@ def _stream_x0(x, t, sigma, images, log_w, mu, *, k, boundary, wrap_patches, sch
             return _update(state, q, coef, g, keys, values, lw), None
 
         state, _ = jax.lax.scan(body, softmax.init(q.shape[:2], c), (starts, first_new))
-        results.append(els._window_result(gp, state, bsz))
-    return els._scatter(x.shape, results)
+        results.append(els_window.window_result(gp, state, bsz))
+    return els_layout.scatter(x.shape, results)
 
 
 def els_soft_x0(x: Float[Array, "b h w c"], t, images: Float[Array, "n h w c"], *, sigma,
                 k_max: int, boundary: str = "circular", wrap_patches: bool = False, mask=None,
                 schedule=schedules_lib.Cosine(),
-                block: int = els.DEFAULT_BLOCK) -> Float[Array, "b h w c"]:
+                block: int = els_layout.DEFAULT_BLOCK) -> Float[Array, "b h w c"]:
     """Denoised mean x̂_0 of the els_soft machine, [B, H, W, C] (module docstring).
 
     Args:
@@ -259,7 +259,7 @@ def els_soft_x0(x: Float[Array, "b h w c"], t, images: Float[Array, "n h w c"], 
 def els_soft_score(x: Float[Array, "b h w c"], t, images: Float[Array, "n h w c"], *, sigma,
                    k_max: int, boundary: str = "circular", wrap_patches: bool = False,
                    mask=None, schedule=schedules_lib.Cosine(),
-                   block: int = els.DEFAULT_BLOCK) -> Float[Array, "b h w c"]:
+                   block: int = els_layout.DEFAULT_BLOCK) -> Float[Array, "b h w c"]:
     """Score s = −(x − a·x̂_0)/b² of the els_soft machine, [B, H, W, C]; arguments as
     ``els_soft_x0``.
 
@@ -297,7 +297,7 @@ class SoftSpec(NamedTuple):
 
 def build_soft_bank(images, *, k_max: int, boundary: str = "circular",
                     wrap_patches: bool = False, dedup: bool = True,
-                    dedup_threshold: float = 0.9, block: int = els.DEFAULT_BLOCK,
+                    dedup_threshold: float = 0.9, block: int = els_layout.DEFAULT_BLOCK,
                     images_per_step: int = 64):
     """Precomputes every candidate window of the layout (host numpy, then one transfer).
 
@@ -308,19 +308,19 @@ def build_soft_bank(images, *, k_max: int, boundary: str = "circular",
     n, h, w, c = images.shape
     k = _check_k_max(k_max, h, w, boundary, wrap_patches)
     if dedup and not (boundary == "zeros" and k >= min(h, w)):     # the ELS layout: estimate
-        dedup = els.estimate_unique_fraction(images, k=k, boundary=boundary,
+        dedup = els_window.estimate_unique_fraction(images, k=k, boundary=boundary,
                                              wrap_patches=wrap_patches) <= dedup_threshold
     mu = images.mean(axis=(0, 1, 2))
     keys_out, values_out, lw_out, chunks = [], [], [], []
     kept = total = 0
     for gp in soft_groups(k, boundary, wrap_patches, h, w):
         n_groups, pq = gp.query_pixels.shape
-        keys, values = els._host_window_candidates(images, k, gp, mu, images_per_step)
+        keys, values = els_window.host_window_candidates(images, k, gp, mu, images_per_step)
         d = keys.shape[-1]
         per_group = []
         for gi in range(n_groups):
             if dedup:
-                uniq, counts = els._unique_rows(np.concatenate([keys[gi], values[gi]], 1))
+                uniq, counts = els_window.unique_rows(np.concatenate([keys[gi], values[gi]], 1))
                 per_group.append((uniq[:, :d], uniq[:, d:], counts))
             else:
                 per_group.append((keys[gi], values[gi], None))
@@ -331,7 +331,7 @@ def build_soft_bank(images, *, k_max: int, boundary: str = "circular",
             merged = keys.shape[0] * keys.shape[1]
         kept += merged
         m = max(len(kk) for kk, _, _ in per_group)
-        chunk = min(els._pow2_floor(max(1, block // (n_groups * pq))),
+        chunk = min(els_layout.pow2_floor(max(1, block // (n_groups * pq))),
                     1 << int(np.ceil(np.log2(max(1, m)))))
         size = -(-m // chunk) * chunk
         bank_k = np.zeros((n_groups, size, d), np.float32)
@@ -352,11 +352,11 @@ def build_soft_bank(images, *, k_max: int, boundary: str = "circular",
 
 @functools.partial(jax.jit, static_argnames=("spec", "schedule", "block"))
 def soft_bank_x0(x, t, sigma, bank: SoftBank, *, spec: SoftSpec, schedule,
-                 block: int = els.DEFAULT_BLOCK):
+                 block: int = els_layout.DEFAULT_BLOCK):
     """x̂_0 [B, H, W, C] of the els_soft machine from a ``build_soft_bank`` bank; σ a traced
     scalar (one executable for every σ), differentiable in x and σ."""
     bsz, h, w, c = x.shape
-    a, b2 = els._coeffs(t, bsz, schedule)
+    a, b2 = els_layout.coefficients(t, bsz, schedule)
     g = gaussian_window(sigma, spec.k, c)
     results = []
     groups = soft_groups(spec.k, spec.boundary, spec.wrap_patches, h, w)
@@ -375,8 +375,8 @@ def soft_bank_x0(x, t, sigma, bank: SoftBank, *, spec: SoftSpec, schedule,
 
         state, _ = jax.lax.scan(body, softmax.init(q.shape[:2], c),
                                 jnp.arange(keys.shape[1] // ch))
-        results.append(els._window_result(gp, state, bsz))
-    return els._scatter(x.shape, results)
+        results.append(els_window.window_result(gp, state, bsz))
+    return els_layout.scatter(x.shape, results)
 
 
 # ----------------------------------------------------------------------------------------
@@ -461,7 +461,7 @@ def make_soft_machine(images, *, sigmas: float | Sequence[float], k_max: int,
                       boundary: str = "circular", wrap_patches: bool = False,
                       schedule=schedules_lib.Cosine(), mask=None,
                       dedup: bool = True, dedup_threshold: float = 0.9,
-                      block: int = els.DEFAULT_BLOCK, bank_bytes: int = 2 << 30,
+                      block: int = els_layout.DEFAULT_BLOCK, bank_bytes: int = 2 << 30,
                       compile_for=None, mesh=None) -> SoftMachine:
     """``make_machine("els_soft", ...)``: the els_soft machine as a sampler model.
 
@@ -472,7 +472,7 @@ def make_soft_machine(images, *, sigmas: float | Sequence[float], k_max: int,
       boundary, wrap_patches, schedule, mask: as ``els_soft_x0`` / ``make_machine``.
       dedup, dedup_threshold: merge identical candidate windows (exact) when that leaves at
         most ``dedup_threshold`` of them (first estimated on a sample of the images with
-        ``els.estimate_unique_fraction``, as the ELS machine does).
+        ``els_window.estimate_unique_fraction``, as the ELS machine does).
       block: logits per streamed chunk. bank_bytes: the largest bank to precompute; above it
         candidates are streamed from the images at every call (memory independent of N).
       compile_for: optional queries [B, H, W, C]: compile now (one executable for all steps).

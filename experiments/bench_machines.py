@@ -68,7 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import els_jax as ej
-from els_jax import els, native
+from els_jax import els_layout, engines, native
 from els_jax import engines as engines_lib
 from els_jax import local as local_lib
 
@@ -90,7 +90,8 @@ def _queries(b, c, seed=1):
 def els_pairs(k, boundary, n, b):
     """Valid (query pixel, candidate) pairs of the ELS layout."""
     per_image = sum(gp.query_pixels.size * gp.cand_pixels.shape[1]
-                    for ps in els.layout(k, boundary, False, H, W) for gp in els._grouped(ps))
+                    for ps in els_layout.layout(k, boundary, False, H, W)
+                    for gp in els_layout.group_pass(ps))
     return b * n * per_image
 
 
@@ -211,7 +212,7 @@ def _other_engines(kind, k, boundary, n, c, default):
     if kind != "els" or _MESH is not None:
         return []
     out = ["window", "row"]
-    if els.native_interior_ok(k, H, W, boundary):
+    if engines.native_interior_ok(k, H, W, boundary):
         out.append("native")
     return [e for e in out if e != default]
 
@@ -313,7 +314,7 @@ def bench_functional(images, *, k, boundary, b, t, out):
     t0 = time.perf_counter()
     compiled = fn.lower(x, jnp.float32(t), images_j).compile()
     compile_s = time.perf_counter() - t0
-    choice = els._resolve_engine("auto", k, c, H, boundary, w=W, n=n, batch=b)
+    choice = engines.resolve_els_engine("auto", k, c, H, boundary, w=W, n=n, batch=b)
     calls = {choice.engine: lambda: fn(x, jnp.float32(t), images_j)}
     for engine in ("window", "row"):
         if engine not in calls:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import els_jax as ej
-from els_jax import els, local, native, schedules, softmax
+from els_jax import els, els_interior, els_layout, local, native, schedules, softmax
 from tests import oracles
 
 H = W = 6
@@ -174,7 +174,7 @@ def test_the_causes_of_nan_tangents():
     dq = jnp.zeros_like(q).at[:, :-1].set(1.0)
     _, plain = jax.jvp(lambda q: q @ keys.T, (q,), (dq,))
     assert np.isnan(np.asarray(plain)).any()                             # the old rule
-    logits, tangent = jax.jvp(lambda q: els._augmented_logits(els._matmul_keys, q, keys),
+    logits, tangent = jax.jvp(lambda q: els_layout.augmented_logits(els_layout.matmul_keys, q, keys),
                               (q,), (dq,))
     np.testing.assert_array_equal(np.asarray(logits), np.asarray(q @ keys.T))
     # The plain tangent wherever it is finite; absent candidates (weight exactly 0) get the
@@ -244,7 +244,7 @@ def test_interior_kernel_values_with_twin_derivatives():
     bank, _ = els.build_bank(images, k=k, boundary="zeros", method="native", dedup=False)
     bank = bank._replace(interior=bank.interior._replace(
         log_w=bank.interior.log_w.at[1::3].set(-jnp.inf)))
-    a, b2 = els._coeffs(jnp.float32(T), x.shape[0], schedules.Cosine())
+    a, b2 = els_layout.coefficients(jnp.float32(T), x.shape[0], schedules.Cosine())
     mu = bank.mu[None, None, None, :]
     q = jnp.asarray(x) - a[:, None, None, None] * mu
     ib = bank.interior
@@ -252,10 +252,11 @@ def test_interior_kernel_values_with_twin_derivatives():
     kernel_x0 = softmax.finalize(softmax.SoftmaxState(*kernel)) + mu
 
     def fused(x):
-        return els._interior_result(x, a, b2, k, bank, None, block)[1]
+        return els_interior.interior_result(x, a, b2, k, bank.interior, bank.mu, None, block)[1]
 
     def twin(x):
-        state = els._interior_state_xla(x - a[:, None, None, None] * mu, a, b2, ib, k, block)
+        state = els_interior.interior_state_xla(x - a[:, None, None, None] * mu, a, b2, ib, k,
+                                                block)
         return softmax.finalize(state) + mu, state.max
 
     fused_jvp = jax.jit(lambda x, v: jax.jvp(fused, (x,), (v,)))

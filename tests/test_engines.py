@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import els_jax as ej
-from els_jax import els, engines, local, native, schedules
+from els_jax import engines, local, native, schedules
 from tests import oracles
 
 
@@ -197,7 +197,7 @@ def test_static_rules_without_autotuning(monkeypatch):
     assert all("static rule" in v["reason"] for v in info.values())
     zeros = ej.make_machine("els", images, scales=5, boundary="zeros").explain()[5]
     assert zeros["engine"] == ("native" if native.available()
-                               else els.choose_method(5, 1, 16, "zeros"))
+                               else engines.choose_method(5, 1, 16, "zeros"))
     ideal = ej.make_machine("ideal", images).explain()[None]
     assert ideal["engine"] == "window" and ideal["reason"]
     x = jnp.zeros((1, 16, 16, 1))

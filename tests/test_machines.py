@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import els_jax as ej
-from els_jax import els, native
+from els_jax import els, els_window, engines, native
 from tests import oracles
 
 H, W, C = 7, 6, 2
@@ -267,11 +267,11 @@ def test_engines_agree_on_a_larger_case(boundary, wrap):
 def test_auto_engine_choice_and_machine_introspection():
     """The cost model picks the window engine for small k and the row engine for large k on a
     circular 32×32 machine; Machine.engine / lower report and compile what x0 runs."""
-    assert els.choose_method(3, 1, 32, "circular") == "window"
-    assert els.choose_method(11, 1, 32, "circular") == "row"
-    assert els.choose_method(11, 3, 32, "circular") == "row"
+    assert engines.choose_method(3, 1, 32, "circular") == "window"
+    assert engines.choose_method(11, 1, 32, "circular") == "row"
+    assert engines.choose_method(11, 3, 32, "circular") == "row"
     # A bank whose duplicates remove most candidates makes the window engine cheaper.
-    assert els.choose_method(11, 1, 32, "circular", unique_fraction=0.1) == "window"
+    assert engines.choose_method(11, 1, 32, "circular", unique_fraction=0.1) == "window"
     with pytest.raises(ValueError, match="unknown method"):
         ej.els_x0(jnp.zeros((1, H, W, C)), 0.5, jnp.zeros((2, H, W, C)), k=3, method="fft")
     _, images = _setup(0.5)
@@ -284,7 +284,7 @@ def test_auto_engine_choice_and_machine_introspection():
                                np.asarray(m.x0(x, jnp.float32(0.5), 0)), atol=1e-6)
     # "auto" on a zero-padded machine whose windows are not merged: the fused CPU kernel.
     auto = ej.make_machine("els", images, scales=5, boundary="zeros").engine(0)["engine"]
-    assert auto == ("native" if native.available() else els.choose_method(5, C, H, "zeros"))
+    assert auto == ("native" if native.available() else engines.choose_method(5, C, H, "zeros"))
     auto = ej.make_machine("els", images, scales=3, boundary="zeros").engine(0)["engine"]
     assert auto == "window"                    # k = 3, C = 2: the short matmul is cheaper
     with pytest.raises(ValueError, match="native"):
@@ -320,7 +320,7 @@ def test_host_windows_match_patch_extraction():
     for k in (1, 3, 5):
         for mode in ("circular", "zeros"):
             want = np.asarray(ej.patches.extract_windows(jnp.asarray(images), k, mode))
-            np.testing.assert_array_equal(els._host_windows(images, k, mode, pixels),
+            np.testing.assert_array_equal(els_window.host_windows(images, k, mode, pixels),
                                           want.reshape(3, H * W, -1)[:, pixels])
 
 
