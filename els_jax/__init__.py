@@ -25,6 +25,8 @@ from els_jax.soft import els_soft_score, els_soft_x0
 from els_jax.calibration import SigmaCalibration, calibrate_sigma
 from els_jax.experiment import ReproduceConfig, reproduce
 from els_jax.posterior import Provenance, creativity, mosaic_image, provenance
+from els_jax import reference
+from els_jax.reference import reference_score, reference_x0
 
 __version__ = "0.1.0"
 
@@ -45,4 +47,5 @@ __all__ = [
     "Calibration", "calibrate", "candidate_machines", "ReproduceConfig", "reproduce",
     "Provenance", "provenance", "mosaic_image", "creativity",
     "soft", "els_soft_score", "els_soft_x0", "SigmaCalibration", "calibrate_sigma",
+    "reference", "reference_x0", "reference_score",
 ]
