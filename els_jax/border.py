@@ -102,19 +102,48 @@ def _corner_bank(images, k: int, mu):
     return jax.tree.map(lambda *v: jnp.stack(v), *banks)
 
 
+def _host_band_candidates(images: np.ndarray, k: int, mu: np.ndarray):
+    """Numpy twin of ``_band_candidates`` (no compilation per k; norms in float64)."""
+    m = k // 2
+    n, _, w, c = images.shape
+    top = images[:, :2 * m] - mu                                         # [n, 2m, W, C]
+    view = np.lib.stride_tricks.sliding_window_view(top, k, axis=2)      # [n, 2m, L, C, k]
+    rows = np.moveaxis(view, -1, -2).reshape(n, 2 * m, w - 2 * m, k * c)   # (dx, c), as row_windows
+    half = 0.5 * np.einsum("nrld,nrld->nrl", rows, rows, dtype=np.float64)
+    keys = np.concatenate([rows, half[..., None].astype(np.float32)], -1)
+    keys = keys.transpose(1, 3, 0, 2).reshape(2 * m, k * c + 1, -1)
+    values = images[:, :m, m:w - m].transpose(1, 0, 2, 3).reshape(m, -1, c)
+    return np.ascontiguousarray(keys), np.ascontiguousarray(values)
+
+
+def _host_corner_bank(images: np.ndarray, k: int, mu: np.ndarray) -> local.LocalBank:
+    """Numpy twin of ``_corner_bank``: the four corners' ``local.LocalBank``, stacked."""
+    m = k // 2
+    c = images.shape[-1]
+    crops = np.stack([_crop(images, q, m) for q in range(4)])           # [4, n, 2m, 2m, C]
+    centred = np.transpose(crops, (0, 4, 2, 3, 1)) - mu[None, :, None, None, None]
+    ones = np.ones((4, 1) + centred.shape[2:], np.float32)
+    sq = np.pad(np.sum(centred.astype(np.float64) ** 2, axis=1), ((0, 0), (m, m), (m, m), (0, 0)))
+    sq = np.pad(np.cumsum(np.cumsum(sq, 1), 2), ((0, 0), (1, 0), (1, 0), (0, 0)))
+    half_sq = 0.5 * (sq[:, k:, k:] - sq[:, :-k, k:] - sq[:, k:, :-k] + sq[:, :-k, :-k])
+    mean = np.broadcast_to(mu[None, :, None, None, None], (4, c, 2 * m, 2 * m, 1))
+    return local.LocalBank(jnp.asarray(np.concatenate([centred, ones], axis=1), jnp.float32),
+                           jnp.asarray(mean, jnp.float32), jnp.asarray(half_sq, jnp.float32))
+
+
 def build_border_bank(images: np.ndarray, k: int, mu, n_total: int) -> BorderBank:
-    """The ``BorderBank`` of images [N, H, W, C] padded with absent images to ``n_total``."""
+    """The ``BorderBank`` of images [N, H, W, C] padded with absent images to ``n_total``.
+    Built in numpy: a machine builds one per patch size, and compiling a builder per k cost
+    more than the build."""
+    images = np.asarray(images, np.float32)
+    mu = np.asarray(mu, np.float32)
     n = images.shape[0]
     padded = np.concatenate([images, np.zeros((n_total - n,) + images.shape[1:], np.float32)])
     log_w = np.where(np.arange(n_total) < n, 0.0, -np.inf).astype(np.float32)
-
-    @jax.jit
-    def build(images):
-        bands = [_band_candidates(_orient(images, b), k, mu) for b in range(4)]
-        return (tuple(kk for kk, _ in bands), tuple(v for _, v in bands),
-                _corner_bank(images, k, mu))
-    keys, values, corners = build(jnp.asarray(padded))
-    return BorderBank(keys, values, corners, jnp.asarray(log_w))
+    bands = [_host_band_candidates(_orient(padded, b), k, mu) for b in range(4)]
+    return BorderBank(tuple(jnp.asarray(kk) for kk, _ in bands),
+                      tuple(jnp.asarray(v) for _, v in bands),
+                      _host_corner_bank(padded, k, mu), jnp.asarray(log_w))
 
 
 def border_partition_specs() -> BorderBank:

@@ -116,11 +116,13 @@ def cpu_info() -> dict:
 @functools.lru_cache(maxsize=None)
 def platform_signature() -> dict:
     """What an engine's speed depends on besides the shape: backend, CPU (model, SIMD flags,
-    cores) or device kind, device count, XLA_FLAGS, jax version, the kernel source's hash."""
+    cores) or device kind, device count, XLA_FLAGS, jax version, the kernel source's hash and
+    its target (ELS_JAX_NATIVE_ARCH)."""
     from els_jax import native
     backend = jax.default_backend()
     sig = {"backend": backend, "devices": jax.device_count(), "jax": jax.__version__,
-           "xla_flags": os.environ.get("XLA_FLAGS", "")}
+           "xla_flags": os.environ.get("XLA_FLAGS", ""),
+           "native_arch": os.environ.get("ELS_JAX_NATIVE_ARCH", "native")}
     if backend == "cpu":
         sig.update(cpu_info())
     else:

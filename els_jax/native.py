@@ -9,7 +9,9 @@ compiler is found; results agree with the XLA path to float32 rounding.
 
 The shared library is built once per (source, compiler flags, jaxlib headers, CPU) with the
 system C++ compiler (``$CXX``, else ``c++`` / ``g++``) into ``$ELS_JAX_CACHE`` (default
-``~/.cache/els_jax``), written atomically. ``ELS_JAX_NATIVE=0`` disables the kernels.
+``~/.cache/els_jax``), written atomically. ``ELS_JAX_NATIVE=0`` disables the kernels;
+``ELS_JAX_NATIVE_ARCH`` sets the target (default ``native``; e.g. ``x86-64-v3`` builds for
+AVX2 without AVX-512, to measure on an AVX-512 CPU what an AVX2 CPU would run).
 
 Differentiation: a custom call has no derivative rule, so every kernel-backed function is
 wrapped by ``with_reference_derivatives``: its values come from the kernel, its derivatives
@@ -39,7 +41,11 @@ __all__ = ["available", "local_softmax_state", "interior_softmax_state",
 _SOURCE = Path(__file__).with_name("native_local.cc")
 # No -ffast-math: the kernel's exp rounds with a magic-number add that reassociation would
 # remove, and absent images are exact −inf logits.
-_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
+_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
+
+
+def _flags() -> tuple[str, ...]:
+    return _FLAGS + (f"-march={os.environ.get('ELS_JAX_NATIVE_ARCH', 'native')}",)
 _TARGETS = {"els_local_softmax": "ElsLocalSoftmax",
             "els_interior_softmax": "ElsInteriorSoftmax"}
 
@@ -63,7 +69,7 @@ def _compiler():
 
 def _build(cxx: str) -> Path:
     include = jax.ffi.include_dir()
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), " ".join(_FLAGS), cxx, include,
+    key = hashlib.sha256("\0".join([_SOURCE.read_text(), " ".join(_flags()), cxx, include,
                                     jax.__version__, _cpu_signature()]).encode()).hexdigest()
     cache = Path(os.environ.get("ELS_JAX_CACHE", Path.home() / ".cache" / "els_jax"))
     lib = cache / f"native_local_{key[:16]}.so"
@@ -73,7 +79,7 @@ def _build(cxx: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
     try:
-        subprocess.run([cxx, *_FLAGS, "-I", include, str(_SOURCE), "-o", tmp], check=True,
+        subprocess.run([cxx, *_flags(), "-I", include, str(_SOURCE), "-o", tmp], check=True,
                        capture_output=True, text=True, timeout=300)
         os.replace(tmp, lib)            # atomic: a concurrent build or reader sees all or none
     finally:

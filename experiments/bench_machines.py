@@ -193,6 +193,7 @@ def platform_row():
             "cpu": sig.get("cpu"), "simd": sig.get("simd"), "cores": sig.get("cores"),
             "device_kind": sig.get("device_kind"), "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "jax": sig["jax"], "kernel_source": sig["kernel"], "kernel_built": native.available(),
+            "kernel_arch": sig["native_arch"],
             "autotune": engines_lib.autotune_enabled(),
             "engine_cache": str(engines_lib.cache_file())}
 
@@ -201,7 +202,7 @@ def platform_line(r):
     return (f"CPU: {r.get('cpu') or r.get('device_kind')} ({r['backend']}, {r['devices']} "
             f"device(s), {r.get('cores')} cores), SIMD: {' '.join(r.get('simd') or []) or '–'}; "
             f"XLA_FLAGS: {r['xla_flags']!r}; jax {r['jax']}; kernel built: "
-            f"{r['kernel_built']}; engine autotuning: {'on' if r['autotune'] else 'off'}")
+            f"{r['kernel_built']} (-march={r.get('kernel_arch', 'native')}); engine autotuning: {'on' if r['autotune'] else 'off'}")
 
 
 def _other_engines(kind, k, boundary, n, c, default):

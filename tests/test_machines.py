@@ -69,6 +69,28 @@ def test_zero_padded_border_engine_matches_oracle(case, h, w, c, k):
     _close(m.x0(x, jnp.float32(t), 0), want, tol=1e-5)
 
 
+def test_border_bank_built_in_numpy_equals_the_streamed_candidates():
+    """``build_border_bank`` (numpy, no compilation per k) lays out exactly the candidates the
+    streamed border path builds with jnp (``_band_candidates``, ``_corner_bank``), absent
+    padding images included, on a non-square image with 3 channels."""
+    from els_jax import border
+    rng = np.random.default_rng(0)
+    h, w, c, k = 9, 7, 3, 5
+    images = rng.uniform(-1, 1, (5, h, w, c)).astype(np.float32)
+    mu = images.mean(axis=(0, 1, 2))
+    bank = border.build_border_bank(images, k, mu, 6)
+    padded = jnp.asarray(np.concatenate([images, np.zeros((1, h, w, c), np.float32)]))
+    bands = [border._band_candidates(border._orient(padded, b), k, jnp.asarray(mu))
+             for b in range(4)]
+    want = ([kk for kk, _ in bands], [v for _, v in bands],
+            border._corner_bank(padded, k, jnp.asarray(mu)))
+    got = (list(bank.band_keys), list(bank.band_values), bank.corners)
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert g.shape == e.shape
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), atol=2e-6)
+    assert np.isneginf(np.asarray(bank.log_w)[5]) and np.all(np.asarray(bank.log_w)[:5] == 0)
+
+
 @pytest.mark.parametrize("boundary,wrap", [("circular", False), ("circular", True), ("zeros", False)])
 @pytest.mark.parametrize("method", ["window", "row"])
 def test_els_with_mask_matches_oracle_and_bank(boundary, wrap, method):
