@@ -112,7 +112,9 @@ def _engines(name):
     return out
 
 
-@pytest.mark.parametrize("name", list(CASES))
+# (els zeros k5 meets the oracle above; its engines are those of k3, where the interior and
+# the border bands are both wider than one pixel.)
+@pytest.mark.parametrize("name", [n for n in CASES if n != "els zeros k5"])
 def test_every_engine_equals_the_reference(name):
     kw, _, c = CASES[name]
     images, x = _data(c, seed=1)
