@@ -55,6 +55,7 @@ from els_jax.forward import add_noise
 from els_jax.networks import ARCHS, PADDINGS, ResNet, UNet
 
 __all__ = ["TrainConfig", "TrainState", "NUM_CLASSES", "make_model", "make_optimizer",
+           "weight_grad_engine",
            "create_train_state", "diffusion_loss", "train_step", "train_and_evaluate",
            "load_trained", "load_config", "epoch_permutation", "add_train_subcommand",
            "config_from_args"]
@@ -199,8 +200,10 @@ def _unet_channels(channels) -> tuple[int, ...]:
     return tuple(int(c) for c in channels)
 
 
-def make_model(config: TrainConfig) -> nn.Module:
-    """The network described by ``config`` (ResNet or UNet)."""
+def make_model(config: TrainConfig, fast_weight_grad: bool = True) -> nn.Module:
+    """The network described by ``config`` (ResNet or UNet). fast_weight_grad: the
+    convolutions' im2col weight gradient on a CPU (``els_jax.conv``), or XLA's own; same
+    parameters and values either way (``weight_grad_engine`` picks one for training)."""
     config.validate()
     num_classes = None
     if config.conditional:
@@ -211,10 +214,11 @@ def make_model(config: TrainConfig) -> nn.Module:
     if config.arch == "resnet":
         return ResNet(channels=256 if config.channels is None else int(config.channels),
                       depth=config.depth, padding=config.padding, num_classes=num_classes,
-                      emb_dim=config.emb_dim)
+                      emb_dim=config.emb_dim, fast_weight_grad=fast_weight_grad)
     return UNet(channels=_unet_channels(config.channels), padding=config.padding,
                 num_classes=num_classes, emb_dim=config.emb_dim,
-                attention_resolutions=tuple(config.attention_resolutions))
+                attention_resolutions=tuple(config.attention_resolutions),
+                fast_weight_grad=fast_weight_grad)
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
@@ -271,6 +275,46 @@ def diffusion_loss(params, apply_fn: Callable, batch: dict, key, schedule="cosin
     x_t, eps = add_noise(key_eps, x0, t, schedule)
     eps_hat = apply_fn(params, x_t, t, batch.get("labels"))
     return jnp.mean(jnp.square(eps_hat - eps))
+
+
+def weight_grad_engine(config: TrainConfig, batch: int):
+    """Which weight gradient the convolutions of a training step use, and why
+    (``engines.Choice``): "im2col" (``els_jax.conv``'s, chunked matmuls) or "xla" (XLA's
+    backward-filter convolution).
+
+    On a CPU the faster one depends on the image size and the CPU (im2col: 1.4–1.6× faster
+    steps at 32×32; at 8×8 XLA's was ~20 % faster on an AVX-512 EPYC), so it is measured like
+    the machines' engines (``els_jax.engines``): one train step of this network on a
+    synthetic batch of ``batch`` images (per device), each way, timed in alternation, the
+    winner cached on disk per platform and network shape. ``ELS_JAX_AUTOTUNE=0``: the static
+    rule, im2col. Other backends: "xla" (the convolution module lowers XLA's there anyway)."""
+    from els_jax import engines as engines_lib
+
+    if jax.default_backend() != "cpu":
+        return engines_lib.Choice("xla", "not a CPU: XLA's own weight gradient")
+    config.validate()
+    h, w, c = config.image_shape
+    shape = {"arch": config.arch, "channels": config.channels, "depth": config.depth,
+             "padding": config.padding, "H": h, "W": w, "C": c, "B": int(batch),
+             "classes": config.num_classes if config.conditional else 0,
+             "attention": list(config.attention_resolutions), "emb_dim": config.emb_dim}
+
+    def probes():
+        rng = np.random.default_rng(0)
+        data = {"images": jnp.asarray(rng.uniform(-1, 1, (batch, h, w, c)), jnp.float32)}
+        if config.conditional:
+            data["labels"] = jnp.asarray(rng.integers(0, config.num_classes, batch), jnp.int32)
+        key = jax.random.PRNGKey(0)
+        base = create_train_state(config, key)
+        calls = {}
+        for name, fast in (("im2col", True), ("xla", False)):
+            state = base.replace(apply_fn=make_model(config, fast_weight_grad=fast).apply)
+            calls[name] = functools.partial(
+                lambda state: jax.block_until_ready(train_step(state, data, key)), state)
+        return calls, f"one train step of {batch} synthetic images", None
+
+    return engines_lib.select("train_weight_grad", shape, ("im2col", "xla"), "im2col",
+                              "static rule: the im2col weight gradient on a CPU", probes)
 
 
 @jax.jit
@@ -465,6 +509,13 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, devices=None,
     else:
         state = jax.device_put(create_train_state(config, init_key), replicated)
         noise_key = jax.device_put(noise_key, replicated)
+
+    # The convolutions' weight gradient: measured once per platform and network shape.
+    wgrad = weight_grad_engine(config, config.batch_size // len(devices))
+    with open(os.path.join(workdir, "train_engine.json"), "w") as f:
+        json.dump({"weight_grad": wgrad.engine, "reason": wgrad.reason}, f, indent=1)
+    if wgrad.engine == "xla":
+        state = state.replace(apply_fn=make_model(config, fast_weight_grad=False).apply)
 
     step_fn = jax.jit(train_step, in_shardings=(replicated, batch_sharding, replicated),
                       out_shardings=(replicated, replicated), donate_argnums=(0,))

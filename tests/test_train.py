@@ -52,6 +52,37 @@ def test_train_steps_lower_the_loss_on_a_fixed_batch():
     assert 0.0 < _max_diff(state.ema_params, state.params)
 
 
+def test_weight_grad_engine_is_measured_cached_and_exact(tmp_path, monkeypatch):
+    """Training's weight gradient (im2col or XLA's) is chosen by timing one step each way,
+    cached on disk; both ways give the same step; ELS_JAX_AUTOTUNE=0 keeps the static rule."""
+    from els_jax import engines
+    monkeypatch.setenv("ELS_JAX_CACHE", str(tmp_path))
+    monkeypatch.setenv("ELS_JAX_AUTOTUNE", "1")
+    engines.clear_memory_cache()
+    config = TrainConfig(**TINY, image_shape=(8, 8, 1))
+    try:
+        choice = train_lib.weight_grad_engine(config, 8)
+        assert choice.engine in ("im2col", "xla") and "measured" in choice.reason
+        assert set(choice.times) == {"im2col", "xla"}
+        engines.clear_memory_cache()                       # from the disk cache now
+        again = train_lib.weight_grad_engine(config, 8)
+        assert again.engine == choice.engine and "cached" in again.reason
+        monkeypatch.setenv("ELS_JAX_AUTOTUNE", "0")
+        static = train_lib.weight_grad_engine(config, 8)
+        assert static.engine == "im2col" and "static rule" in static.reason
+    finally:
+        engines.clear_memory_cache()
+    images, _ = ej.load_dataset("digits", max_examples=8)
+    state = create_train_state(config, jax.random.PRNGKey(0))
+    batch, key = {"images": jnp.asarray(images)}, jax.random.PRNGKey(1)
+    plain_apply = train_lib.make_model(config, fast_weight_grad=False).apply
+    grad = jax.jit(jax.grad(diffusion_loss), static_argnums=1)
+    fast = grad(state.params, state.apply_fn, batch, key)
+    plain = grad(state.params, plain_apply, batch, key)
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(fast))
+    assert scale > 0 and _max_diff(fast, plain) < 1e-4 * scale
+
+
 def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
     config = TrainConfig(**{**TINY, "steps": 7}, max_examples=48, checkpoint_every=2, ema=0.9)
     # 3 batches per epoch: the 7 steps cross two epoch boundaries.
