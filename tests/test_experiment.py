@@ -351,7 +351,7 @@ def test_every_shipped_network_is_the_one_reproduce_would_train():
     shipped = [key for key, name in rp._SHIPPED.items()
                if (rp.CHECKPOINTS_DIR / name / "config.json").exists()]
     assert {("digits", "resnet", "zeros"), ("mnist5k", "resnet", "zeros"),
-            ("mnist5k", "resnet", "circular")} <= set(shipped)
+            ("mnist5k", "resnet", "circular"), ("mnist5k", "unet", "zeros")} <= set(shipped)
     for dataset, arch, padding in shipped:
         cfg = rp.ReproduceConfig(dataset=dataset, arch=arch, padding=padding)
         with warnings.catch_warnings():
