@@ -740,16 +740,18 @@ def _markdown(report, figs) -> str:
              f"{report['machine_steps']} DDIM steps, network {report['network_steps']}, both "
              f"from t_max = {primary} ({report['t_max_protocol']}); calibration on "
              f"{report['calib_seeds']} other seeds. Total time {report['elapsed_s']:.0f} s.", "",
-             "| family | median r | median r² (95% CI) | median R² | " +
-             " | ".join(f"r² from t_max = {t}" for t in starts if t != primary) + " |",
+             "| " + " | ".join(["family", "median r", "median r² (95% CI)", "median R²"]
+                               + [f"r² from t_max = {t}" for t in starts if t != primary])
+             + " |",
              "|---|---|---|---|" + "---|" * (len(starts) - 1)]
     for name in report["families"]:
         lo, hi = report["ci_r2"][name]
-        others = " | ".join(f"{report['by_t_max'][t]['median_r2'][name]:.3f}"
-                            for t in starts if t != primary)
-        lines.append(f"| {name.upper()} | {report['median_r'][name]:.3f} | "
-                     f"{report['median_r2'][name]:.3f} ({lo:.3f}–{hi:.3f}) | "
-                     f"{report['median_R2'][name]:.3f} | {others} |")
+        cells = [name.upper(), f"{report['median_r'][name]:.3f}",
+                 f"{report['median_r2'][name]:.3f} ({lo:.3f}–{hi:.3f})",
+                 f"{report['median_R2'][name]:.3f}"]
+        cells += [f"{report['by_t_max'][t]['median_r2'][name]:.3f}"
+                  for t in starts if t != primary]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"ELS beats IS (higher r²) on {100 * report['frac_els_beats_is']:.0f}% of "
               "the seeds" + "".join(f"; from t_max = {t}: "
                                     f"{100 * report['by_t_max'][t]['frac_els_beats_is']:.0f}%"

@@ -364,3 +364,22 @@ def test_every_shipped_network_is_the_one_reproduce_would_train():
         x = np.zeros((1,) + tuple(tcfg.image_shape), np.float32)
         eps = ej.make_network(model, params)(jnp.asarray(x), jnp.float32(0.5), 0)
         assert eps.shape == x.shape and np.isfinite(np.asarray(eps)).all()
+
+
+@pytest.mark.parametrize("starts", [("0.95",), ("0.95", "1")])
+def test_report_table_is_well_formed_with_and_without_other_starts(starts):
+    """report.md's table has as many cells in every row as in its header, with or without
+    the side-by-side starts (an empty trailing column broke it with --compare-t-max '')."""
+    fam = ("els", "is")
+    per = {n: 0.5 for n in fam}
+    report = dict(dataset="d", arch="resnet", boundary="zeros", conditional=False, network="n",
+                  n_seeds=2, machine_steps=4, network_steps=6, t_max=0.95, t_max_protocol="p",
+                  calib_seeds=2, elapsed_s=1.0, families=fam, ci_r2={n: (0.4, 0.6) for n in fam},
+                  median_r=per, median_r2=per, median_R2=per, frac_els_beats_is=1.0,
+                  scales={"els": [3, 3]}, els_soft=None,
+                  by_t_max={t: {"median_r2": per, "frac_els_beats_is": 1.0} for t in starts})
+    figs = dict(grid="g.png", scatter="s.png", scales="c.png", agreement="a.png")
+    rows = [ln for ln in rp._markdown(report, figs).splitlines() if ln.startswith("|")]
+    cells = [ln.count("|") for ln in rows]
+    assert len(rows) == 2 + len(fam) and len(set(cells)) == 1
+    assert cells[0] == 4 + len(starts) and "| |" not in rows[0]      # 3 + len(starts) columns
