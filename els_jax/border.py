@@ -117,18 +117,19 @@ def _host_band_candidates(images: np.ndarray, k: int, mu: np.ndarray):
 
 
 def _host_corner_bank(images: np.ndarray, k: int, mu: np.ndarray) -> local.LocalBank:
-    """Numpy twin of ``_corner_bank``: the four corners' ``local.LocalBank``, stacked."""
+    """``_corner_bank`` of numpy images: the four corners' crops as one ``local`` bank of
+    4·N images (one small compilation per k instead of four), split back per corner."""
     m = k // 2
-    c = images.shape[-1]
-    crops = np.stack([_crop(images, q, m) for q in range(4)])           # [4, n, 2m, 2m, C]
-    centred = np.transpose(crops, (0, 4, 2, 3, 1)) - mu[None, :, None, None, None]
-    ones = np.ones((4, 1) + centred.shape[2:], np.float32)
-    sq = np.pad(np.sum(centred.astype(np.float64) ** 2, axis=1), ((0, 0), (m, m), (m, m), (0, 0)))
-    sq = np.pad(np.cumsum(np.cumsum(sq, 1), 2), ((0, 0), (1, 0), (1, 0), (0, 0)))
-    half_sq = 0.5 * (sq[:, k:, k:] - sq[:, :-k, k:] - sq[:, k:, :-k] + sq[:, :-k, :-k])
-    mean = np.broadcast_to(mu[None, :, None, None, None], (4, c, 2 * m, 2 * m, 1))
-    return local.LocalBank(jnp.asarray(np.concatenate([centred, ones], axis=1), jnp.float32),
-                           jnp.asarray(mean, jnp.float32), jnp.asarray(half_sq, jnp.float32))
+    n, c = images.shape[0], images.shape[-1]
+    crops = np.concatenate([_crop(images, q, m) for q in range(4)])      # [4N, 2m, 2m, C]
+    shift = np.broadcast_to(mu[:, None, None, None], (c, 2 * m, 2 * m, 1))
+    bank = local.build_local_bank(local.transpose_images(crops), k=k, mean=jnp.asarray(shift))
+
+    def per_corner(a):                                   # [..., 4N] → [4, ..., N]
+        return jnp.moveaxis(a.reshape(a.shape[:-1] + (4, n)), -2, 0)
+    return local.LocalBank(per_corner(bank.centred_and_ones),
+                           jnp.broadcast_to(bank.mean, (4,) + bank.mean.shape),
+                           per_corner(bank.half_sq))
 
 
 def build_border_bank(images: np.ndarray, k: int, mu, n_total: int) -> BorderBank:
