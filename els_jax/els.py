@@ -24,8 +24,8 @@ Two entry points, one arithmetic (``els_layout``: the logits, the mean shift, th
   (data set, k, boundary, mask), optionally merged (identical windows become one candidate of
   log w = log count) and split over a device mesh.
 
-The main pass (every pixel; the interior for "zeros") runs on one of three exact engines, one
-module each:
+The main pass (every pixel; the interior for "zeros") runs on one of four exact engines, one
+module each (two share one):
 
   "window" (``els_window``)   one dot product of length k²C + 2 per pair; the only engine
                               for merged banks and the ideal machine; any backend.
@@ -33,6 +33,9 @@ module each:
                               any backend.
   "native" (``els_interior``) the fused C++ kernel of ``native.py`` (zero padding, banked,
                               CPU only); derivatives from its XLA twin.
+  "window_native"             the window engine's bank (merged or not) run by the fused C++
+              (``els_window``) kernel of ``native.py`` (banked, CPU only); derivatives from
+                              the "window" engine.
 
 ``engines.resolve_els_engine`` picks it: an explicit ``method`` wins; "auto" times the
 applicable engines on a probe of the same shape class once per platform and caches the winner
@@ -211,7 +214,7 @@ class BankSpec(NamedTuple):
     boundary: str
     wrap_patches: bool
     ideal: bool
-    method: str            # engine of the main pass: "window" | "row" | "native"
+    method: str            # engine of the main pass: "window" | "row" | "native" | "window_native"
     chunks: tuple          # candidates per chunk (power of two) of each window bank
     row_images: int        # images per chunk of the row bank (power of two), 0 if none
     unique_fraction: float
@@ -309,9 +312,10 @@ def bank_x0(x, t, bank: MachineBank, *, spec: BankSpec, schedule, mesh=None,
                                                     block))
     groups = geo.grouped_passes(k, spec.boundary, spec.wrap_patches, h, w, spec.ideal,
                                 spec.method)
-    for gp, wbank, chunk in zip(groups, bank.windows, spec.chunks):
+    for gi, (gp, wbank, chunk) in enumerate(zip(groups, bank.windows, spec.chunks)):
+        kernel = gi == 0 and spec.method == "window_native"      # the main pass
         results.append(window_lib.bank_result(x, a, b2, k, gp, wbank, chunk, bank.mu, mesh,
-                                              block))
+                                              block, kernel=kernel))
     if bank.border is not None:
         def run_border(x, a, b2, mu, border_bank):
             return border_lib.border_states(x, a, b2, border_bank, k=k, mu=mu, block=block,

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from els_jax import els_layout as geo
-from els_jax import patches, softmax
+from els_jax import native, patches, softmax
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -281,24 +281,45 @@ def build_window_bank(images: np.ndarray, k: int, gp: geo.Grouped, mu: np.ndarra
 
 
 def bank_result(x, a, b2, k, gp: geo.Grouped, bank: WindowBank, chunk: int, mu, mesh,
-                block: int):
+                block: int, kernel: bool = False):
     """(pixels, x̂_0 [B, G·Pq, V]) of one batch of groups from its bank, optionally with the
-    bank split over a one-axis "cands" mesh."""
+    bank split over a one-axis "cands" mesh.
+
+    kernel: compute it with the fused CPU kernel (``native.window_softmax_state``, engine
+    "window_native"; one group, the main pass) instead of XLA's matmul, max, exp and matvec
+    passes over chunks of logits; the same state to float32 rounding, derivatives from the
+    XLA path (``native.with_reference_derivatives``)."""
     bsz = x.shape[0]
-    q = window_queries(x, a, b2, k, gp, mu)
+    g = gp.query_pixels.shape[0]
     # A chunk holds B·G·Pq logits per candidate and G·(D+2+V) floats of the bank slice
     # (what dominates for the 1-query corner groups): bound both by ``block``.
     per_cand = max(bsz * gp.query_pixels.size,
-                   gp.query_pixels.shape[0] * (bank.keys.shape[-1] + bank.values.shape[-1]))
+                   g * (bank.keys.shape[-1] + bank.values.shape[-1]))
     ch = geo.call_chunk(chunk, per_cand, block)
-    init = softmax.init(q.shape[:2], bank.values.shape[-1])
+    v = bank.values.shape[-1]
 
-    def run(q, bank):
-        return stream_window_bank(init, q, bank, ch)
+    def run_xla(x, a, b2, mu, bank):
+        q = window_queries(x, a, b2, k, gp, mu)
+        return stream_window_bank(softmax.init(q.shape[:2], v), q, bank, ch)
 
+    run = run_xla
+    if kernel:
+        if g != 1:
+            raise ValueError("the window kernel computes one group (the main pass)")
+
+        def run_kernel(x, a, b2, mu, bank):
+            h, w = x.shape[1:3]
+            shift = geo.shift_vector(mu, k, gp.query_mode, h, w)
+            q = geo.gather_windows(x, k, gp.query_mode, gp.query_pixels.reshape(-1))
+            mx, total, acc = native.window_softmax_state(
+                q - a[:, None, None] * shift[None, None], a, b2, bank.keys[0], bank.values[0])
+            return softmax.SoftmaxState(mx.reshape(1, -1), total.reshape(1, -1),
+                                        acc.reshape(1, -1, v))
+
+        run = native.with_reference_derivatives(run_kernel, run_xla)
     if mesh is not None:
         run = geo.sharded_bank_call(run, mesh, WINDOW_SPECS)
-    return window_result(gp, run(q, bank), bsz)
+    return window_result(gp, run(x, a, b2, mu, bank), bsz)
 
 
 def images_state(x, a, b2, images, log_w, mu, k, gp: geo.Grouped, block: int):

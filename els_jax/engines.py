@@ -7,6 +7,8 @@ the CPU or accelerator, k, C, H, W, N and the batch:
   ELS main pass (``resolve_els_engine``): "window" (``els_window``) | "row" (``els_row``)
       (XLA) | "native" (``els_interior``: the fused CPU kernel of the
       zero-padded interior, ``native.py``: banked machines without merged windows, k < H, W)
+      | "window_native" (``els_window`` with the fused CPU kernel of a window bank, merged
+      or not: banked machines, any boundary)
   LS (``local.py``): "kernel" (``native.py``) | "xla" (local.py's passes)
 
 A static rule tuned on one CPU picked, on another (AVX2 instead of AVX-512), an engine 6×
@@ -60,7 +62,8 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["Choice", "select", "measure", "els_engine", "local_engine", "autotune_enabled",
-           "resolve_els_engine", "choose_method", "native_interior_ok", "METHODS",
+           "resolve_els_engine", "choose_method", "native_interior_ok", "native_window_ok",
+           "METHODS",
            "platform_signature", "cpu_info", "cache_file", "clear_memory_cache",
            "PROBE_PAIRS", "PROBE_ROUNDS", "PROBE_BUDGET_S"]
 
@@ -293,7 +296,7 @@ def select(kind: str, shape: Mapping, engines: Sequence[str], static: str, stati
 # ----------------------------------------------------------------------------------------
 # The ELS main pass: which engines apply, the static rule, and the choice.
 
-METHODS = ("auto", "window", "row", "native")
+METHODS = ("auto", "window", "row", "native", "window_native")
 
 # The static rule's cost per computed pair (relative units, fitted once on a 2-core CPU with
 # experiments/bench_machines.py): window ≈ W0 + W1·C^0.63·(k²C + 2), the matmul of length
@@ -316,6 +319,13 @@ def choose_method(k: int, c: int, h: int, boundary: str, unique_fraction: float 
     return "row" if row < window else "window"
 
 
+def native_window_ok() -> bool:
+    """Whether the fused CPU kernel of a window bank can run: the default backend a CPU and
+    the kernel built (``native.available()``)."""
+    from els_jax import native
+    return jax.default_backend() == "cpu" and native.available()
+
+
 def native_interior_ok(k: int, h: int, w: int, boundary: str) -> bool:
     """Whether the fused CPU kernel can compute the main pass: zero padding, an interior
     (k < H, W), the default backend a CPU and the kernel built (``native.available()``)."""
@@ -329,13 +339,15 @@ def resolve_els_engine(method, k, c, h, boundary, unique_fraction=1.0, banked=Fa
                        block=1 << 20) -> Choice:
     """The engine of the ELS main pass and why: the one place that decides.
 
-    An explicit ``method`` wins ("native" raises where the kernel cannot run). "auto": the
-    applicable engines are "window" and "row", and "native" (the fused CPU kernel) for a
-    banked zero-padded machine whose windows are not merged, when it is built; ``els_engine``
-    times them on a probe (n = the number of training images, B = ``batch``) and caches the
-    winner. With ``ELS_JAX_AUTOTUNE=0``, without n, or ``sharded``, the static rule decides:
-    the kernel when it applies (except at k = 3 with C ≥ 2, where the window engine's short
-    matmul won when the rule was set), otherwise ``choose_method``'s cost model."""
+    An explicit ``method`` wins ("native" and "window_native" raise where their kernel cannot
+    run). "auto": the applicable engines are "window" and "row"; for a banked machine on a CPU
+    with the kernels built, "window_native" (the window bank run by the fused kernel), and
+    "native" (the fused interior kernel) when the machine is zero-padded and its windows are
+    not merged. ``els_engine`` times them on a probe (n = the number of training images,
+    B = ``batch``) and caches the winner. With ``ELS_JAX_AUTOTUNE=0``, without n, or
+    ``sharded``, the static rule decides: the interior kernel when it applies (except at k = 3
+    with C ≥ 2, where the window engine's short matmul won when the rule was set), otherwise
+    ``choose_method``'s cost model, its "window" run by the fused kernel where that applies."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     w = h if w is None else w
@@ -345,9 +357,18 @@ def resolve_els_engine(method, k, c, h, boundary, unique_fraction=1.0, banked=Fa
                              "(make_machine) with boundary='zeros', k < H, W, a CPU backend "
                              "and a C++ compiler (see els_jax.native)")
         return Choice(method, "method='native' (explicit)")
+    if method == "window_native":
+        if not banked or not native_window_ok():
+            raise ValueError("method='window_native' (the fused CPU kernel of a window bank) "
+                             "needs a machine (make_machine), a CPU backend and a C++ compiler "
+                             "(see els_jax.native)")
+        return Choice(method, "method='window_native' (explicit)")
     if method != "auto":
         return Choice(method, f"method={method!r} (explicit)")
     applicable = ("window", "row")
+    window_kernel = banked and native_window_ok()
+    if window_kernel:
+        applicable += ("window_native",)
     kernel = banked and unique_fraction >= 1.0 and native_interior_ok(k, h, w, boundary)
     if kernel:
         applicable += ("native",)
@@ -358,6 +379,9 @@ def resolve_els_engine(method, k, c, h, boundary, unique_fraction=1.0, banked=Fa
     else:
         static = choose_method(k, c, h, boundary, unique_fraction)
         why = "static rule: choose_method's cost model"
+        if static == "window" and window_kernel:
+            static = "window_native"
+            why += ", the window bank run by the fused CPU kernel"
     return els_engine(applicable, static, why, k=k, c=c, h=h, w=w, boundary=boundary,
                       wrap_patches=wrap_patches, n=n, batch=batch, banked=banked,
                       unique_fraction=unique_fraction, sharded=sharded, block=block)
@@ -416,7 +440,7 @@ def _els_probe_calls(k, c, h, w, boundary, wrap_patches, n, batch, engines, bank
                                               fn, args)
             continue
         row, windows, interior, chunks, row_images = None, (), None, (), 0
-        if engine == "window":                    # build_bank's main pass, not merged
+        if engine in ("window", "window_native"):  # build_bank's main pass, not merged
             gp = geo.grouped_passes(k, boundary, wrap_patches, h, w, False, "window")[0]
             bank, ch = window_lib.build_window_bank(images, k, gp, mu, dedup=False, block=block)
             windows, chunks = (bank,), (ch,)
@@ -451,7 +475,8 @@ def els_engine(engines: Sequence[str], static: str, static_reason: str, *, k: in
         def probes():
             calls, note, _ = _els_probe_calls(k, c, h, w, boundary, wrap_patches, n, batch,
                                               engines, banked, block)
-            scale = {"window": unique_fraction} if unique_fraction < 1.0 else None
+            scale = ({"window": unique_fraction, "window_native": unique_fraction}
+                     if unique_fraction < 1.0 else None)
             return calls, note, scale
     return select("els", shape, engines, static, static_reason, probes)
 

@@ -16,6 +16,9 @@ size (optionally sharded over the devices of a mesh); each patch size compiles o
 
 from __future__ import annotations
 
+import hashlib
+import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
@@ -34,7 +37,7 @@ from els_jax import nearest as nearest_lib
 from els_jax import pca_locality as pca_lib
 from els_jax.local import _check_local_k
 
-__all__ = ["Machine", "make_machine", "MACHINES", "candidate_mesh"]
+__all__ = ["Machine", "make_machine", "MACHINES", "candidate_mesh", "clear_bank_cache"]
 
 MACHINES = ("ideal", "equivariant", "local", "els", "gaussian", "nearest", "pca_locality")
 # SPEC §7's analytic families: no patch size (no ``scales``), one device (no ``mesh``).
@@ -101,7 +104,8 @@ class Machine:
     def explain(self) -> dict:
         """How every patch size is computed and why: {k: {"engine", "reason", "times", "bank",
         ...}} (k = None for a machine without patch sizes). engine: the ELS main pass's
-        "window" | "row" | "native", LS's "kernel" | "xla", or the machine's one engine;
+        "window" | "row" | "native" | "window_native", LS's "kernel" | "xla", or the
+        machine's one engine;
         reason: what decided (measured probe times, cached or not, the static rule, an
         explicit method; ``els_jax.engines``); times: seconds per probe call of each engine
         when they were measured. LS picks its engine per query batch when first traced: this
@@ -329,6 +333,62 @@ def _family_fn(kind, images_j, schedule, *, rank, tau, block, chunk, max_masks=6
     return fn
 
 
+class _BankCache:
+    """The ELS/ideal banks built most recently, by content (the images' bytes and every
+    setting that shapes the bank): a machine built again on the same data (the experiment's
+    calibration machines, then its comparison from each start) reuses them instead of
+    rebuilding (seconds per patch size at N = 5000: windows extracted, hashed, merged). Least
+    recently used first out, at most ``ELS_JAX_BANK_CACHE_MB`` MiB of banks (default 4096;
+    0 turns it off). Banks are immutable arrays, so sharing them is safe."""
+
+    def __init__(self):
+        self._entries: dict = {}              # key → (bank, spec, bytes), oldest first
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def budget() -> int:
+        return int(float(os.environ.get("ELS_JAX_BANK_CACHE_MB", "4096")) * (1 << 20))
+
+    def get(self, key, build):
+        with self._lock:
+            if key in self._entries:
+                entry = self._entries.pop(key)
+                self._entries[key] = entry        # most recent last
+                return entry[0], entry[1]
+        bank, spec = build()
+        size = sum(getattr(a, "nbytes", 0) for a in jax.tree.leaves(bank))
+        budget = self.budget()
+        with self._lock:
+            if size <= budget:
+                self._entries[key] = (bank, spec, size)
+                while sum(e[2] for e in self._entries.values()) > budget:
+                    self._entries.pop(next(iter(self._entries)))
+        return bank, spec
+
+    def clear(self):
+        with self._lock:
+            self._entries.clear()
+
+
+_BANKS = _BankCache()
+
+
+def clear_bank_cache():
+    """Drops the banks kept for reuse by later ``make_machine`` calls (``_BankCache``)."""
+    _BANKS.clear()
+
+
+def _content_key(images: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(images).view(np.uint8)).hexdigest() + str(
+        images.shape)
+
+
+def _mesh_key(mesh):
+    if mesh is None:
+        return None
+    return (tuple(d.id for d in mesh.devices.flat), tuple(mesh.axis_names))
+
+
 def _normalise_scales(kind, scales):
     if kind in ("ideal", "equivariant"):
         return None, None
@@ -368,8 +428,8 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
       method: "auto" (per patch size the fastest exact engine, measured once per platform and
         shape class and cached on disk, ``els_jax.engines``; with ``ELS_JAX_AUTOTUNE=0`` the
         static rules: for zero padding without merged windows on a CPU the fused kernel
-        ``els_jax.native``, otherwise ``engines.choose_method``); els: "window", "row" or
-        "native"; local (and the zero-padded ELS's LS sizes): "kernel" or "xla".
+        ``els_jax.native``, otherwise ``engines.choose_method``); els: "window", "row",
+        "native" or "window_native"; local (and the zero-padded ELS's LS sizes): "kernel" or "xla".
         ``Machine.explain()`` says which engine runs each patch size and why.
       block: logits per streamed chunk (memory knob).
       bank_bytes: largest bank to precompute (per patch size); larger data sets are streamed
@@ -443,13 +503,18 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
     images_j = jnp.asarray(images)
 
     def bank_fn(k, ideal=False, method="auto", unique_fraction=None):
-        bank, spec = els.build_bank(images, k=k, boundary=boundary, wrap_patches=wrap_patches,
-                                    dedup=dedup, method=method, block=block,
-                                    n_shards=n_shards, ideal=ideal, chunk=chunk,
-                                    dedup_threshold=dedup_threshold,
-                                    unique_fraction=unique_fraction)
-        if mesh is not None:        # split over the devices once, here, not at every call
-            bank = jax.device_put(bank, _named(mesh, els.bank_partition_specs(bank)))
+        settings = dict(k=k, boundary=boundary, wrap_patches=wrap_patches, dedup=dedup,
+                        method=method, block=block, n_shards=n_shards, ideal=ideal,
+                        chunk=chunk, dedup_threshold=dedup_threshold,
+                        unique_fraction=unique_fraction)
+
+        def build():
+            bank, spec = els.build_bank(images, **settings)
+            if mesh is not None:    # split over the devices once, here, not at every call
+                bank = jax.device_put(bank, _named(mesh, els.bank_partition_specs(bank)))
+            return bank, spec
+        bank, spec = _BANKS.get((images_key(), tuple(sorted(settings.items())),
+                                 _mesh_key(mesh)), build)
 
         def fn(x, t):
             return els.bank_x0(*_inputs(x, t, mesh), bank, spec=spec, schedule=schedule,
@@ -462,6 +527,11 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
         return fn
 
     cache = {}
+
+    def images_key():                     # the images' content, hashed once per machine
+        if "key" not in cache:
+            cache["key"] = _content_key(images)
+        return cache["key"]
 
     def images_t():                       # the LS layout, transposed once per machine
         if "t" not in cache:

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["available", "local_softmax_state", "interior_softmax_state",
-           "with_reference_derivatives"]
+           "window_softmax_state", "with_reference_derivatives"]
 
 _SOURCE = Path(__file__).with_name("native_local.cc")
 # No -ffast-math: the kernel's exp rounds with a magic-number add that reassociation would
@@ -47,7 +47,8 @@ _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 def _flags() -> tuple[str, ...]:
     return _FLAGS + (f"-march={os.environ.get('ELS_JAX_NATIVE_ARCH', 'native')}",)
 _TARGETS = {"els_local_softmax": "ElsLocalSoftmax",
-            "els_interior_softmax": "ElsInteriorSoftmax"}
+            "els_interior_softmax": "ElsInteriorSoftmax",
+            "els_window_softmax": "ElsWindowSoftmax"}
 
 
 def _cpu_signature() -> str:
@@ -199,3 +200,26 @@ def interior_softmax_state(q, a, b2, centred, half_sq, log_w, k: int):
     m = k // 2
     return _call("els_interior_softmax", q, a, b2, centred, half_sq, log_w, k,
                  (h - 2 * m, w - 2 * m))
+
+
+def window_softmax_state(q, a, b2, keys, values):
+    """The ELS main pass from a window bank (``els_window.WindowBank``, one group) in one fused
+    pass: for every query window q[b, i] and every bank row c = [c − μ, ½‖c − μ‖², log w],
+
+        logit = (a·⟨q[b, i], c − μ⟩ − a²·½‖c − μ‖²) / b² + log w,   value values[c],
+
+    the window engine's augmented dot product (``els_layout.augment_queries``).
+    q [B, P, D] = query windows minus a·μ; a, b² [B] (b² floored); keys [M, D + 2];
+    values [M, V]. Returns (max, total, acc): [B, P], [B, P], [B, P, V]. CPU only.
+    """
+    if not available():
+        raise RuntimeError("the fused CPU kernels are not available (see the warning above)")
+    bsz, p, _ = q.shape
+    v = values.shape[-1]
+    out = (jax.ShapeDtypeStruct((bsz, p), jnp.float32),
+           jax.ShapeDtypeStruct((bsz, p), jnp.float32),
+           jax.ShapeDtypeStruct((bsz, p, v), jnp.float32))
+    coef = jnp.stack([jnp.broadcast_to(a, (bsz,)), jnp.broadcast_to(b2, (bsz,))], axis=1)
+    return jax.ffi.ffi_call("els_window_softmax", out, vmap_method="sequential")(
+        q.astype(jnp.float32), coef.astype(jnp.float32), keys.astype(jnp.float32),
+        values.astype(jnp.float32))

@@ -186,6 +186,27 @@ class PixelStates {
     // p = exp(logit − max), the kSums partial sums of Σ p in registers, then Σ p·c per
     // channel from p kept in L1 (several independent sums: no chain through memory).
     constexpr int64_t R = kSums / kLanes;
+    if (c_ == 1) {        // one channel: Σ p·c in the same loop (the same sums, fewer passes)
+      vf total[R], acc1[R];
+      for (int64_t r = 0; r < R; ++r) {
+        total[r] = load(ln + r * kLanes);
+        acc1[r] = load(ln + kSums + r * kLanes);
+      }
+      for (int64_t j = 0; j < NB; j += kSums) {
+        for (int64_t r = 0; r < R; ++r) {
+          const vf lg = load(logit + j + r * kLanes);
+          if (!any_at_least(lg, floor)) continue;
+          const vf pv = exp_nonpositive(lg - mx);
+          total[r] += pv;
+          acc1[r] += pv * load(vals + j + r * kLanes);
+        }
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        store(ln + r * kLanes, total[r]);
+        store(ln + kSums + r * kLanes, acc1[r]);
+      }
+      return;
+    }
     alignas(64) float p[NB];
     vf total[R];
     for (int64_t r = 0; r < R; ++r) total[r] = load(ln + r * kLanes);
@@ -450,6 +471,87 @@ void interior_item(const Shape& s, const float* q, const float* coef, const floa
   states.write(mx, tot, acc);
 }
 
+// ELS main pass from a window bank (els_window.WindowBank: every candidate window once, or
+// identical windows merged into one of log weight log count). Query window q[b, i] (the k×k·C
+// window of query pixel i, minus a·μ) against bank row c = [c − μ, ½‖c − μ‖², log w_c] with
+// value v_c:
+//
+//   logit[b, i, c] = s1·⟨q[b, i], c − μ⟩ − s2·½‖c − μ‖² + log w_c,
+//
+// the XLA window engine's augmented dot product. An item (query image, range of candidates)
+// packs kWindowBlock candidates at a time component-major (a register holds one component of
+// kLanes candidates) and computes the logits of kQueryTile query pixels against them at once
+// (each key register loaded once, used kQueryTile times), then adds them to the pixels'
+// online softmax states (PixelStates, with the kernels' skip of negligible weights). On
+// XLA:CPU the same pass is a matmul of length D + 2 (short: memory-bound), then the max, the
+// exp and a matrix-vector product, each its own pass over the logits.
+constexpr int64_t kWindowBlock = 128;                    // candidates packed at a time
+constexpr int64_t kQueryTile = 4;                        // query pixels per micro-tile
+constexpr int64_t kCandVecs = kLanes == 16 ? 4 : 2;      // candidate registers per micro-tile
+static_assert(kWindowBlock % (kCandVecs * kLanes) == 0, "whole micro-tiles per block");
+
+struct WindowShape {
+  int64_t b, p, d, m, v;  // query images, query pixels, window length, candidates, values
+};
+
+void window_item(const WindowShape& s, const float* q, const float* coef, const float* keys,
+                 const float* vals, int64_t b, int64_t m0, int64_t m1, float* mx, float* tot,
+                 float* acc) {
+  constexpr int64_t NB = kWindowBlock, QT = kQueryTile, CV = kCandVecs, CT = CV * kLanes;
+  const int64_t P = s.p, D = s.d, V = s.v, KD = s.d + 2;
+  float s1, s2;
+  coefficients(coef, b, s1, s2);
+  const float* qb = q + b * P * D;
+  // Rows of the packed block: D components, ½‖c − μ‖², log w, then the V values.
+  std::vector<float> pack((KD + V) * NB);
+  float* const hs = pack.data() + D * NB;
+  float* const lw = pack.data() + (D + 1) * NB;
+  const float* const pv = pack.data() + KD * NB;
+  alignas(64) float logit[QT][NB];
+  PixelStates states(P, V);
+  for (int64_t j0 = m0; j0 < m1; j0 += NB) {
+    const int64_t nb = std::min(NB, m1 - j0);
+    for (int64_t j = 0; j < nb; ++j) {
+      const float* kr = keys + (j0 + j) * KD;
+      for (int64_t d = 0; d < KD; ++d) pack[d * NB + j] = kr[d];
+      for (int64_t ch = 0; ch < V; ++ch) pack[(KD + ch) * NB + j] = vals[(j0 + j) * V + ch];
+    }
+    for (int64_t j = nb; j < NB; ++j) {                 // absent candidates: weight exactly 0
+      for (int64_t r = 0; r < KD + V; ++r) pack[r * NB + j] = 0.0f;
+      lw[j] = kNegInf;
+    }
+    for (int64_t i0 = 0; i0 < P; i0 += QT) {
+      const int64_t nq = std::min(QT, P - i0);
+      const float* qi[QT];
+      for (int64_t t = 0; t < QT; ++t) qi[t] = qb + (i0 + std::min(t, nq - 1)) * D;
+      vf vmax[QT];
+      for (int64_t t = 0; t < QT; ++t) vmax[t] = vf{} + kNegInf;
+      for (int64_t c0 = 0; c0 < NB; c0 += CT) {
+        vf dot[QT][CV] = {};
+        for (int64_t d = 0; d < D; ++d) {
+          vf kv[CV];
+          for (int64_t u = 0; u < CV; ++u) kv[u] = load(pack.data() + d * NB + c0 + u * kLanes);
+          for (int64_t t = 0; t < QT; ++t) {
+            const float qd = qi[t][d];
+            for (int64_t u = 0; u < CV; ++u) dot[t][u] += qd * kv[u];
+          }
+        }
+        for (int64_t u = 0; u < CV; ++u) {
+          const int64_t j = c0 + u * kLanes;
+          const vf h = load(hs + j), l = load(lw + j);
+          for (int64_t t = 0; t < QT; ++t) {
+            const vf lg = s1 * dot[t][u] - s2 * h + l;
+            store(logit[t] + j, lg);
+            vmax[t] = lg > vmax[t] ? lg : vmax[t];
+          }
+        }
+      }
+      for (int64_t t = 0; t < nq; ++t) states.add<NB>(i0 + t, logit[t], vmax[t], pv, NB);
+    }
+  }
+  states.write(mx, tot, acc);
+}
+
 // Adds the softmax state (m2, t2, a2) of a pixel into (m1, t1, a1), as softmax.merge.
 inline void merge_into(float& m1, float& t1, float* a1, float m2, float t2, const float* a2,
                        int64_t C) {
@@ -478,15 +580,15 @@ struct Work {
 // and the pool, and writes the merged state over P pixels per query image.
 template <typename Item>
 void run_items(ffi::ThreadPool& pool, const Shape& s, int64_t P, int64_t block, Item item_fn,
-               float* mxo, float* toto, float* acco) {
-  // Images per item: whole blocks, at most kItemImages, and few enough that every thread gets
-  // two items of each query image when N allows (a bank of 64 images would otherwise be one
-  // item, on one core). A function of N and the pool only: a query image's result does not
-  // depend on the rest of the batch.
+               float* mxo, float* toto, float* acco, int64_t max_item = kItemImages) {
+  // Candidates (images, or windows of a window bank) per item: whole blocks, at most
+  // max_item, and few enough that every thread gets two items of each query image when N
+  // allows (a bank of 64 images would otherwise be one item, on one core). A function of N
+  // and the pool only: a query image's result does not depend on the rest of the batch.
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int64_t want = (s.n + 2 * threads - 1) / (2 * threads);
   const int64_t item =
-      std::min(kItemImages, std::max(block, (want + block - 1) / block * block));
+      std::min(max_item, std::max(block, (want + block - 1) / block * block));
   const int64_t C = s.c, per_b = (s.n + item - 1) / item;
   const int64_t items = s.b * per_b;
   // The caller works too: num_threads workers in all (more would oversubscribe the cores).
@@ -597,6 +699,35 @@ ffi::Error InteriorImpl(ELS_ARGS) {
   return SoftmaxImpl<true>(pool, q, coef, cen, half_sq, log_w, k, out_max, out_total, out_acc);
 }
 
+// q [B, P, D], coef [B, 2], keys [M, D + 2], values [M, V] → max [B, P], total [B, P],
+// acc [B, P, V].
+ffi::Error WindowImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> coef,
+                      ffi::Buffer<ffi::F32> keys, ffi::Buffer<ffi::F32> vals,
+                      ffi::ResultBuffer<ffi::F32> out_max, ffi::ResultBuffer<ffi::F32> out_total,
+                      ffi::ResultBuffer<ffi::F32> out_acc) {
+  const auto qd = q.dimensions(), fd = coef.dimensions(), kd = keys.dimensions();
+  const auto vd = vals.dimensions();
+  if (qd.size() != 3 || fd.size() != 2 || kd.size() != 2 || vd.size() != 2) {
+    return ffi::Error::InvalidArgument(
+        "expected q [B, P, D], coef [B, 2], keys [M, D + 2], values [M, V]");
+  }
+  const WindowShape ws{qd[0], qd[1], qd[2], kd[0], vd[1]};
+  if (fd[0] != ws.b || fd[1] != 2 || kd[1] != ws.d + 2 || vd[0] != ws.m || ws.m < 1 ||
+      ws.p < 1) {
+    return ffi::Error::InvalidArgument("window bank shapes do not match the queries");
+  }
+  const Shape s{ws.b, 0, 0, ws.v, ws.m, 0};
+  const float *qp = q.typed_data(), *cp = coef.typed_data(), *kp = keys.typed_data();
+  const float* vp = vals.typed_data();
+  run_items(pool, s, ws.p, kWindowBlock,
+            [&](int64_t b, int64_t m0, int64_t m1, float* mx, float* tot, float* acc) {
+              window_item(ws, qp, cp, kp, vp, b, m0, m1, mx, tot, acc);
+            },
+            out_max->typed_data(), out_total->typed_data(), out_acc->typed_data(),
+            std::numeric_limits<int64_t>::max());
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 #define ELS_BINDING                                 \
@@ -614,3 +745,14 @@ ffi::Error InteriorImpl(ELS_ARGS) {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ElsLocalSoftmax, LocalImpl, ELS_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ElsInteriorSoftmax, InteriorImpl, ELS_BINDING);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ElsWindowSoftmax, WindowImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>() /* q */
+                                  .Arg<ffi::Buffer<ffi::F32>>() /* coef */
+                                  .Arg<ffi::Buffer<ffi::F32>>() /* keys */
+                                  .Arg<ffi::Buffer<ffi::F32>>() /* values */
+                                  .Ret<ffi::Buffer<ffi::F32>>() /* max */
+                                  .Ret<ffi::Buffer<ffi::F32>>() /* total */
+                                  .Ret<ffi::Buffer<ffi::F32>>() /* acc */);

@@ -130,6 +130,32 @@ def test_fused_interior_engine_matches_oracle(k, t):
         _close(got[inner], want[inner], tol=1e-5)   # the kernel's interior pixels
 
 
+@pytest.mark.skipif(not native.available(), reason="no C++ compiler here")
+@pytest.mark.parametrize("boundary,wrap,k,t", [("zeros", False, 3, 0.02), ("zeros", False, 5, 0.5),
+                                               ("circular", False, 3, 0.95),
+                                               ("circular", True, 5, 0.3)])
+def test_window_kernel_engine_matches_oracle(boundary, wrap, k, t):
+    """The fused CPU kernel of a window bank ("window_native"), merged (duplicate windows of
+    a blank background) and not, with a class mask, C = 2 and C = 1 (its one-channel loop),
+    N = 70 images (several work items per query image, a partial block of candidates) and
+    B = 3 queries of 7·6 pixels (a partial tile of query pixels)."""
+    x, images = _setup(t, n=70, b=3)
+    blank = np.array(images)
+    blank[:, :, :3] = -1.0                                  # duplicate windows to merge
+    mask = np.random.default_rng(1).random(70) < 0.6
+    for imgs in (images, blank, blank[..., :1]):
+        xi = x[..., :imgs.shape[-1]]
+        for msk, dedup in ((None, True), (mask, False)):
+            m = ej.make_machine("els", imgs, scales=k, boundary=boundary, wrap_patches=wrap,
+                                method="window_native", mask=msk, dedup=dedup,
+                                dedup_threshold=1.0)
+            assert m.engine(0)["engine"] == "window_native"
+            hlo = m.lower(xi, jnp.float32(t), 0).as_text()
+            assert "els_window_softmax" in hlo
+            want = oracles.els_x0(xi, t, imgs, k, boundary, wrap, mask=msk)
+            _close(m.x0(xi, jnp.float32(t), 0), want)
+
+
 @pytest.mark.parametrize("t", [0.02, 0.5, 0.95])
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_local_matches_oracle(t, k):
@@ -308,11 +334,14 @@ def test_auto_engine_choice_and_machine_introspection():
     auto = ej.make_machine("els", images, scales=5, boundary="zeros").engine(0)["engine"]
     assert auto == ("native" if native.available() else engines.choose_method(5, C, H, "zeros"))
     auto = ej.make_machine("els", images, scales=3, boundary="zeros").engine(0)["engine"]
-    assert auto == "window"                    # k = 3, C = 2: the short matmul is cheaper
+    # k = 3, C = 2: the short matmul is cheaper, run by the window bank's kernel where built
+    assert auto == ("window_native" if native.available() else "window")
     with pytest.raises(ValueError, match="native"):
         ej.make_machine("els", images, scales=3, boundary="circular", method="native")
     with pytest.raises(ValueError, match="native"):
         ej.els_x0(x, 0.5, images, k=3, boundary="zeros", method="native")   # no bank
+    with pytest.raises(ValueError, match="window_native"):
+        ej.els_x0(x, 0.5, images, k=3, method="window_native")               # no bank
 
 
 @pytest.mark.parametrize("boundary,k,method", [("zeros", 7, "window"), ("zeros", 7, "row"),
@@ -484,3 +513,32 @@ def test_sharded_bank_equals_single_device():
     out = subprocess.run([sys.executable, "-c", _SHARDED], env=env, capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(__file__)), timeout=300)
     assert "SHARDED_OK" in out.stdout, out.stderr[-3000:]
+
+
+def test_machines_on_the_same_data_share_their_banks(monkeypatch):
+    """make_machine keeps recent banks by content: a second machine on the same images and
+    settings reuses the first one's banks (no rebuild), a change of data or settings builds
+    its own, and a zero budget keeps nothing."""
+    from els_jax import machine as machine_lib
+    machine_lib.clear_bank_cache()
+    _, images = _setup(0.5, n=12)
+    x = jnp.asarray(np.random.default_rng(5).normal(size=(2, H, W, C)), jnp.float32)
+    first = ej.make_machine("els", images, scales=[3, 5], boundary="zeros", method="window")
+    again = ej.make_machine("els", images, scales=[5, 3, 3], boundary="zeros", method="window")
+    for k in (3, 5):
+        assert again._x0_fns[k].bank is first._x0_fns[k].bank
+    np.testing.assert_array_equal(np.asarray(again.x0(x, jnp.float32(0.3), 0)),
+                                  np.asarray(first.x0(x, jnp.float32(0.3), 1)))
+    other = np.array(images)
+    other[0, 0, 0, 0] += 0.5                                      # one pixel changed
+    changed = ej.make_machine("els", other, scales=3, boundary="zeros", method="window")
+    circular = ej.make_machine("els", images, scales=3, boundary="circular", method="window")
+    assert changed._x0_fns[3].bank is not first._x0_fns[3].bank
+    assert circular._x0_fns[3].bank is not first._x0_fns[3].bank
+    want = oracles.els_x0(x, 0.3, other, 3, "zeros", False)
+    _close(changed.x0(x, jnp.float32(0.3), 0), want)
+    monkeypatch.setenv("ELS_JAX_BANK_CACHE_MB", "0")
+    machine_lib.clear_bank_cache()
+    a = ej.make_machine("els", images, scales=3, boundary="zeros", method="window")
+    b = ej.make_machine("els", images, scales=3, boundary="zeros", method="window")
+    assert a._x0_fns[3].bank is not b._x0_fns[3].bank

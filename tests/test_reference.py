@@ -101,7 +101,7 @@ def _engines(name):
             out[f"els_x0 {method}"] = (lambda method: lambda im: lambda x, t: ej.els_x0(
                 x, t, im, k=k, boundary=boundary, wrap_patches=wrap, mask=mask,
                 method=method))(method)
-        methods = ["window", "row"]
+        methods = ["window", "row"] + (["window_native"] if native.available() else [])
         if boundary == "zeros" and k < H and native.available():
             methods.append("native")
         if k < H or boundary == "circular":
