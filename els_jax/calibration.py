@@ -123,9 +123,12 @@ def _best_index(cos) -> np.ndarray:
 
 
 def candidate_machines(kind: str, images, candidates: Sequence[int], **machine_kwargs):
-    """{k: make_machine(kind, images, scales=k, ...)} for the calibration."""
-    return {int(k): machine_lib.make_machine(kind, images, scales=int(k), **machine_kwargs)
-            for k in candidates}
+    """{k: the machine at size k} for the calibration: one ``make_machine(kind, images,
+    scales=candidates, ...)`` (its ``for_size(k)``), so that with ``compile_for`` (the
+    calibration's x_T) each size compiles while the next one's bank is built."""
+    sizes = sorted({int(k) for k in candidates})
+    machine = machine_lib.make_machine(kind, images, scales=sizes, **machine_kwargs)
+    return {k: machine.for_size(k) for k in sizes}
 
 
 # ----------------------------------------------------------------------------------------

@@ -92,18 +92,24 @@ WINDOW_SPECS = WindowBank(jax.sharding.PartitionSpec(None, "cands"),
                           jax.sharding.PartitionSpec(None, "cands"))
 
 
-def _hash_rows(u32):
-    mult = np.random.default_rng(0).integers(1, 2 ** 62, size=u32.shape[1], dtype=np.uint64)
-    return (u32.astype(np.uint64) * (2 * mult + 1)).sum(axis=1)      # wraps mod 2^64
-
-
 def unique_rows(rows: np.ndarray):
-    """Unique rows of a float32 [M, F] array (bitwise) and how often each occurs."""
+    """Unique rows of a float32 [M, F] array (bitwise) and how often each occurs.
+
+    Each row's bits, read as integers, are projected on two random vectors in float64 (a
+    BLAS product, a chunk of rows at a time) and the pairs sorted as complex numbers; the
+    grouping is then checked bit for bit against the rows (a collision, essentially never,
+    falls back to sorting the rows' bytes)."""
     rows = np.ascontiguousarray(rows, np.float32)
     u32 = rows.view(np.uint32)
-    _, first, inverse, counts = np.unique(_hash_rows(u32), return_index=True,
-                                          return_inverse=True, return_counts=True)
-    if not np.array_equal(u32, u32[first[inverse.reshape(-1)]]):     # a hash collision: rare
+    weights = np.random.default_rng(0).uniform(1.0, 2.0, size=(u32.shape[1], 2))
+    proj = np.empty((len(rows), 2), np.float64)
+    step = 1 << 16
+    for start in range(0, len(rows), step):
+        proj[start:start + step] = u32[start:start + step].astype(np.float64) @ weights
+    _, first, inverse, counts = np.unique(proj.view(np.complex128).reshape(-1),
+                                          return_index=True, return_inverse=True,
+                                          return_counts=True)
+    if not np.array_equal(u32, u32[first[inverse.reshape(-1)]]):     # a collision
         void = u32.view(np.dtype((np.void, 4 * u32.shape[1]))).reshape(-1)
         _, first, counts = np.unique(void, return_index=True, return_counts=True)
     return rows[first], counts
@@ -122,6 +128,51 @@ def host_windows(images: np.ndarray, k: int, mode: str, pixels: np.ndarray) -> n
     rr = rows[:, None, None] + d[None, :, None]                             # [P, k, 1]
     cc = cols[:, None, None] + d[None, None, :]                             # [P, 1, k]
     return padded[:, rr, cc, :].reshape(n, len(pixels), k * k * c)
+
+
+def _centred_windows(images: np.ndarray, k: int, mode: str, mu: np.ndarray):
+    """The padded images centred on μ (zero padding: padded with zeros, then centred) and
+    their k×k windows as a strided view [n, H, W, k, k, C] (window centred at (y, x)), laid
+    out (dy, dx, c) as ``patches.extract_windows``."""
+    m = k // 2
+    pad = "wrap" if mode == "circular" else "constant"
+    centred = np.pad(images, ((0, 0), (m, m), (m, m), (0, 0)), mode=pad) - mu
+    view = np.moveaxis(np.lib.stride_tricks.sliding_window_view(centred, (k, k), axis=(1, 2)),
+                       3, -1)
+    return centred, view
+
+
+def _pixel_rect(pix: np.ndarray, w: int):
+    """(rows, cols) selecting the flat pixels ``pix`` from an [.., H, W, ..] array: two
+    slices when they form a rectangle in row-major order (a strided copy), else index arrays
+    (a gather)."""
+    rows, cols = np.divmod(pix, w)
+    ur, uc = np.unique(rows), np.unique(cols)
+    rect = (_as_range(ur), _as_range(uc))
+    if None in rect or not np.array_equal(pix, (ur[:, None] * w + uc[None]).reshape(-1)):
+        return rows, cols
+    return rect
+
+
+def host_window_rows(images: np.ndarray, k: int, gp: geo.Grouped, gi: int,
+                     mu: np.ndarray) -> np.ndarray:
+    """Group ``gi``'s candidates as rows [n·Pc, D + V] = [window − μ, value], image-major (as
+    ``host_window_candidates``), copied straight from a strided view of the centred images
+    (what ``unique_rows`` merges)."""
+    n, h, w, c = images.shape
+    if gp.cand_mode == "whole":
+        keys, values = host_window_candidates(images, k, gp, mu, 64)
+        return np.concatenate([keys[gi], values[gi]], axis=1)
+    d = k * k * c
+    sel = _pixel_rect(gp.cand_pixels[gi], w)
+    _, view = _centred_windows(images, k, gp.cand_mode, mu)
+    src = view[:, sel[0], sel[1]]                        # [n, rows, cols | Pc, k, k, C]
+    out = np.empty(src.shape[:-3] + (d + c,), np.float32)
+    win = out[..., :d].reshape(src.shape)
+    assert np.shares_memory(win, out)                    # a view of ``out``, not a copy
+    np.copyto(win, src)
+    out[..., d:] = images[:, sel[0], sel[1]]
+    return out.reshape(-1, d + c)
 
 
 def host_window_candidates(images, k, gp, mu, images_per_step):
@@ -176,21 +227,13 @@ def fill_window_bank(images: np.ndarray, k: int, gp: geo.Grouped, mu: np.ndarray
     m = k // 2
     keys = _aligned_empty((g, total, d + 2))
     values = _aligned_empty((g, total, v))
-    mode = "wrap" if gp.cand_mode == "circular" else "constant"
-    centred = np.pad(images, ((0, 0), (m, m), (m, m), (0, 0)), mode=mode) - mu   # [n, H+2m, W+2m, C]
-    view = np.moveaxis(np.lib.stride_tricks.sliding_window_view(centred, (k, k), axis=(1, 2)),
-                       3, -1)                                            # [n, H, W, k, k, C]
+    centred, view = _centred_windows(images, k, gp.cand_mode, mu)   # view [n, H, W, k, k, C]
     sq = np.pad(np.cumsum(np.cumsum((centred.astype(np.float64) ** 2).sum(-1), 1), 2),
                 ((0, 0), (1, 0), (1, 0)))
     half_sq = 0.5 * (sq[:, k:, k:] - sq[:, :-k, k:] - sq[:, k:, :-k] + sq[:, :-k, :-k])  # [n, H, W]
     used = n * pc
     for gi in range(g):
-        pix = gp.cand_pixels[gi]
-        rows, cols = np.divmod(pix, w)
-        ur, uc = np.unique(rows), np.unique(cols)
-        rect = (_as_range(ur), _as_range(uc))
-        if None in rect or not np.array_equal(pix, (ur[:, None] * w + uc[None]).reshape(-1)):
-            rect = (rows, cols)                                          # any set: a gather
+        rect = _pixel_rect(gp.cand_pixels[gi], w)
         src = view[:, rect[0], rect[1]]                   # [n, rows, cols | Pc, k, k, C]
         np.copyto(keys[gi, :used, :d].reshape(src.shape[:-3] + (k, k, c)), src)
         keys[gi, :used, d] = half_sq[:, rect[0], rect[1]].reshape(-1)
@@ -214,8 +257,7 @@ def estimate_unique_fraction(images, *, k, boundary="circular", wrap_patches=Fal
         sub = np.asarray(images[:m], np.float32)
         n, h, w, _ = sub.shape
         gp = geo.grouped_passes(k, boundary, wrap_patches, h, w, ideal, "window")[0]
-        keys, values = host_window_candidates(sub, k, gp, sub.mean(axis=(0, 1, 2)), 64)
-        rows = np.concatenate([keys[0], values[0]], axis=1)
+        rows = host_window_rows(sub, k, gp, 0, sub.mean(axis=(0, 1, 2)))
         return len(unique_rows(rows)[0]) / len(rows)
 
     if first < min(sample, len(images)):
@@ -252,9 +294,7 @@ def build_window_bank(images: np.ndarray, k: int, gp: geo.Grouped, mu: np.ndarra
     d = c * (h * w if whole else k * k)
     v = h * w * c if whole else c
     if dedup:
-        keys, values = host_window_candidates(images, k, gp, mu, images_per_step)
-        groups = [unique_rows(np.concatenate([keys[gi], values[gi]], axis=1))
-                  for gi in range(g)]
+        groups = [unique_rows(host_window_rows(images, k, gp, gi, mu)) for gi in range(g)]
         m = max(len(u) for u, _ in groups)
     else:
         m = n * gp.cand_pixels.shape[1]

@@ -342,11 +342,12 @@ def resolve_els_engine(method, k, c, h, boundary, unique_fraction=1.0, banked=Fa
     An explicit ``method`` wins ("native" and "window_native" raise where their kernel cannot
     run). "auto": the applicable engines are "window" and "row"; for a banked machine on a CPU
     with the kernels built, "window_native" (the window bank run by the fused kernel), and
-    "native" (the fused interior kernel) when the machine is zero-padded and its windows are
-    not merged. ``els_engine`` times them on a probe (n = the number of training images,
+    "native" (the fused interior kernel, which does not merge windows) when the machine is
+    zero-padded. ``els_engine`` times them on a probe (n = the number of training images,
     B = ``batch``) and caches the winner. With ``ELS_JAX_AUTOTUNE=0``, without n, or
-    ``sharded``, the static rule decides: the interior kernel when it applies (except at k = 3
-    with C ≥ 2, where the window engine's short matmul won when the rule was set), otherwise
+    ``sharded``, the static rule decides: the interior kernel when it applies and windows are
+    not merged (except at k = 3 with C ≥ 2, where the window engine's short matmul won when
+    the rule was set), otherwise
     ``choose_method``'s cost model, its "window" run by the fused kernel where that applies."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
@@ -369,10 +370,11 @@ def resolve_els_engine(method, k, c, h, boundary, unique_fraction=1.0, banked=Fa
     window_kernel = banked and native_window_ok()
     if window_kernel:
         applicable += ("window_native",)
-    kernel = banked and unique_fraction >= 1.0 and native_interior_ok(k, h, w, boundary)
+    # (the interior kernel reads every window, merged or not: its probe is not scaled)
+    kernel = banked and native_interior_ok(k, h, w, boundary)
     if kernel:
         applicable += ("native",)
-    if kernel and not (k <= 3 and c >= 2):
+    if kernel and unique_fraction >= 1.0 and not (k <= 3 and c >= 2):
         static = "native"
         why = ("static rule: the fused CPU kernel for a banked zero-padded machine without "
                "merged windows (not at k = 3, C ≥ 2)")

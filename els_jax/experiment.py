@@ -471,7 +471,8 @@ def _calibrate(cfg, out, model, params, images, train_labels, num_classes, bound
                                         label=None if labels is None else labels[sel])
             local_cands = [k for k in cands if kind == "els" or k <= 2 * min(h, w) - 1]
             machines = calibrate_lib.candidate_machines(
-                kind, images, local_cands, boundary=boundary, schedule=schedule, mask=mask)
+                kind, images, local_cands, boundary=boundary, schedule=schedule, mask=mask,
+                compile_for=x_T[sel])
             cal = calibrate_lib.calibrate(net, machines, x_T[sel], times, schedule=schedule,
                                           progress=progress, neighbours=cfg.calib_neighbours)
             best.append(cal.best)

@@ -117,6 +117,19 @@ class Machine:
             out[k] = info
         return out
 
+    def for_size(self, k):
+        """The sampler model ``eps_fn(x, t, i)`` of this machine at patch size ``k`` (one of its
+        sizes) at every step, e.g. a calibration's candidates from one machine built over all
+        of them (its banks built while the previous size compiles)."""
+        if k not in self._x0_fns:
+            raise ValueError(f"patch size {k} is not one of this machine's "
+                             f"{sorted(self._x0_fns)}")
+        fn = self._x0_fns[k]
+
+        def eps_fn(x, t, i=None):
+            return conversions.x0_to_eps(fn(x, t), x, t, schedule=self.schedule)
+        return eps_fn
+
     def bank_spec(self, i: int):
         """The ``els.BankSpec`` used at step i (engine, chunking, dedup), or None (no bank)."""
         return getattr(self._x0_fns[self.patch_size(i)], "spec", None)

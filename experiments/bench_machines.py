@@ -207,12 +207,15 @@ def platform_line(r):
 
 def _other_engines(kind, k, boundary, n, c, default):
     """The exact engines of a machine besides its default one (what "best" is taken over):
-    ELS window / row (and the fused kernel for a banked zero-padded machine), LS kernel / XLA."""
+    ELS window / row (and the fused kernels: the window bank's, and the interior's for a
+    banked zero-padded machine), LS kernel / XLA."""
     if kind == "local" and native.available() and jax.default_backend() == "cpu":
         return ["kernel", "xla"]            # (LS picks its engine per batch)
     if kind != "els" or _MESH is not None:
         return []
     out = ["window", "row"]
+    if engines.native_window_ok():
+        out.append("window_native")
     if engines.native_interior_ok(k, H, W, boundary):
         out.append("native")
     return [e for e in out if e != default]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import els_jax as ej
-from els_jax import els, els_window, engines, native
+from els_jax import els, els_layout, els_window, engines, native
 from tests import oracles
 
 H, W, C = 7, 6, 2
@@ -542,3 +542,52 @@ def test_machines_on_the_same_data_share_their_banks(monkeypatch):
     a = ej.make_machine("els", images, scales=3, boundary="zeros", method="window")
     b = ej.make_machine("els", images, scales=3, boundary="zeros", method="window")
     assert a._x0_fns[3].bank is not b._x0_fns[3].bank
+
+
+def test_for_size_is_the_single_size_machine():
+    """Machine.for_size(k) (the calibration's candidates, built as one machine) gives the
+    ε̂ of the machine built for size k alone, at any step index; an unknown size raises."""
+    x, images = _setup(0.4, n=9)
+    multi = ej.make_machine("els", images, scales=[3, 5], boundary="zeros", compile_for=x)
+    for k in (3, 5):
+        alone = ej.make_machine("els", images, scales=k, boundary="zeros")
+        want = np.asarray(alone(x, jnp.float32(0.4), 0))
+        for i in (0, 1, 7):
+            np.testing.assert_allclose(np.asarray(multi.for_size(k)(x, jnp.float32(0.4), i)),
+                                       want, atol=1e-6)
+    with pytest.raises(ValueError, match="not one of"):
+        multi.for_size(7)
+
+
+def test_unique_rows_merges_exactly_the_identical_rows():
+    """unique_rows groups rows bit for bit: equal rows merge with their count, rows that
+    differ in one ulp or in the sign of a zero stay apart."""
+    rng = np.random.default_rng(0)
+    base = rng.uniform(-1, 1, size=(50, 6)).astype(np.float32)
+    nudged = base[:5].copy()
+    nudged[:, 2] = np.nextafter(nudged[:, 2], np.float32(2))          # one ulp away
+    signed = np.zeros((2, 6), np.float32)
+    signed[1, 0] = -0.0
+    rows = np.concatenate([base, base[:20], base[:3], nudged, signed])
+    uniq, counts = els_window.unique_rows(rows[rng.permutation(len(rows))])
+    want = {}
+    for r in rows:
+        want[r.tobytes()] = want.get(r.tobytes(), 0) + 1
+    assert len(uniq) == len(want) == 50 + 5 + 2
+    assert {u.tobytes(): int(c) for u, c in zip(uniq, counts)} == want
+
+
+def test_host_window_rows_are_the_gathered_candidates():
+    """The strided copy of a group's candidates equals the gather of its windows (every
+    boundary, the zero-padded border groups too)."""
+    rng = np.random.default_rng(1)
+    images = rng.uniform(-1, 1, size=(4, H, W, C)).astype(np.float32)
+    mu = images.mean(axis=(0, 1, 2))
+    for k, boundary, wrap in ((3, "zeros", False), (5, "circular", False), (3, "circular", True)):
+        for ps in els.layout(k, boundary, wrap, H, W):
+            for gp in els_layout.group_pass(ps):
+                keys, values = els_window.host_window_candidates(images, k, gp, mu, 3)
+                for gi in range(gp.query_pixels.shape[0]):
+                    np.testing.assert_array_equal(
+                        els_window.host_window_rows(images, k, gp, gi, mu),
+                        np.concatenate([keys[gi], values[gi]], axis=1))
