@@ -168,8 +168,9 @@ def host_window_rows(images: np.ndarray, k: int, gp: geo.Grouped, gi: int,
     _, view = _centred_windows(images, k, gp.cand_mode, mu)
     src = view[:, sel[0], sel[1]]                        # [n, rows, cols | Pc, k, k, C]
     out = np.empty(src.shape[:-3] + (d + c,), np.float32)
-    win = out[..., :d].reshape(src.shape)
-    assert np.shares_memory(win, out)                    # a view of ``out``, not a copy
+    win = out[..., :d].reshape(src.shape)     # (splits the last axis only: always a view)
+    if not np.shares_memory(win, out):
+        raise RuntimeError("internal: the window rows' view became a copy")
     np.copyto(win, src)
     out[..., d:] = images[:, sel[0], sel[1]]
     return out.reshape(-1, d + c)
