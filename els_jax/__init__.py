@@ -1,37 +1,47 @@
 """els_jax: analytic diffusion machines (Kamb & Ganguli, ICML 2025) and the convolutional
-networks they predict, in JAX. See README.md and ../shared/SPEC.md for the contract."""
+networks they predict, in JAX. The mathematics is docs/theory.md; README.md maps it to code.
 
-from els_jax import conversions, data, schedules, softmax
-from els_jax.conversions import (eps_to_score, eps_to_x0, score_to_eps, score_to_x0,
-                                 x0_to_eps, x0_to_score)
-from els_jax.data import load_dataset
-from els_jax.forward import add_noise
-from els_jax.ideal import ideal_score, ideal_x0
-from els_jax.els import els_score, els_x0
-from els_jax.equivariant import equivariant_score, equivariant_x0
-from els_jax.local import local_score, local_x0
-from els_jax.gaussian import gaussian_score, gaussian_x0
-from els_jax.nearest import nearest_score, nearest_x0
-from els_jax.pca_locality import pca_locality_score, pca_locality_x0
-from els_jax.machine import Machine, candidate_mesh, make_machine
-from els_jax.sampler import SampleResult, ddim_step, sample, uniform_times
-from els_jax.networks import ResNet, UNet, make_network, receptive_field
-from els_jax.train import (TrainConfig, create_train_state, load_trained,
-                           train_and_evaluate, train_step)
-from els_jax import calibration, experiment, metrics
-from els_jax.calibration import Calibration, calibrate, candidate_machines
-from els_jax import soft
-from els_jax.soft import els_soft_score, els_soft_x0
-from els_jax.calibration import SigmaCalibration, calibrate_sigma
+Layers, each importing only the ones below it (tests/test_layers.py checks this):
+
+    experiment/  calibration, comparison, report, figures      (the paper's experiment)
+    machines/    one module per analytic machine + make_machine | nets/  networks, training
+    engines/     exact engines, banks, fused kernels, the engine selector
+    core/        schedules, forward process, conversions, softmax, sampler, patches, data
+
+The public API is the explicit list below (``ej.*``)."""
+
+from els_jax.core import conversions, data, patches, schedules, softmax
+from els_jax.core.conversions import (eps_to_score, eps_to_x0, score_to_eps, score_to_x0,
+                                      x0_to_eps, x0_to_score)
+from els_jax.core.data import load_dataset
+from els_jax.core.forward import add_noise
+from els_jax.core.sampler import SampleResult, ddim_step, sample, uniform_times
+from els_jax.machines import reference, soft
+from els_jax.machines.ideal import ideal_score, ideal_x0
+from els_jax.machines.equivariant import equivariant_score, equivariant_x0
+from els_jax.machines.local import local_score, local_x0
+from els_jax.machines.els import els_score, els_x0
+from els_jax.machines.gaussian import gaussian_score, gaussian_x0
+from els_jax.machines.nearest import nearest_score, nearest_x0
+from els_jax.machines.pca_locality import pca_locality_score, pca_locality_x0
+from els_jax.machines.soft import els_soft_score, els_soft_x0
+from els_jax.machines.reference import reference_score, reference_x0
+from els_jax.machines.posterior import Provenance, creativity, mosaic_image, provenance
+from els_jax.machines.factory import Machine, candidate_mesh, make_machine
+from els_jax.nets import networks
+from els_jax.nets.networks import ResNet, UNet, make_network, receptive_field
+from els_jax.nets.train import (TrainConfig, create_train_state, load_trained,
+                                train_and_evaluate, train_step)
+from els_jax import experiment
+from els_jax.experiment import calibration, metrics
+from els_jax.experiment.calibration import (Calibration, SigmaCalibration, calibrate,
+                                            calibrate_sigma, candidate_machines)
 from els_jax.experiment import ReproduceConfig, reproduce
-from els_jax.posterior import Provenance, creativity, mosaic_image, provenance
-from els_jax import reference
-from els_jax.reference import reference_score, reference_x0
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "schedules", "conversions", "data", "softmax",
+    "schedules", "conversions", "data", "softmax", "patches",
     "add_noise",
     "score_to_eps", "eps_to_score", "score_to_x0", "x0_to_score", "eps_to_x0", "x0_to_eps",
     "ideal_score", "ideal_x0",
@@ -41,7 +51,7 @@ __all__ = [
     "make_machine", "Machine", "candidate_mesh",
     "uniform_times", "ddim_step", "sample", "SampleResult",
     "load_dataset",
-    "ResNet", "UNet", "make_network", "receptive_field",
+    "networks", "ResNet", "UNet", "make_network", "receptive_field",
     "TrainConfig", "create_train_state", "train_step", "train_and_evaluate", "load_trained",
     "metrics", "calibration", "experiment",
     "Calibration", "calibrate", "candidate_machines", "ReproduceConfig", "reproduce",

@@ -68,9 +68,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import els_jax as ej
-from els_jax import els_layout, engines, native
-from els_jax import engines as engines_lib
-from els_jax import local as local_lib
+from els_jax.engines import layout as els_layout, select as engines, native
+from els_jax.engines import select as engines_lib
+from els_jax.machines import local as local_lib
 
 H = W = 32
 SAMPLE_SCALES = [3, 3, 5, 5, 5, 7, 7, 7, 9, 9, 11, 11, 11, 11, 13, 15, 15, 15, 15, 15]

@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_machines as bm  # noqa: E402  (same methodology as the other machines' table)
 
-from els_jax import soft  # noqa: E402
+from els_jax.machines import soft  # noqa: E402
 
 H = W = 32
 

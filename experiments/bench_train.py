@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import els_jax as ej
-from els_jax import conv as conv_lib
-from els_jax.train import TrainConfig, create_train_state, train_step
+from els_jax.nets import conv as conv_lib
+from els_jax.nets.train import TrainConfig, create_train_state, train_step
 
 
 def cpu_info() -> dict:

@@ -38,7 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import els_jax as ej  # noqa: E402
 from bench_machines import matmul_seconds, platform_row, time_engines  # noqa: E402
-from els_jax import engines, schedules  # noqa: E402
+from els_jax.engines import select as engines
+from els_jax.core import schedules  # noqa: E402
 
 
 def main(argv=None):

@@ -15,7 +15,10 @@ import numpy as np
 import pytest
 
 import els_jax as ej
-from els_jax import els, els_interior, els_layout, local, native, schedules, softmax
+from els_jax.machines import els
+from els_jax.engines import local
+from els_jax.engines import interior as els_interior, layout as els_layout, native
+from els_jax.core import schedules, softmax
 from tests import oracles
 
 H = W = 6
@@ -212,15 +215,17 @@ def test_local_kernel_values_with_xla_derivatives():
     bank = local.build_local_bank(local.transpose_images(images), k=k)
     log_w = jnp.where(jnp.asarray(_mask(12)), 0.0, -jnp.inf)
 
+    coeffs = schedules.query_coefficients(t, x.shape[0], sched)
+    a, b2 = coeffs.a.reshape(-1, 1, 1, 1), coeffs.b2.reshape(-1, 1, 1, 1)
+
     def fused(x):               # the machines' path: kernel values, XLA derivatives
-        return local._local_bank_state(x, t, bank, log_w, k, sched, 1 << 16)
+        return local._local_bank_state(x, coeffs.a, coeffs.b2, bank, log_w, k, 1 << 16,
+                                       "kernel")
 
     def xla(x):                 # the XLA path alone
-        a, b2 = local.local_coefficients(t, x.shape[0], sched)
         return local._local_bank_state_q(local.local_queries(x, a, bank.mean), a, b2, bank,
                                          log_w, k, 1 << 16)
 
-    a, b2 = local.local_coefficients(t, x.shape[0], sched)
     kernel = native.local_softmax_state(local.local_queries(jnp.asarray(x), a, bank.mean),
                                         a.reshape(-1), b2.reshape(-1), bank.centred_and_ones,
                                         bank.half_sq, log_w, k)
@@ -244,7 +249,7 @@ def test_interior_kernel_values_with_twin_derivatives():
     bank, _ = els.build_bank(images, k=k, boundary="zeros", method="native", dedup=False)
     bank = bank._replace(interior=bank.interior._replace(
         log_w=bank.interior.log_w.at[1::3].set(-jnp.inf)))
-    a, b2 = els_layout.coefficients(jnp.float32(T), x.shape[0], schedules.Cosine())
+    a, b2 = schedules.query_coefficients(jnp.float32(T), x.shape[0], schedules.Cosine())
     mu = bank.mu[None, None, None, :]
     q = jnp.asarray(x) - a[:, None, None, None] * mu
     ib = bank.interior

@@ -5,7 +5,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import els_jax as ej
-from els_jax import data
+from els_jax.core import data
 
 
 def test_digits_are_the_real_embedded_images_in_unit_range():

@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 import els_jax as ej
-from els_jax import engines, local, native, schedules
+from els_jax.engines import autotune, native
+from els_jax.engines import select as engines
+from els_jax.machines import local
+from els_jax.core import schedules
 from tests import oracles
 
 
@@ -29,11 +32,11 @@ def tuner(tmp_path, monkeypatch):
     monkeypatch.setenv("ELS_JAX_AUTOTUNE", "1")
     monkeypatch.setenv("ELS_JAX_CACHE", str(tmp_path))
     clock = FakeClock()
-    monkeypatch.setattr(engines, "_clock", clock)
-    engines.clear_memory_cache()
+    monkeypatch.setattr(autotune, "_clock", clock)
+    autotune.clear_memory_cache()
     jax.clear_caches()          # "auto" is resolved when a shape is first traced
     yield clock
-    engines.clear_memory_cache()
+    autotune.clear_memory_cache()
     jax.clear_caches()
 
 
@@ -52,7 +55,7 @@ SHAPE = {"k": 5, "C": 1, "H": 32, "W": 32, "N": 1024, "B": 1}
 
 def test_select_measures_once_then_reuses_the_disk_cache(tuner, tmp_path):
     log = []
-    choice = engines.select("els", SHAPE, ("window", "row", "native"), "native", "static",
+    choice = autotune.select("els", SHAPE, ("window", "row", "native"), "native", "static",
                             _probes(tuner, {"window": 3.0, "row": 2.0, "native": 5.0}, log))
     assert choice.engine == "row" and "measured" in choice.reason
     assert choice.times == {"window": 3.0, "row": 2.0, "native": 5.0}
@@ -61,15 +64,15 @@ def test_select_measures_once_then_reuses_the_disk_cache(tuner, tmp_path):
     assert log == ["window", "row", "native"] * 3
     entry = next(iter(json.loads((tmp_path / "engines.json").read_text()).values()))
     assert entry["engine"] == "row" and entry["fields"]["k"] == 5
-    assert entry["fields"]["simd"] == engines.cpu_info()["simd"]
+    assert entry["fields"]["simd"] == autotune.cpu_info()["simd"]
     # A new process (memory cache cleared) reads the winner from disk without measuring.
-    engines.clear_memory_cache()
+    autotune.clear_memory_cache()
     log.clear()
-    again = engines.select("els", SHAPE, ("window", "row", "native"), "native", "static",
+    again = autotune.select("els", SHAPE, ("window", "row", "native"), "native", "static",
                            _probes(tuner, {"window": 1.0, "row": 2.0, "native": 3.0}, log))
     assert again.engine == "row" and "cached" in again.reason and log == []
     # Another shape class is measured again.
-    other = engines.select("els", dict(SHAPE, k=7), ("window", "row", "native"), "native",
+    other = autotune.select("els", dict(SHAPE, k=7), ("window", "row", "native"), "native",
                            "static", _probes(tuner, {"window": 1.0, "row": 2.0, "native": 3.0},
                                              log))
     assert other.engine == "window" and log
@@ -78,39 +81,39 @@ def test_select_measures_once_then_reuses_the_disk_cache(tuner, tmp_path):
 def test_measure_alternates_engines_and_stops_at_the_budget(tuner):
     log = []
     calls, _, _ = _probes(tuner, {"a": 0.01, "b": 0.02}, log)()
-    times = engines.measure(calls, rounds=5, budget=1.0)
+    times = autotune.measure(calls, rounds=5, budget=1.0)
     assert times == {"a": pytest.approx(0.01), "b": pytest.approx(0.02)}
     assert log == ["a", "b"] * 6                 # short calls: 1 untimed + 5 timed rounds
     log.clear()
-    engines.measure(calls, rounds=5, budget=0.0)
+    autotune.measure(calls, rounds=5, budget=0.0)
     assert log == ["a", "b"] * 3                 # budget spent: 1 untimed + 2 timed rounds
 
 
 def test_static_rule_single_engine_and_failing_probes(tuner, monkeypatch):
     log = []
     probes = _probes(tuner, {"window": 1.0, "row": 2.0}, log)
-    only = engines.select("els", SHAPE, ("window",), "window", "static", probes)
+    only = autotune.select("els", SHAPE, ("window",), "window", "static", probes)
     assert only.engine == "window" and "only" in only.reason
     monkeypatch.setenv("ELS_JAX_AUTOTUNE", "0")
-    off = engines.select("els", SHAPE, ("window", "row"), "row", "static rule: x", probes)
-    assert off == engines.Choice("row", "static rule: x; ELS_JAX_AUTOTUNE=0") and log == []
+    off = autotune.select("els", SHAPE, ("window", "row"), "row", "static rule: x", probes)
+    assert off == autotune.Choice("row", "static rule: x; ELS_JAX_AUTOTUNE=0") and log == []
     monkeypatch.setenv("ELS_JAX_AUTOTUNE", "1")
 
     def broken():
         raise RuntimeError("no such engine here")
     calls = {"window": lambda: None, "row": broken}
     with pytest.warns(RuntimeWarning, match="'row' failed"):
-        choice = engines.select("els", dict(SHAPE, k=9), ("window", "row"), "row", "static",
+        choice = autotune.select("els", dict(SHAPE, k=9), ("window", "row"), "row", "static",
                                 lambda: (calls, "fake", None))
     assert choice.engine == "window"
     with pytest.raises(ValueError, match="not among"):
-        engines.select("els", SHAPE, ("window", "row"), "native", "static", probes)
+        autotune.select("els", SHAPE, ("window", "row"), "native", "static", probes)
 
 
 def test_window_probe_time_scales_with_the_merged_fraction(tuner, monkeypatch):
     """A bank with merged windows holds that fraction of the candidates: the window engine's
     probe time is scaled by it (the probe's synthetic images have no duplicates)."""
-    monkeypatch.setattr(engines, "measure", lambda calls, **kw: {"window": 4.0, "row": 1.0})
+    monkeypatch.setattr(autotune, "measure", lambda calls, **kw: {"window": 4.0, "row": 1.0})
     kw = dict(k=5, c=1, h=8, w=8, boundary="circular", n=64, banked=True)
     assert engines.els_engine(("window", "row"), "window", "s", **kw).engine == "row"
     merged = engines.els_engine(("window", "row"), "window", "s", unique_fraction=0.2, **kw)
@@ -141,7 +144,7 @@ def test_machine_runs_the_measured_engine_and_explains_it(tuner, monkeypatch, wi
     winners: every probe runs for each, and each engine meets the oracle elsewhere.)"""
     times = {"window": 3.0, "row": 3.0, "native": 3.0, "window_native": 3.0, winner: 1.0}
     ran = []
-    monkeypatch.setattr(engines, "measure", _fixed_times(times, ran))
+    monkeypatch.setattr(autotune, "measure", _fixed_times(times, ran))
     rng = np.random.default_rng(0)
     images = rng.uniform(-1, 1, (6, 9, 8, 1)).astype(np.float32)
     x = jnp.asarray(0.8 * images[:2] + 0.6 * rng.normal(size=(2, 9, 8, 1)), jnp.float32)
@@ -158,7 +161,7 @@ def test_machine_runs_the_measured_engine_and_explains_it(tuner, monkeypatch, wi
         want = oracles.els_x0(x, 0.3, images, k, "zeros", False)
         np.testing.assert_allclose(np.asarray(m.x0(x, jnp.float32(0.3), i)), want, atol=3e-4)
     # The same machine again: chosen from the cache, nothing probed.
-    engines.clear_memory_cache()
+    autotune.clear_memory_cache()
     ran.clear()
     again = ej.make_machine("els", images, scales=[3, 5], boundary="zeros", dedup=False)
     assert ran == [] and "cached" in again.explain()[3]["reason"]
@@ -168,7 +171,7 @@ def test_machine_runs_the_measured_engine_and_explains_it(tuner, monkeypatch, wi
 @pytest.mark.parametrize("winner", ["kernel", "xla"])
 def test_local_machine_engine_follows_the_measurement(tuner, monkeypatch, winner):
     ran = []
-    monkeypatch.setattr(engines, "measure",
+    monkeypatch.setattr(autotune, "measure",
                         _fixed_times({"kernel": 2.0, "xla": 2.0, winner: 1.0}, ran))
     rng = np.random.default_rng(1)
     images = rng.uniform(-1, 1, (40, 6, 7, 2)).astype(np.float32)
@@ -185,14 +188,14 @@ def test_local_machine_engine_follows_the_measurement(tuner, monkeypatch, winner
     assert forced.explain()[3]["engine"] == "xla"
     assert "explicit" in forced.explain()[3]["reason"]
     with pytest.raises(ValueError, match="unknown LS engine"):
-        local.resolve_engine("row", k=3, c=1, h=6, w=7, n=40)
+        engines.resolve_local_engine("row", k=3, c=1, h=6, w=7, n=40)
 
 
 def test_static_rules_without_autotuning(monkeypatch):
     """ELS_JAX_AUTOTUNE=0 (the test suite's default): today's static rules, no probe."""
     monkeypatch.setenv("ELS_JAX_AUTOTUNE", "0")
-    engines.clear_memory_cache()
-    monkeypatch.setattr(engines, "measure", lambda *a, **kw: pytest.fail("measured"))
+    autotune.clear_memory_cache()
+    monkeypatch.setattr(autotune, "measure", lambda *a, **kw: pytest.fail("measured"))
     images = np.random.default_rng(2).uniform(-1, 1, (10, 16, 16, 1)).astype(np.float32)
     info = ej.make_machine("els", images, scales=[3, 11], boundary="circular").explain()
     # (the cost model's window engine is run by the fused kernel where it is built)
@@ -209,7 +212,7 @@ def test_static_rules_without_autotuning(monkeypatch):
 
 
 def test_platform_signature_names_the_cpu_and_its_simd():
-    sig = engines.platform_signature()
+    sig = autotune.platform_signature()
     assert sig["backend"] == "cpu" and sig["jax"] and sig["kernel"]
     assert isinstance(sig["simd"], list) and sig["cores"] >= 1
     assert schedules.Cosine()            # (the probes' schedule)

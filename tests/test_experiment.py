@@ -9,9 +9,13 @@ import numpy as np
 import pytest
 
 import els_jax as ej
-from els_jax import calibration as cal
-from els_jax import metrics
-from els_jax import experiment as rp
+from els_jax.experiment import calibration as cal
+from els_jax.experiment import metrics
+from els_jax.experiment import compare
+from els_jax.experiment import config as conf
+from els_jax.experiment.pipeline import reproduce
+from els_jax.experiment.report import _markdown
+from els_jax.experiment.seeds import seed_noise
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -131,8 +135,9 @@ def test_sample_machine_groups_seeds_by_label(digits_small):
     x_T = jax.random.normal(jax.random.PRNGKey(2), (4,) + images.shape[1:])
     seed_lab = np.array([1, 0, 1, 0])
     times = ej.uniform_times(3)
-    res, single = rp.sample_machine("els", images, labels, x_T, seed_lab, times, scales=3,
-                                    boundary="zeros", schedule=ej.schedules.cosine())
+    res, single = compare.sample_machine("els", images, labels, x_T, seed_lab, times,
+                                         scales=3, boundary="zeros",
+                                         schedule=ej.schedules.cosine())
     assert single is None
     for c in (0, 1):
         idx = np.flatnonzero(seed_lab == c)
@@ -143,7 +148,7 @@ def test_sample_machine_groups_seeds_by_label(digits_small):
 
 # ----------------------------------------------------------------------------- pipeline
 
-TINY = rp.ReproduceConfig(
+TINY = conf.ReproduceConfig(
     max_examples=256, n_seeds=3, calib_seeds=2, machine_steps=4, network_steps=6,
     candidates=(3, 5), soft_steps=5,
     train=dict(steps=10, channels=8, depth=1, batch_size=64, checkpoint_every=5, log_every=5,
@@ -152,7 +157,7 @@ TINY = rp.ReproduceConfig(
 
 def test_reproduce_end_to_end_and_resume(tmp_path):
     out = str(tmp_path / "run")
-    report = rp.reproduce(TINY, out, progress=False)
+    report = reproduce(TINY, out, progress=False)
     for name in ("config.json", "scales.json", "samples.npz", "report.json", "report.md",
                  "figures/grid.png", "figures/scatter_els_vs_is.png", "figures/scales.png",
                  "figures/agreement.png", "network/DONE"):
@@ -160,9 +165,9 @@ def test_reproduce_end_to_end_and_resume(tmp_path):
     with open(os.path.join(out, "report.json")) as f:
         saved = json.load(f)
     for key in ("median_r", "median_r2", "median_R2"):
-        assert set(saved[key]) == set(rp.MACHINE_NAMES) >= {"els", "ls", "is", "gaussian",
-                                                             "nearest", "pca_locality",
-                                                             "els_soft"}
+        assert set(saved[key]) == set(conf.MACHINE_NAMES) >= {"els", "ls", "is", "gaussian",
+                                                               "nearest", "pca_locality",
+                                                               "els_soft"}
         assert all(np.isfinite(v) for v in saved[key].values())
     assert all(0.0 <= v <= 1.0 for v in saved["median_r2"].values())
     assert saved["n_seeds"] == 3 and saved["elapsed_s"] > 0
@@ -181,7 +186,7 @@ def test_reproduce_end_to_end_and_resume(tmp_path):
     # Every model started from the same noise, labels and (machines) grid: checked, then a
     # tampered part must be refused.
     parts = {n: dict(np.load(os.path.join(out, "parts", f"{n}.npz")))
-             for n in ("network",) + rp.MACHINE_NAMES}
+             for n in ("network",) + conf.MACHINE_NAMES}
     np.testing.assert_array_equal(parts["network"]["x_T"], parts["els"]["x_T"])
     # The default start is the authors' (n − 1)/n = 0.75 for 4 machine steps (SPEC §8), for
     # the network too; t_max = 1 is compared side by side from the same seeds and scales.
@@ -196,27 +201,27 @@ def test_reproduce_end_to_end_and_resume(tmp_path):
         float(np.median(metrics.r_squared(side["network"]["x0"], side["els"]["x0"]))))
     assert saved["by_t_max"]["0.75"]["median_r2"] == saved["median_r2"]
     # Single-step agreement: one value per step and family, R² ≤ 1, MSE ≥ 0.
-    for name in rp.MACHINE_NAMES:
+    for name in conf.MACHINE_NAMES:
         assert len(saved["single_step"]["R2"][name]) == 4
         assert all(v <= 1.0 for v in saved["single_step"]["R2"][name])
         assert all(v >= 0.0 for v in saved["single_step"]["mse"][name])
     parts = {n: {k: v for k, v in p.items() if not k.startswith("single_step")}
              for n, p in parts.items()}
-    rp.check_same_inputs(parts, ej.uniform_times(4, t_max=0.75))
+    compare.check_same_inputs(parts, ej.uniform_times(4, t_max=0.75))
     bad = dict(parts)
     bad["is"] = dict(parts["is"], x_T=parts["is"]["x_T"] + 1e-3)
     with pytest.raises(AssertionError, match="x_T"):
-        rp.check_same_inputs(bad, ej.uniform_times(4, t_max=0.75))
+        compare.check_same_inputs(bad, ej.uniform_times(4, t_max=0.75))
     bad = dict(parts)
     bad["ls"] = dict(parts["ls"], times=np.asarray(ej.uniform_times(4)))
     with pytest.raises(AssertionError, match="time grid"):
-        rp.check_same_inputs(bad, ej.uniform_times(4, t_max=0.75))
+        compare.check_same_inputs(bad, ej.uniform_times(4, t_max=0.75))
 
     # Resume: an interrupted comparison (one part lost) is redone; nothing else is, and the
     # network is not retrained.
     os.remove(os.path.join(out, "parts", "ls.npz"))
     mtime = os.path.getmtime(os.path.join(out, "scales.json"))
-    again = rp.reproduce(TINY, out, progress=False)
+    again = reproduce(TINY, out, progress=False)
     assert os.path.getmtime(os.path.join(out, "scales.json")) == mtime
     with open(os.path.join(out, "timings.json")) as f:
         timings = json.load(f)
@@ -236,12 +241,12 @@ def test_reproduce_end_to_end_and_resume(tmp_path):
     # Another configuration in the same folder is refused, not mixed in.
     import dataclasses
     with pytest.raises(ValueError, match="another configuration"):
-        rp.reproduce(dataclasses.replace(TINY, n_seeds=4), out, progress=False)
+        reproduce(dataclasses.replace(TINY, n_seeds=4), out, progress=False)
 
     # A subset of the families (the cheap run at 32×32): ELS and IS always run, LS is neither
     # calibrated nor sampled, and the numbers are those of the full run (same network, seeds,
     # calibration).
-    sub = rp.reproduce(dataclasses.replace(TINY, families=("gaussian",), compare_t_max=(),
+    sub = reproduce(dataclasses.replace(TINY, families=("gaussian",), compare_t_max=(),
                                            checkpoint=os.path.join(out, "network")),
                        str(tmp_path / "subset"), progress=False)
     assert sub["families"] == ["els", "is", "gaussian"] and set(sub["scales"]) == {"els"}
@@ -266,19 +271,19 @@ def test_single_step_agreement_is_perfect_when_the_network_is_the_machine(digits
     # with the machine itself in the network's place it must be R² = 1 and MSE = 0 at every
     # step (a misaligned step or time would break this).
     images, labels = digits_small
-    x_T = rp.seed_noise(0, [0, 1, 2], images.shape[1:])
+    x_T = seed_noise(0, [0, 1, 2], images.shape[1:])
     times = ej.uniform_times(4, t_max=0.75)
     machine = ej.make_machine("els", images, scales=[3, 3, 5, 5], boundary="zeros")
-    _, single = rp.sample_machine("els", images, labels, x_T, None, times,
-                                  scales=[3, 3, 5, 5], boundary="zeros",
-                                  schedule=ej.schedules.cosine(), network=lambda y: machine)
+    _, single = compare.sample_machine("els", images, labels, x_T, None, times,
+                                       scales=[3, 3, 5, 5], boundary="zeros",
+                                       schedule=ej.schedules.cosine(), network=lambda y: machine)
     np.testing.assert_allclose(single["R2"], 1.0, atol=1e-5)
     np.testing.assert_allclose(single["mse"], 0.0, atol=1e-9)
     # Another machine in the network's place agrees less, and worst at the noisy start.
-    _, other = rp.sample_machine("els", images, labels, x_T, None, times,
-                                 scales=[3, 3, 5, 5], boundary="zeros",
-                                 schedule=ej.schedules.cosine(),
-                                 network=lambda y: ej.make_machine("ideal", images))
+    _, other = compare.sample_machine("els", images, labels, x_T, None, times,
+                                      scales=[3, 3, 5, 5], boundary="zeros",
+                                      schedule=ej.schedules.cosine(),
+                                      network=lambda y: ej.make_machine("ideal", images))
     assert np.all(other["mse"] > 1e-6) and np.all(other["R2"] < 1.0)
 
 
@@ -286,29 +291,29 @@ def test_shipped_network_is_used_only_for_the_default_training(tmp_path, monkeyp
     import dataclasses
     import warnings
 
-    cfg = rp.ReproduceConfig()
+    cfg = conf.ReproduceConfig()
     ship = tmp_path / "digits_resnet_zeros"
     ship.mkdir()
-    monkeypatch.setattr(rp, "CHECKPOINTS_DIR", tmp_path)
+    monkeypatch.setattr(conf, "CHECKPOINTS_DIR", tmp_path)
     with open(ship / "config.json", "w") as f:
-        json.dump(rp.digits_train_config().to_dict(), f)
-    assert rp.shipped_checkpoint(cfg) == str(ship)
+        json.dump(conf.digits_train_config().to_dict(), f)
+    assert conf.shipped_checkpoint(cfg) == str(ship)
     for changed in (dict(retrain=True), dict(train={"steps": 10}), dict(padding="circular"),
                     dict(max_examples=100), dict(checkpoint="elsewhere")):
-        assert rp.shipped_checkpoint(dataclasses.replace(cfg, **changed)) is None, changed
+        assert conf.shipped_checkpoint(dataclasses.replace(cfg, **changed)) is None, changed
     # A shipped network trained with other settings is not silently used.
     with open(ship / "config.json", "w") as f:
-        json.dump(rp.digits_train_config(lr=1e-3).to_dict(), f)
+        json.dump(conf.digits_train_config(lr=1e-3).to_dict(), f)
     with pytest.warns(RuntimeWarning, match="other settings"):
-        assert rp.shipped_checkpoint(cfg) is None
+        assert conf.shipped_checkpoint(cfg) is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert rp.shipped_checkpoint(dataclasses.replace(cfg, dataset="mnist5k")) is None
+        assert conf.shipped_checkpoint(dataclasses.replace(cfg, dataset="mnist5k")) is None
 
 
 def test_authors_start_and_side_by_side_starts():
     import dataclasses
-    cfg = rp.ReproduceConfig(machine_steps=20)
+    cfg = conf.ReproduceConfig(machine_steps=20)
     assert cfg.start == pytest.approx(0.95) and cfg.starts() == [pytest.approx(0.95), 1.0]
     cfg = dataclasses.replace(cfg, t_max=1.0, compare_t_max=(1.0, 0.9))
     assert cfg.starts() == [1.0, 0.9]
@@ -322,7 +327,8 @@ def test_cli_parses_families_and_calibration_search():
         ["reproduce", "--families", "ls,gaussian", "--calib-neighbours", "all"])
     assert args.families == ("ls", "gaussian") and args.calib_neighbours is None
     args = cli.build_parser().parse_args(["reproduce"])
-    assert args.families is None and args.calib_neighbours == rp.ReproduceConfig().calib_neighbours
+    assert args.families is None
+    assert args.calib_neighbours == conf.ReproduceConfig().calib_neighbours
     for bad in (["--families", "wiener"], ["--calib-neighbours", "-1"]):
         with pytest.raises(SystemExit):
             cli.build_parser().parse_args(["reproduce"] + bad)
@@ -330,33 +336,33 @@ def test_cli_parses_families_and_calibration_search():
 
 def test_dataset_defaults_fill_only_what_is_left_open(tmp_path):
     import dataclasses
-    big = rp.ReproduceConfig(dataset="mnist5k").resolved()
+    big = conf.ReproduceConfig(dataset="mnist5k").resolved()
     assert big.calib_seeds == 4 and "els_soft" not in big.family_names()
-    assert set(big.family_names()) == set(rp.MACHINE_NAMES) - {"els_soft"}
-    small = rp.ReproduceConfig().resolved()
-    assert small.calib_seeds == 8 and small.family_names() == rp.MACHINE_NAMES
+    assert set(big.family_names()) == set(conf.MACHINE_NAMES) - {"els_soft"}
+    small = conf.ReproduceConfig().resolved()
+    assert small.calib_seeds == 8 and small.family_names() == conf.MACHINE_NAMES
     asked = dataclasses.replace(big, calib_seeds=None, families=("els_soft",)).resolved()
     assert asked.family_names() == ("els", "is", "els_soft") and asked.calib_seeds == 4
     # With a checkpoint, the network's own data set decides (read from its config.json).
     ckpt = tmp_path / "net"
     ckpt.mkdir()
     (ckpt / "config.json").write_text(json.dumps({"dataset": "mnist5k"}))
-    assert rp.ReproduceConfig(checkpoint=str(ckpt)).resolved().calib_seeds == 4
+    assert conf.ReproduceConfig(checkpoint=str(ckpt)).resolved().calib_seeds == 4
 
 
 def test_every_shipped_network_is_the_one_reproduce_would_train():
     """The repository's checkpoints match today's default training (a changed default would
     otherwise silently retrain), and they load."""
     import warnings
-    shipped = [key for key, name in rp._SHIPPED.items()
-               if (rp.CHECKPOINTS_DIR / name / "config.json").exists()]
+    shipped = [key for key, name in conf._SHIPPED.items()
+               if (conf.CHECKPOINTS_DIR / name / "config.json").exists()]
     assert {("digits", "resnet", "zeros"), ("mnist5k", "resnet", "zeros"),
             ("mnist5k", "resnet", "circular"), ("mnist5k", "unet", "zeros")} <= set(shipped)
     for dataset, arch, padding in shipped:
-        cfg = rp.ReproduceConfig(dataset=dataset, arch=arch, padding=padding)
+        cfg = conf.ReproduceConfig(dataset=dataset, arch=arch, padding=padding)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            path = rp.shipped_checkpoint(cfg)
+            path = conf.shipped_checkpoint(cfg)
         model, params, tcfg = ej.load_trained(path)
         assert (tcfg.dataset, tcfg.arch, tcfg.padding) == (dataset, arch, padding)
         if arch == "resnet":
@@ -379,7 +385,72 @@ def test_report_table_is_well_formed_with_and_without_other_starts(starts):
                   scales={"els": [3, 3]}, els_soft=None,
                   by_t_max={t: {"median_r2": per, "frac_els_beats_is": 1.0} for t in starts})
     figs = dict(grid="g.png", scatter="s.png", scales="c.png", agreement="a.png")
-    rows = [ln for ln in rp._markdown(report, figs).splitlines() if ln.startswith("|")]
+    rows = [ln for ln in _markdown(report, figs).splitlines() if ln.startswith("|")]
     cells = [ln.count("|") for ln in rows]
     assert len(rows) == 2 + len(fam) and len(set(cells)) == 1
     assert cells[0] == 4 + len(starts) and "| |" not in rows[0]      # 3 + len(starts) columns
+
+
+# ------------------------------------------------------------------ experiments/configs/*.py
+
+# What every file in experiments/configs/ trains, written out in full (not through the library
+# recipes it calls), so that a changed recipe shows here. The paper's runs (SPEC §5): data
+# set, architecture, padding, class-conditioning and extra fields per file; the shared recipe.
+PAPER_RECIPE = dict(image_size=32, depth=6, batch_size=128, epochs=300, steps=None, lr=1e-4,
+                    lr_decay=0.999965, weight_decay=0.0, ema=None, seed=0, checkpoint_every=5000)
+PAPER_WIDTH = {"resnet": 256, "unet": (64, 128, 256)}
+PAPER_RUNS = {
+    "mnist_resnet_zeros": ("mnist", "resnet", "zeros", False, {}),
+    "mnist_resnet_circular": ("mnist", "resnet", "circular", False, {}),
+    "mnist_unet_zeros": ("mnist", "unet", "zeros", False, {}),
+    "fashion_mnist_resnet_zeros": ("fashion_mnist", "resnet", "zeros", True, {}),
+    "fashion_mnist_unet_zeros": ("fashion_mnist", "unet", "zeros", True, {}),
+    "cifar10_resnet_zeros": ("cifar10", "resnet", "zeros", True, {}),
+    "cifar10_resnet_circular": ("cifar10", "resnet", "circular", True, {}),
+    "cifar10_unet_zeros": ("cifar10", "unet", "zeros", True, {}),
+    "cifar10_unet_attention": ("cifar10", "unet", "zeros", True,
+                               {"attention_resolutions": (16, 8)}),
+    "celeb_a_resnet_zeros": ("celeb_a", "resnet", "zeros", False, {}),
+    "celeb_a_unet_zeros": ("celeb_a", "unet", "zeros", False, {}),
+}
+# The CPU-sized runs on the embedded data sets (what `els-jax reproduce` trains).
+CPU_RECIPE = dict(conditional=False, depth=6, batch_size=128, steps=3000, epochs=None,
+                  ema=0.999, seed=0)
+CPU_RUNS = {
+    "digits_resnet": dict(dataset="digits", arch="resnet", padding="zeros", channels=64,
+                          lr=5e-4, lr_decay=0.9997, checkpoint_every=500, log_every=100),
+    **{f"mnist5k_{arch}_{padding}": dict(
+        dataset="mnist5k", image_size=32, arch=arch, padding=padding, channels=width, lr=5e-4,
+        lr_decay=0.9998, weight_decay=0.0, checkpoint_every=200, keep_checkpoints=2,
+        log_every=50)
+       for arch, padding, width in (("resnet", "zeros", 32), ("resnet", "circular", 32),
+                                    ("unet", "zeros", (32, 64, 128)))},
+}
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "experiments", "configs")
+
+
+def _expected_train_config(name):
+    if name in PAPER_RUNS:
+        dataset, arch, padding, conditional, extra = PAPER_RUNS[name]
+        return ej.TrainConfig(dataset=dataset, arch=arch, padding=padding,
+                              conditional=conditional, channels=PAPER_WIDTH[arch],
+                              **PAPER_RECIPE, **extra)
+    return ej.TrainConfig(**CPU_RECIPE, **CPU_RUNS[name])
+
+
+def test_every_experiment_config_loads_by_path_and_trains_what_it_says():
+    """Each experiments/configs/ file loads the way `els-jax train --config FILE` loads it
+    (by path) and yields exactly its table entry; every file has an entry."""
+    from els_jax.nets.train import load_config
+
+    names = sorted(f[:-3] for f in os.listdir(CONFIGS_DIR) if f.endswith(".py"))
+    assert names == sorted({**PAPER_RUNS, **CPU_RUNS})
+    for name in names:
+        config = load_config(os.path.join(CONFIGS_DIR, f"{name}.py"))
+        assert config == _expected_train_config(name), name
+    # The library recipes are the ones the files call.
+    assert conf.paper_train_config("cifar10", "unet", "zeros", True,
+                                   attention_resolutions=(16, 8)) == \
+        _expected_train_config("cifar10_unet_attention")
+    assert conf.digits_train_config() == _expected_train_config("digits_resnet")

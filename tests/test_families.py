@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import els_jax as ej
-from els_jax import gaussian, nearest, pca_locality
+from els_jax.machines import gaussian, nearest, pca_locality
 from tests import oracles
 
 

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import els_jax as ej
-from els_jax import els, els_layout, els_window, engines, native
+from els_jax.machines import els
+from els_jax.engines import layout as els_layout, window as els_window, select as engines, native
 from tests import oracles
 
 H, W, C = 7, 6, 2
@@ -73,7 +74,7 @@ def test_border_bank_built_in_numpy_equals_the_streamed_candidates():
     """``build_border_bank`` (numpy, no compilation per k) lays out exactly the candidates the
     streamed border path builds with jnp (``_band_candidates``, ``_corner_bank``), absent
     padding images included, on a non-square image with 3 channels."""
-    from els_jax import border
+    from els_jax.engines import border
     rng = np.random.default_rng(0)
     h, w, c, k = 9, 7, 3, 5
     images = rng.uniform(-1, 1, (5, h, w, c)).astype(np.float32)
@@ -328,7 +329,8 @@ def test_auto_engine_choice_and_machine_introspection():
     assert m.engine(0)["engine"] == "row" and m.engine(0)["bank"]
     compiled = m.lower(x, jnp.float32(0.5), 0).compile()
     assert compiled.memory_analysis().temp_size_in_bytes > 0
-    np.testing.assert_allclose(np.asarray(compiled(x, jnp.float32(0.5), m._x0_fns[5].bank)),
+    coeffs = m.coefficients(x, jnp.float32(0.5))        # what the machine turns t into
+    np.testing.assert_allclose(np.asarray(compiled(x, coeffs.a, coeffs.b2, m._x0_fns[5].bank)),
                                np.asarray(m.x0(x, jnp.float32(0.5), 0)), atol=1e-6)
     # "auto" on a zero-padded machine whose windows are not merged: the fused CPU kernel.
     auto = ej.make_machine("els", images, scales=5, boundary="zeros").engine(0)["engine"]
@@ -424,12 +426,12 @@ def test_scale_list_is_indexed_from_the_last_step():
     m = ej.make_machine("els", images, scales=scales, boundary="zeros")
     assert [m.patch_size(i) for i in range(3)] == [1, 5, 3]
     seen = []
-    orig = m.x0
+    orig = m.x0_at
 
-    def spy(x, t, i):
+    def spy(x, coeffs, i):
         seen.append(m.patch_size(i))
-        return orig(x, t, i)
-    m.x0 = spy
+        return orig(x, coeffs, i)
+    m.x0_at = spy
     ej.sample(m, jnp.zeros((1, H, W, C)), ej.uniform_times(3))
     assert seen == [1, 5, 3]
     with pytest.raises(ValueError, match="3 steps"):
@@ -519,7 +521,7 @@ def test_machines_on_the_same_data_share_their_banks(monkeypatch):
     """make_machine keeps recent banks by content: a second machine on the same images and
     settings reuses the first one's banks (no rebuild), a change of data or settings builds
     its own, and a zero budget keeps nothing."""
-    from els_jax import machine as machine_lib
+    from els_jax.machines import factory as machine_lib
     machine_lib.clear_bank_cache()
     _, images = _setup(0.5, n=12)
     x = jnp.asarray(np.random.default_rng(5).normal(size=(2, H, W, C)), jnp.float32)
@@ -584,7 +586,7 @@ def test_host_window_rows_are_the_gathered_candidates():
     images = rng.uniform(-1, 1, size=(4, H, W, C)).astype(np.float32)
     mu = images.mean(axis=(0, 1, 2))
     for k, boundary, wrap in ((3, "zeros", False), (5, "circular", False), (3, "circular", True)):
-        for ps in els.layout(k, boundary, wrap, H, W):
+        for ps in els_layout.layout(k, boundary, wrap, H, W):
             for gp in els_layout.group_pass(ps):
                 keys, values = els_window.host_window_candidates(images, k, gp, mu, 3)
                 for gi in range(gp.query_pixels.shape[0]):

@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from els_jax import local, native, schedules, softmax
+from els_jax.engines import local
+from els_jax.engines import native
+from els_jax.core import schedules, softmax
 from tests import oracles
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C++ compiler here")
@@ -20,7 +22,8 @@ pytestmark = pytest.mark.skipif(not native.available(), reason="no C++ compiler 
 def _both_paths(x, t, images, k, log_w):
     """x̂_0 of the fused kernel and of the XLA passes, from the same bank and queries."""
     bank = local.build_local_bank(local.transpose_images(images), k=k)
-    a, b2 = local.local_coefficients(jnp.float32(t), x.shape[0], schedules.Cosine())
+    coeffs = schedules.query_coefficients(jnp.float32(t), x.shape[0], schedules.Cosine())
+    a, b2 = coeffs.a.reshape(-1, 1, 1, 1), coeffs.b2.reshape(-1, 1, 1, 1)
     q = local.local_queries(jnp.asarray(x), a, bank.mean)
     mean = jnp.transpose(bank.mean[..., 0], (1, 2, 0))[None]
     fused = native.local_softmax_state(q, a.reshape(-1), b2.reshape(-1),
@@ -79,9 +82,9 @@ def test_fused_kernel_rejects_mismatched_shapes():
 def test_local_machine_on_cpu_lowers_the_custom_call():
     images = np.random.default_rng(0).uniform(-1, 1, (20, 8, 8, 1)).astype(np.float32)
     bank = local.build_local_bank(local.transpose_images(images), k=3)
-    hlo = local.local_bank_x0.lower(jnp.zeros((1, 8, 8, 1)), jnp.float32(0.5), bank,
-                                    jnp.zeros(20), k=3, schedule=schedules.Cosine(),
-                                    block=1 << 16).as_text()
+    a = jnp.full((1,), 0.5 ** 0.5, jnp.float32)
+    hlo = local.local_bank_x0.lower(jnp.zeros((1, 8, 8, 1)), a, a * a, bank, jnp.zeros(20), k=3,
+                                    block=1 << 16, engine="kernel").as_text()
     assert "els_local_softmax" in hlo
 
 
@@ -90,7 +93,7 @@ _SUBPROCESS = textwrap.dedent("""
     import numpy as np, jax.numpy as jnp
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        from els_jax import native
+        from els_jax.engines import native
         import els_jax as ej
         ok = native.available()
         images = np.random.default_rng(0).uniform(-1, 1, (10, 6, 6, 1)).astype(np.float32)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import els_jax as ej
-from els_jax.networks import ResNet, UNet, make_network, receptive_field
+from els_jax.nets.networks import ResNet, UNet, make_network, receptive_field
 
 KEY = jax.random.key(0)
 
@@ -230,7 +230,7 @@ def _conv_oracle(x, kernel, padding):
 @pytest.mark.parametrize("padding", ["zeros", "circular"])
 @pytest.mark.parametrize("k,c,o", [(3, 2, 3), (5, 1, 4), (3, 4, 1), (1, 3, 2)])
 def test_conv2d_and_both_gradients_match_the_oracle(padding, k, c, o):
-    from els_jax import conv as conv_lib
+    from els_jax.nets import conv as conv_lib
 
     rng = np.random.default_rng(k * 100 + c * 10 + o)
     x = jnp.asarray(rng.normal(size=(6, 7, 5, c)), jnp.float32)   # non-square, odd batch
@@ -273,7 +273,7 @@ def test_conv2d_and_both_gradients_match_the_oracle(padding, k, c, o):
 
 def test_weight_gradient_im2col_equals_xla_for_chunked_batches():
     # A batch that splits into several chunks (the scan accumulates across them).
-    from els_jax import conv as conv_lib
+    from els_jax.nets import conv as conv_lib
 
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.normal(size=(12, 40, 40, 8)), jnp.float32)
@@ -284,7 +284,7 @@ def test_weight_gradient_im2col_equals_xla_for_chunked_batches():
 
 
 def test_conv_rejects_even_or_mismatched_kernels():
-    from els_jax import conv as conv_lib
+    from els_jax.nets import conv as conv_lib
 
     x = jnp.zeros((1, 4, 4, 2))
     with pytest.raises(ValueError, match="odd"):

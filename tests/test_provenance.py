@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import els_jax as ej
-from els_jax import posterior as pv
+from els_jax.machines import posterior as pv
 from tests import oracles
 
 
@@ -123,7 +123,7 @@ def test_mosaic_run_writes_figure_and_numbers(tmp_path):
     """The mosaic command's engine, with a machine standing in for the network."""
     import json
     import jax
-    from els_jax.mosaic import mosaic_run
+    from els_jax.experiment.mosaic import mosaic_run
     images, _ = ej.load_dataset("digits", max_examples=40)
     x_T = jax.random.normal(jax.random.PRNGKey(0), (2,) + images.shape[1:])
     stand_in = ej.make_machine("els", images, scales=3, boundary="zeros")

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import els_jax as ej
-from els_jax import native, reference
+from els_jax.engines import native
+from els_jax.machines import reference
 from tests import oracles
 
 H = W = 6

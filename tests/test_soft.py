@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import els_jax as ej
-from els_jax import soft
+from els_jax.machines import soft
 from tests import oracles
 
 H, W, C = 7, 6, 2

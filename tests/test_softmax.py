@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from els_jax import softmax
+from els_jax.core import softmax
 
 
 def _reference(logits, values):

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 
 import els_jax as ej
-from els_jax import train as train_lib
-from els_jax.train import (TrainConfig, create_train_state, diffusion_loss, load_trained,
+from els_jax import cli
+from els_jax.nets import train as train_lib
+from els_jax.nets.train import (TrainConfig, create_train_state, diffusion_loss, load_trained,
                            train_and_evaluate, train_step)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,7 +56,7 @@ def test_train_steps_lower_the_loss_on_a_fixed_batch():
 def test_weight_grad_engine_is_measured_cached_and_exact(tmp_path, monkeypatch):
     """Training's weight gradient (im2col or XLA's) is chosen by timing one step each way,
     cached on disk; both ways give the same step; ELS_JAX_AUTOTUNE=0 keeps the static rule."""
-    from els_jax import engines
+    from els_jax.engines import autotune as engines
     monkeypatch.setenv("ELS_JAX_CACHE", str(tmp_path))
     monkeypatch.setenv("ELS_JAX_AUTOTUNE", "1")
     engines.clear_memory_cache()
@@ -122,7 +123,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
 def test_data_parallel_on_4_devices_equals_one_device(tmp_path):
     script = textwrap.dedent(f"""
         import dataclasses, json, jax, numpy as np
-        from els_jax.train import TrainConfig, train_and_evaluate
+        from els_jax.nets.train import TrainConfig, train_and_evaluate
         assert len(jax.devices()) == 4, jax.devices()
         config = TrainConfig(**{{**{TINY!r}, "steps": 3}}, max_examples=64, conditional=True)
         four = train_and_evaluate(config, {str(tmp_path / "four")!r}, progress=False)
@@ -166,7 +167,7 @@ def test_one_epoch_end_to_end_on_tfds_mock_mnist(tmp_path):
 
 def _parse(argv):
     parser = argparse.ArgumentParser(prog="els-jax")
-    train_lib.add_train_subcommand(parser.add_subparsers(dest="command"))
+    cli.add_train_subcommand(parser.add_subparsers(dest="command"))
     return parser.parse_args(argv)
 
 
@@ -174,15 +175,15 @@ def test_train_subcommand_overrides_the_config_file():
     args = _parse(["train", "--workdir", "w", "--config",
                    os.path.join(REPO, "experiments/configs/digits_resnet.py"),
                    "--channels", "16", "--epochs", "2", "--conditional", "--padding", "circular"])
-    assert args.func is train_lib._train_command and args.workdir == "w"
-    config = train_lib.config_from_args(args)
+    assert args.func is cli._cmd_train and args.workdir == "w"
+    config = cli.config_from_args(args)
     base = train_lib.load_config(os.path.join(REPO, "experiments/configs/digits_resnet.py"))
     assert (config.channels, config.epochs, config.steps) == (16, 2, None)
     assert config.conditional and config.padding == "circular"
     assert (config.lr, config.depth, config.dataset) == (base.lr, base.depth, base.dataset)
     args = _parse(["train", "--workdir", "w", "--arch", "unet", "--channels", "8,16",
                    "--attention-resolutions", "4"])
-    config = train_lib.config_from_args(args)
+    config = cli.config_from_args(args)
     assert config.channels == (8, 16) and config.attention_resolutions == (4,)
     with pytest.raises(SystemExit):
         _parse(["train", "--workdir", "w", "--arch", "mlp"])
@@ -229,7 +230,7 @@ def test_experiment_configs_load_and_document_their_launch_command(path):
     rel = os.path.relpath(path, REPO)
     assert f"els-jax train --config {rel}" in source
     if config.dataset == "mnist5k":  # CPU-sized, defined once in the library (issue 14)
-        from els_jax.experiment import mnist5k_train_config
+        from els_jax.experiment.config import mnist5k_train_config
         assert config == mnist5k_train_config(arch=config.arch, padding=config.padding)
         assert config.image_size == 32
     elif config.dataset != "digits":  # a paper run (SPEC §5)

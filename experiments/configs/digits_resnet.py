@@ -9,8 +9,8 @@ Launch:
     els-jax train --config experiments/configs/digits_resnet.py --workdir /tmp/runs/digits_resnet
 """
 
-from els_jax.experiment import digits_train_config
-from els_jax.train import TrainConfig
+from els_jax.experiment.config import digits_train_config
+from els_jax.nets.train import TrainConfig
 
 
 def get_config() -> TrainConfig:

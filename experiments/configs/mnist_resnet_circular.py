@@ -1,31 +1,11 @@
-"""Paper run: ResNet, circular padding, MNIST at 32×32 (Kamb & Ganguli 2025).
+"""MNIST, ResNet, circular padding. Paper (SPEC §4): ELS (circular) vs network r = .77.
 
-Circular padding: ELS (circular boundary) vs network r = .77 (SPEC §4).
-Training as in the paper (SPEC §5): ε-prediction, AdamW lr 1e-4 ×0.999965 per step, batch
-128, 300 epochs, no weight decay. Needs the TFDS data prepared once (see els_jax.data).
-
-Launch:
     els-jax train --config experiments/configs/mnist_resnet_circular.py --workdir runs/mnist_resnet_circular --data-dir $TFDS_DATA_DIR
 """
 
-from els_jax.train import TrainConfig
+from els_jax.experiment.config import paper_train_config
+from els_jax.nets.train import TrainConfig
 
 
 def get_config() -> TrainConfig:
-    return TrainConfig(
-        dataset="mnist",
-        image_size=32,
-        arch="resnet",
-        padding="circular",
-        conditional=False,
-        channels=256,
-        depth=6,
-        batch_size=128,
-        epochs=300,
-        steps=None,
-        lr=1e-4,
-        lr_decay=0.999965,
-        weight_decay=0.0,
-        seed=0,
-        checkpoint_every=5000,
-    )
+    return paper_train_config("mnist", "resnet", "circular", conditional=False)

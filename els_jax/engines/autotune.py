@@ -1,0 +1,293 @@
+"""Measuring which exact engine is fastest, once per platform and shape class, cached on disk,
+like XLA's and Triton's autotuning: the generic part (``select``, ``measure``, the cache and
+the platform signature). Which engines apply to a machine, their static rules and their probes
+live in ``select.py``; the networks' training uses the same cache for its convolutions.
+
+Several engines compute the same machine, equal to float32 rounding, at speeds that depend on
+the CPU or accelerator, k, C, H, W, N and the batch:
+
+  ELS main pass (``resolve_els_engine``): "window" (``els_window``) | "row" (``els_row``)
+      (XLA) | "native" (``els_interior``: the fused CPU kernel of the
+      zero-padded interior, ``native.py``: banked machines without merged windows, k < H, W)
+      | "window_native" (``els_window`` with the fused CPU kernel of a window bank, merged
+      or not: banked machines, any boundary)
+  LS (``local.py``): "kernel" (``native.py``) | "xla" (local.py's passes)
+
+A static rule tuned on one CPU picked, on another (AVX2 instead of AVX-512), an engine 6×
+slower than the best (zero-padded ELS, N = 1000, 32×32). So ``select`` measures:
+
+  - an explicit method wins (``method="window"``, ...; the callers handle it);
+  - with one applicable engine, that one;
+  - with ``ELS_JAX_AUTOTUNE=0`` (or nothing to probe, e.g. a machine split over a mesh), the
+    static rule the caller passes (``choose_method``'s cost model and the kernel rule);
+  - otherwise the fastest engine for this key: from memory, from the disk cache, or measured
+    now. Each applicable engine runs on a probe of the same shape class (same k, C, H, W and
+    batch, synthetic images, N cut so that one call is ~2·10⁷ pairs, tens of milliseconds):
+    compiled and called once untimed, then timed in alternation (A B C A B C …, so that a
+    disturbance hits every engine alike) for up to ``PROBE_ROUNDS`` rounds or
+    ``PROBE_BUDGET_S`` seconds of calls; the minimum per engine decides. Measuring runs on a
+    thread of its own (no outer jit trace), one measurement at a time. First use of a shape
+    class costs the probes' compilation (a few seconds for the three ELS engines on 2 cores);
+    later runs read the winner from disk.
+
+The key holds the backend, the CPU model and SIMD flags (or the device kind), the device count,
+XLA_FLAGS, the jax version and the kernel source's hash, then the machine kind, boundary, k,
+C, H, W, N rounded up to a power of two and the batch rounded up to a power of two. Winners are
+written to ``$ELS_JAX_CACHE`` (default ``~/.cache/els_jax``, beside the kernel) /
+``engines.json``, atomically. ``Choice.reason`` says what decided (measured times, cached or
+not, or the static rule); ``Machine.explain()`` reports it for every patch size. A machine
+resolves "auto" when it is built (ELS: the bank depends on the engine) or when a shape is
+first traced (LS): the jitted computation keeps that choice.
+
+    choice = select("els", {"k": 5, ...}, ("window", "row", "native"), "native",
+                    "static rule: ...", probes=lambda: ({"window": call_w, ...}, "note", None))
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import hashlib
+import json
+import math
+import os
+import tempfile
+import threading
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["Choice", "select", "measure", "autotune_enabled", "platform_signature",
+           "cpu_info", "cache_file", "clear_memory_cache", "bucket",
+           "PROBE_PAIRS", "PROBE_ROUNDS", "PROBE_BUDGET_S"]
+
+SCHEMA = 1                 # bump when the key or the probes change meaning
+PROBE_PAIRS = 2e7          # (query pixel, candidate) pairs per probe call
+PROBE_ROUNDS = 5           # timed calls per engine, at most
+PROBE_BUDGET_S = 1.0       # seconds of timed calls per selection, about (≥ 2 rounds)
+_clock = time.perf_counter  # the timer (tests substitute a fake one)
+
+_THREAD = "els-autotune"   # the measuring thread's name prefix
+_lock = threading.RLock()  # one measurement at a time; guards the caches
+_memory: dict = {}         # key → Choice, this process
+
+
+class Choice(NamedTuple):
+    """An engine and why: ``reason`` is human-readable; ``times`` the seconds per probe call
+    of every engine measured (None when nothing was measured)."""
+
+    engine: str
+    reason: str
+    times: dict | None = None
+
+
+def autotune_enabled() -> bool:
+    """False when ``ELS_JAX_AUTOTUNE=0``: static rules, nothing measured (deterministic)."""
+    return os.environ.get("ELS_JAX_AUTOTUNE", "1") != "0"
+
+
+_SIMD = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_fp16", "avx2", "avx", "fma",
+         "f16c", "sse4_1", "sse4_2", "amx_tile", "asimd", "neon", "sve", "sve2")
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_info() -> dict:
+    """The CPU model, its SIMD flags (those that change what the kernels and XLA compile to)
+    and the number of cores this process may use."""
+    model, flags = "", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            name = name.strip()
+            if name in ("model name", "Model", "CPU part") and not model:
+                model = value.strip()
+            elif name in ("flags", "Features"):
+                flags.update(value.split())
+    except OSError:
+        import platform
+        model = platform.processor() or platform.machine()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": model, "simd": [f for f in _SIMD if f in flags], "cores": cores}
+
+
+@functools.lru_cache(maxsize=None)
+def platform_signature() -> dict:
+    """What an engine's speed depends on besides the shape: backend, CPU (model, SIMD flags,
+    cores) or device kind, device count, XLA_FLAGS, jax version, the kernel source's hash and
+    its target (ELS_JAX_NATIVE_ARCH)."""
+    from els_jax.engines import native
+    backend = jax.default_backend()
+    sig = {"backend": backend, "devices": jax.device_count(), "jax": jax.__version__,
+           "xla_flags": os.environ.get("XLA_FLAGS", ""),
+           "native_arch": os.environ.get("ELS_JAX_NATIVE_ARCH", "native")}
+    if backend == "cpu":
+        sig.update(cpu_info())
+    else:
+        sig["device_kind"] = jax.devices()[0].device_kind
+    try:
+        sig["kernel"] = hashlib.sha256(native._SOURCE.read_bytes()).hexdigest()[:16]
+    except OSError:
+        sig["kernel"] = None
+    return sig
+
+
+def cache_file() -> Path:
+    """``$ELS_JAX_CACHE/engines.json`` (default ``~/.cache/els_jax``)."""
+    root = Path(os.environ.get("ELS_JAX_CACHE", Path.home() / ".cache" / "els_jax"))
+    return root / "engines.json"
+
+
+def clear_memory_cache():
+    """Forgets this process's choices (the disk cache stays; computations already traced keep
+    theirs until ``jax.clear_caches()``)."""
+    with _lock:
+        _memory.clear()
+
+
+def bucket(v: int) -> int:
+    """v rounded up to a power of two (the shape classes of N and of the batch)."""
+    return 1 << max(0, math.ceil(math.log2(max(1, int(v)))))
+
+
+def _key(kind: str, shape: Mapping, engines: Sequence[str]):
+    fields = {"schema": SCHEMA, **platform_signature(), "kind": kind, **dict(shape),
+              "engines": sorted(engines)}
+    text = json.dumps(fields, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24], fields
+
+
+def _read_disk() -> dict:
+    try:
+        data = json.loads(cache_file().read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_disk(key: str, entry: dict):
+    """Adds one entry to the cache file: read, merge, write a temporary file and rename it
+    over the old one (atomic: a concurrent reader sees the old or the new file, whole)."""
+    path = cache_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = _read_disk()
+        data[key] = entry
+        fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError as err:                        # a read-only home: measure again next time
+        warnings.warn(f"els_jax: could not write the engine cache {path}: {err}",
+                      RuntimeWarning, stacklevel=3)
+
+
+def measure(calls: Mapping[str, Callable[[], object]], *, rounds: int = PROBE_ROUNDS,
+            budget: float = PROBE_BUDGET_S) -> dict:
+    """Seconds per call of each blocking zero-argument call: the minimum over up to ``rounds``
+    calls made in alternation after one untimed call each (compilation, first touch of the
+    buffers); stops after two rounds once ``budget`` seconds of timed calls are spent. An
+    engine whose untimed call raises is left out (with a warning)."""
+    live = {}
+    for name, call in calls.items():
+        try:
+            call()
+            live[name] = call
+        except Exception as err:                  # noqa: BLE001 - a probe must not break a run
+            warnings.warn(f"els_jax: engine {name!r} failed on its probe and is not used "
+                          f"({type(err).__name__}: {str(err)[:200]})", RuntimeWarning,
+                          stacklevel=2)
+    best = {name: math.inf for name in live}
+    spent = 0.0
+    for r in range(rounds):
+        for name, call in live.items():
+            t0 = _clock()
+            call()
+            dt = _clock() - t0
+            best[name] = min(best[name], dt)
+            spent += dt
+        if r >= 1 and spent >= budget:
+            break
+    return best
+
+
+def _format_times(times: Mapping[str, float]) -> str:
+    return ", ".join(f"{name} {sec * 1e3:.3g} ms" for name, sec in
+                     sorted(times.items(), key=lambda kv: kv[1]))
+
+
+def _run_apart(fn):
+    """fn() on a thread of its own: no jit trace of the caller is active there (the probes
+    must run, not be staged into the caller's program)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=_THREAD) as pool:
+        return pool.submit(fn).result()
+
+
+def select(kind: str, shape: Mapping, engines: Sequence[str], static: str, static_reason: str,
+           probes: Callable[[], tuple] | None = None) -> Choice:
+    """The engine for ``kind`` ("els" | "local" | ...) at ``shape`` among the applicable
+    ``engines`` (see the module docstring).
+
+    static, static_reason: the static rule's engine and why (used when autotuning is off or
+    nothing can be probed). probes: () → (calls, note, scale): calls maps each engine to a
+    blocking zero-argument call on a probe; note describes the probe (e.g. "N = 64");
+    scale maps engines to factors applied to their measured times (or None)."""
+    engines = tuple(engines)
+    if static not in engines:
+        raise ValueError(f"static engine {static!r} is not among the applicable {engines}")
+    if len(engines) == 1:
+        return Choice(engines[0], "the only applicable engine")
+    if probes is None or not autotune_enabled():
+        off = "" if probes is None else "; ELS_JAX_AUTOTUNE=0"
+        return Choice(static, f"{static_reason}{off}")
+    if threading.current_thread().name.startswith(_THREAD):     # a probe's own machine
+        return Choice(static, f"{static_reason}; (inside a probe)")
+    key, fields = _key(kind, shape, engines)
+    with _lock:
+        if key in _memory:
+            return _memory[key]
+        entry = _read_disk().get(key)
+        if isinstance(entry, dict) and entry.get("engine") in engines:
+            choice = Choice(entry["engine"], f"{entry.get('reason', 'measured')} (cached "
+                            f"{entry.get('when', '')} in {cache_file()})",
+                            entry.get("times"))
+            _memory[key] = choice
+            return choice
+
+        def run():
+            try:
+                calls, note, scale = probes()
+            except Exception as err:              # noqa: BLE001 - fall back to the rule
+                warnings.warn(f"els_jax: building the engine probes failed "
+                              f"({type(err).__name__}: {str(err)[:200]}); static rule",
+                              RuntimeWarning, stacklevel=2)
+                return {}, ""
+            times = measure(calls)
+            for name, factor in (scale or {}).items():
+                if name in times:
+                    times[name] *= factor
+            return times, note
+        start = _clock()
+        times, note = _run_apart(run)
+        if not times:
+            choice = Choice(static, f"{static_reason}; every probe failed")
+            _memory[key] = choice
+            return choice
+        winner = min(times, key=times.get)
+        reason = (f"measured on a probe ({note}), per call: {_format_times(times)}; "
+                  f"{_clock() - start:.2g} s with compilation")
+        choice = Choice(winner, reason, {k: round(v, 6) for k, v in times.items()})
+        _memory[key] = choice
+        _write_disk(key, {"engine": winner, "reason": reason, "times": choice.times,
+                          "fields": fields,
+                          "when": datetime.datetime.now().isoformat(timespec="seconds")})
+        return choice

@@ -1,0 +1,286 @@
+"""Calibrating the locality scale of a machine to a network (SPEC §4).
+
+Along the network's own sampler trajectory x_{t_0}, x_{t_1}, … (from the same seeds and
+labels as the comparison), at every step i and for every candidate patch size k, compare the
+machine's score with the network's, s_net = −ε̂_net / b:
+
+    k*_s(i) = argmax_k  cos( s_k(x_i), s_net(x_i) )        per seed s,
+    k(i)    = the median of k*_s(i) over seeds, rounded to the nearest odd size (ties up).
+
+Because both scores are −ε̂/b with the same b > 0, the cosine of the scores equals the cosine of
+the ε̂'s. The result is a scale list in the authors' order: index 0 = the lowest-noise (last)
+step, so ``scales[m − 1 − i]`` is the size for step i (what ``make_machine`` expects).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from els_jax.machines import factory as machine_lib
+from els_jax.experiment import metrics
+from els_jax.core import sampler
+from els_jax.core import schedules as schedules_lib
+
+__all__ = ["Calibration", "calibrate", "candidate_machines", "default_candidates", "median_odd"]
+
+
+class Calibration(NamedTuple):
+    """scales: tuple, index 0 = last step; per_step: [m] sizes in step order (0 = first);
+    best: [m, S] the best k per step and seed; cosine: [m, K, S] cos(machine_k, network);
+    candidates: the K sizes tried; times: the [m + 1] grid."""
+
+    scales: tuple
+    per_step: np.ndarray
+    best: np.ndarray
+    cosine: np.ndarray
+    candidates: tuple
+    times: np.ndarray
+
+
+def default_candidates(h: int, w: int) -> tuple[int, ...]:
+    """3, 5, …, up to the image size (the largest odd k ≤ min(H, W))."""
+    top = min(h, w)
+    return tuple(range(3, top + 1, 2)) or (1,)
+
+
+def median_odd(values, axis=-1) -> np.ndarray:
+    """Median along ``axis`` rounded to the nearest odd integer (a tie goes to the larger).
+
+    With an even number of seeds the median of odd sizes can be even (e.g. 4); the nearest odd
+    size is then either neighbour, and we take the larger one: 2·floor(m/2) + 1.
+    """
+    m = np.median(np.asarray(values, np.float64), axis=axis)
+    return (2 * np.floor(m / 2) + 1).astype(np.int64)
+
+
+def calibrate(network_eps: Callable, machines: dict[int, Callable], x_T, times, *,
+              schedule=schedules_lib.Cosine(), progress: bool = False,
+              neighbours: int | None = None) -> Calibration:
+    """Picks, per sampler step, the patch size whose machine best matches the network.
+
+    Args:
+      network_eps: the network as ``eps_fn(x, t, i)`` (see ``make_network``); it drives the
+        trajectory (deterministic DDIM).
+      machines: {k: eps_fn(x, t, i)} one constant-size machine per candidate size k, e.g.
+        ``{k: make_machine("els", images, scales=k, boundary="zeros") for k in (3, 5, 7)}``.
+        For class-conditional runs every machine and the network must be built for the
+        same labels as the seeds in ``x_T``.
+      x_T: [S, H, W, C] starting noise of the S calibration seeds.
+      times: the descending grid [m + 1] the machines will later be sampled on.
+      schedule: the noise schedule of the network and the machines.
+      neighbours: None (default) tries every candidate at every step. An integer n tries all
+        of them at the first step only; at step i + 1 it tries the candidates within n places
+        (in sorted order) of any seed's best size at step i. The network's trajectory does not
+        depend on the machines, so this changes which sizes are looked at, never the path: it
+        finds the same best sizes whenever the best size moves by at most n places per step
+        (the calibrated scales change slowly with t: SPEC §5's ResNet lists move by ≤ 1 place
+        per step, its MNIST UNet list by 2 places once).
+        Sizes not tried get cosine NaN. For expensive machines (ELS at N = 5000, 32×32) this
+        cuts the calibration's cost by the number of candidates over (2n + 1).
+    Returns:
+      a Calibration (``.scales`` is what ``make_machine(..., scales=...)`` takes).
+    """
+    if neighbours is not None and neighbours < 0:
+        raise ValueError(f"neighbours must be None or ≥ 0; got {neighbours}")
+    if not machines:
+        raise ValueError("no candidate machines given")
+    schedule = schedules_lib.get(schedule)
+    cands = tuple(sorted(machines))
+    times_np = np.asarray(times, np.float32)
+    x = jnp.asarray(x_T, jnp.float32)
+    m = len(times_np) - 1
+    cos = np.full((m, len(cands), x.shape[0]), np.nan)
+    steps = range(m)
+    if progress:
+        from tqdm.auto import tqdm
+        steps = tqdm(steps, desc="calibrate", leave=False)
+    tried = np.arange(len(cands))
+    for i in steps:
+        t, t_next = jnp.float32(times_np[i]), jnp.float32(times_np[i + 1])
+        eps_net = network_eps(x, t, i)
+        for j in tried:
+            cos[i, j] = metrics.cosine_similarity(eps_net, machines[cands[j]](x, t, i))
+        x = sampler.ddim_step(x, eps_net, t, t_next, schedule=schedule)
+        if neighbours is not None:
+            best_j = np.unique(_best_index(cos[i]))
+            near = (best_j[:, None] + np.arange(-neighbours, neighbours + 1)).ravel()
+            tried = np.unique(np.clip(near, 0, len(cands) - 1))
+    best = np.asarray(cands)[_best_index(cos)]    # [m, S]
+    per_step = median_odd(best, axis=1)
+    return Calibration(scales=tuple(int(k) for k in per_step[::-1]), per_step=per_step,
+                       best=best, cosine=cos, candidates=cands, times=times_np)
+
+
+def _best_index(cos) -> np.ndarray:
+    """argmax over the candidate axis (−2) of [..., K, S] cosines, NaN = not tried. Ties (e.g.
+    at t = 1, where a = 0 and every machine returns its candidates' mean) go to the largest
+    size: argmax over the reversed axis."""
+    rev = np.where(np.isnan(cos), -np.inf, cos)[..., ::-1, :]
+    return cos.shape[-2] - 1 - rev.argmax(axis=-2)
+
+
+def candidate_machines(kind: str, images, candidates: Sequence[int], **machine_kwargs):
+    """{k: the machine at size k} for the calibration: one ``make_machine(kind, images,
+    scales=candidates, ...)`` (its ``for_size(k)``), so that with ``compile_for`` (the
+    calibration's x_T) each size compiles while the next one's bank is built."""
+    sizes = sorted({int(k) for k in candidates})
+    machine = machine_lib.make_machine(kind, images, scales=sizes, **machine_kwargs)
+    return {k: machine.for_size(k) for k in sizes}
+
+
+# ----------------------------------------------------------------------------------------
+# els_soft: a Gaussian window width σ per step, fitted by gradient descent (SPEC §7).
+
+__all__ += ["SigmaCalibration", "calibrate_sigma"]
+
+
+class SigmaCalibration(NamedTuple):
+    """sigmas: tuple, index 0 = last step (what ``make_machine("els_soft", sigmas=...)``
+    takes); per_step: [m] fitted σ in step order (0 = first); init: [m] the starting σ per
+    step; cosine_before, cosine_after: [m] mean cosine over seeds between the machine's and
+    the network's ε̂ at the starting and at the fitted σ; loss: [m, steps] −mean cosine at
+    every iteration; times: the [m + 1] grid."""
+
+    sigmas: tuple
+    per_step: np.ndarray
+    init: np.ndarray
+    cosine_before: np.ndarray
+    cosine_after: np.ndarray
+    loss: np.ndarray
+    times: np.ndarray
+
+
+def _mean_cosine(a, b):
+    """Mean over the batch of cos(a_s, b_s) over all pixels (jnp, differentiable)."""
+    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    den = jnp.sqrt(jnp.sum(a * a, axis=1) * jnp.sum(b * b, axis=1))
+    return jnp.mean(jnp.sum(a * b, axis=1) / jnp.maximum(den, 1e-30))
+
+
+def _initial_sigmas(init_sigmas, init_scales, m: int):
+    """Starting σ per step in step order (0 = first), or None per step = warm start from
+    the previous step's fit (the first step from the box k_max)."""
+    from els_jax.machines import soft
+    if init_sigmas is not None and init_scales is not None:
+        raise ValueError("pass init_sigmas or init_scales, not both")
+    if init_scales is not None:
+        scales = np.atleast_1d(np.asarray(init_scales, np.int64))
+        init_sigmas = [soft.sigma_for_scale(k) for k in scales]
+        if len(scales) == 1:
+            init_sigmas = init_sigmas[0]
+    if init_sigmas is None:
+        return [None] * m
+    values = np.atleast_1d(np.asarray(init_sigmas, np.float64))
+    if values.size == 1:
+        values = np.full(m, values[0])
+    if values.shape != (m,):
+        raise ValueError(f"need one initial sigma per step ({m}); got {values.size}")
+    if not np.all(values > 0) or not np.all(np.isfinite(values)):
+        raise ValueError(f"initial sigmas must be finite and > 0; got {values}")
+    return [float(s) for s in values[::-1]]              # index 0 = last step → step order
+
+
+def calibrate_sigma(network_eps: Callable, images, x_T, times, *, k_max: int,
+                    boundary: str = "circular", wrap_patches: bool = False, mask=None,
+                    init_sigmas=None, init_scales=None, steps: int = 60, lr: float = 0.1,
+                    schedule=schedules_lib.Cosine(), optimizer=None,
+                    block: int | None = None, progress: bool = False) -> SigmaCalibration:
+    """Fits the els_soft machine's window width σ per sampler step to a network (SPEC §7).
+
+    Along the network's own deterministic DDIM trajectory from ``x_T`` (as ``calibrate``), at
+    every step i with x_i, t_i and the network's ε̂_net = network_eps(x_i, t_i, i):
+
+        σ_i = argmax_σ  mean_s cos( ε̂_σ(x_i,s), ε̂_net(x_i,s) ),     ε̂_σ = (x − a·x̂_0,σ)/b,
+
+    by gradient descent on log σ (``steps`` iterations of Adam without momentum, β2 = 0.9,
+    learning rate ``lr`` decayed to 0 on a cosine; or any optax ``optimizer``), the gradient
+    taken by ``jax.grad`` through the machine (``SoftMachine.x0_at``), one compiled fit for
+    every step. The fit at a step is kept only if it beats its starting point.
+
+    Args:
+      network_eps: the network as ``eps_fn(x, t, i)``; it drives the trajectory.
+      images: training set [N, H, W, C] (with ``mask``: the class's images are selected).
+      x_T: [S, H, W, C] starting noise of the S calibration seeds.
+      times: the descending grid [m + 1].
+      k_max, boundary, wrap_patches, mask: the machine (``make_machine("els_soft", ...)``).
+      init_sigmas: starting σ, a float or one per step (index 0 = last step); or
+      init_scales: an int patch size or a scale list (index 0 = last step), each started at
+        the Gaussian with the box's second moment (``soft.sigma_for_scale``). Neither: each
+        step starts from the previous step's fit, the first from the k_max box.
+      steps, lr: iterations per step and the initial learning rate (on log σ).
+      optimizer: an optax GradientTransformation replacing the default (``lr`` unused).
+      block: logits per streamed chunk of the machine (memory knob).
+    Returns:
+      a SigmaCalibration (``.sigmas`` is what ``make_machine("els_soft", sigmas=...)`` takes).
+
+        >>> cal = calibrate_sigma(net, images, x_T, uniform_times(20), k_max=11, boundary="zeros")
+    """
+    import optax
+
+    from els_jax.core import conversions
+    from els_jax.machines import soft
+    schedule = schedules_lib.get(schedule)
+    times_np = np.asarray(times, np.float32)
+    m = len(times_np) - 1
+    if m < 1:
+        raise ValueError("times must hold at least two points")
+    kw = {} if block is None else {"block": int(block)}
+    machine = soft.make_soft_machine(images, sigmas=1.0, k_max=k_max, boundary=boundary,
+                                     wrap_patches=wrap_patches, schedule=schedule, mask=mask,
+                                     **kw)
+    starts = _initial_sigmas(init_sigmas, init_scales, m)
+    if optimizer is None:
+        # No momentum and a short second-moment memory: in log σ the valley is steep on the
+        # wide side and flat on the narrow side; momentum (β1 = 0.9) overshoots into the flat
+        # side, where a long memory of the steep gradients (β2 = 0.999) stalls the steps.
+        optimizer = optax.adam(optax.cosine_decay_schedule(lr, max(1, steps)), b1=0.0, b2=0.9)
+
+    def loss_fn(log_sigma, x, t, eps_net):
+        x0 = machine.x0_sigma(x, t, jnp.exp(log_sigma))
+        return -_mean_cosine(conversions.x0_to_eps(x0, x, t, schedule=schedule), eps_net)
+
+    @jax.jit
+    def fit(log_sigma, x, t, eps_net):
+        value_and_grad = jax.value_and_grad(loss_fn)
+
+        def body(carry, _):
+            p, state = carry
+            loss, grad = value_and_grad(p, x, t, eps_net)
+            updates, state = optimizer.update(grad, state, p)
+            return (optax.apply_updates(p, updates), state), loss
+
+        (p, _), history = jax.lax.scan(body, (log_sigma, optimizer.init(log_sigma)), None,
+                                       length=steps)
+        final = loss_fn(p, x, t, eps_net)
+        start = history[0] if steps else final
+        keep = final <= start
+        return jnp.where(keep, p, log_sigma), start, jnp.minimum(final, start), history
+
+    x = jnp.asarray(x_T, jnp.float32)
+    fitted, init, before, after, losses = [], [], [], [], []
+    previous = soft.sigma_for_scale(machine.k_max)
+    step_range = range(m)
+    if progress:
+        from tqdm.auto import tqdm
+        step_range = tqdm(step_range, desc="calibrate σ", leave=False)
+    for i in step_range:
+        t, t_next = jnp.float32(times_np[i]), jnp.float32(times_np[i + 1])
+        eps_net = jnp.asarray(network_eps(x, t, i), jnp.float32)
+        s0 = previous if starts[i] is None else starts[i]
+        log_sigma, l0, l1, history = fit(jnp.float32(np.log(s0)), x, t, eps_net)
+        previous = float(np.exp(log_sigma))
+        fitted.append(previous)
+        init.append(s0)
+        before.append(-float(l0))
+        after.append(-float(l1))
+        losses.append(np.asarray(history))
+        x = sampler.ddim_step(x, eps_net, t, t_next, schedule=schedule)
+    per_step = np.asarray(fitted)
+    return SigmaCalibration(sigmas=tuple(float(s) for s in per_step[::-1]), per_step=per_step,
+                            init=np.asarray(init), cosine_before=np.asarray(before),
+                            cosine_after=np.asarray(after),
+                            loss=np.asarray(losses).reshape(m, steps), times=times_np)

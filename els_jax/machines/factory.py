@@ -1,0 +1,532 @@
+"""Analytic machines as sampler models: ``make_machine`` → ``eps_fn(x, t, i)`` (SPEC §2–3).
+
+    eps_fn = make_machine("els", images, scales=[3, 3, 5, ...], boundary="zeros")
+    x0 = sample(eps_fn, x_T, uniform_times(len(scales)))
+
+``scales`` holds one patch size per sampler step with index 0 = the lowest-noise (last) step,
+as in the authors' scale files: step i of an m-step run uses scales[m − 1 − i]. A plain int
+means one size for every step. The step is chosen by the sampler's step index, never by
+rounding a float32 t. The machine's ``num_steps`` lets ``sample`` reject a grid of another
+length.
+
+Everything that does not depend on x is built once here: the class-conditional selection of
+images, and for the ideal and ELS machines one deduplicated candidate bank per distinct patch
+size (optionally sharded over the devices of a mesh); each patch size compiles once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from els_jax.core import patches
+from els_jax.core import schedules as schedules_lib
+from els_jax.engines import layout as els_layout
+from els_jax.engines import local as local_engine
+from els_jax.engines import passes, select
+from els_jax.engines import row as els_row
+from els_jax.engines import window as els_window
+from els_jax.machines import els
+from els_jax.machines import equivariant as equivariant_lib
+from els_jax.machines import gaussian as gaussian_lib
+from els_jax.machines import nearest as nearest_lib
+from els_jax.machines import pca_locality as pca_lib
+from els_jax.machines import soft
+from els_jax.machines.base import Machine, candidate_mesh, inputs
+from els_jax.machines.local import check_local_k
+
+__all__ = ["Machine", "make_machine", "MACHINES", "candidate_mesh", "clear_bank_cache"]
+
+MACHINES = ("ideal", "equivariant", "local", "els", "gaussian", "nearest", "pca_locality")
+# SPEC §7's analytic families: no patch size (no ``scales``), one device (no ``mesh``).
+FAMILIES = ("gaussian", "nearest", "pca_locality")
+# SPEC §7's learned soft locality: ELS with a Gaussian window, one width σ per step (soft.py).
+MACHINES = MACHINES + ("els_soft",)
+
+
+def _absent_padding(n: int, mesh):
+    """How many absent candidates make N a multiple of the mesh's devices, and the log
+    weights [N + pad]: 0 for the N images, −inf (contributes exactly nothing) for the pad."""
+    pad = 0 if mesh is None else -n % mesh.devices.size
+    return pad, jnp.concatenate([jnp.zeros((n,), jnp.float32),
+                                 jnp.full((pad,), -jnp.inf, jnp.float32)])
+
+
+def _pad_axis(a, pad: int, axis: int):
+    widths = [(0, 0)] * a.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(a, widths)
+
+
+def _split_images(images_j, mesh):
+    """Images [N, ...] and zero log weights [N] (unchanged without a mesh); with one, padded
+    with absent images to a multiple of the devices and placed split over them once, so no
+    call moves them."""
+    pad, log_w = _absent_padding(images_j.shape[0], mesh)
+    if mesh is None:
+        return images_j, log_w
+    split = NamedSharding(mesh, PartitionSpec("cands"))
+    return jax.device_put(_pad_axis(images_j, pad, 0), split), jax.device_put(log_w, split)
+
+
+def _stream_fn(images_j, k, boundary, wrap_patches, method, block, unique,
+               mesh=None):
+    """ELS x̂_0 with candidates streamed straight from the images (no bank); with a ``mesh``
+    the images are split over its devices (the data mean stays that of the whole set)."""
+    mu = jnp.mean(images_j, axis=(0, 1, 2))
+    images, log_w = _split_images(images_j, mesh)
+    kw = dict(k=k, boundary=boundary, wrap_patches=wrap_patches, block=block, method=method,
+              mesh=mesh)
+
+    def fn(x, coeffs):
+        return passes.stream_x0(*inputs(x, coeffs, mesh), images, log_w, mu, **kw)
+    fn.lower = lambda x, coeffs: passes.stream_x0.lower(*inputs(x, coeffs, mesh), images,
+                                                        log_w, mu, **kw)
+    fn.info = {"engine": method, "bank": False, "unique_fraction": round(unique, 4)}
+    fn.bank = images
+    return fn
+
+
+def _local_fn(images_t, k, block, engine, mesh=None):
+    """LS x̂_0 from a ``local.LocalBank`` built once for this patch size; with a ``mesh`` the
+    bank is padded with absent images (log w = −inf) to a multiple of the devices and placed
+    split over them once, here, so no call moves it."""
+    bank = local_engine.build_local_bank(images_t, k=k)
+    pad, log_w = _absent_padding(images_t.shape[3], mesh)
+    if mesh is not None:                      # images along the last axis; the mean is shared
+        bank = bank._replace(centred_and_ones=_pad_axis(bank.centred_and_ones, pad, 3),
+                             half_sq=_pad_axis(bank.half_sq, pad, 2))
+        bank = jax.device_put(bank, _named(mesh, local_engine.BANK_SHARDING))
+        log_w = jax.device_put(log_w, NamedSharding(mesh, PartitionSpec("cands")))
+    kw = dict(k=k, block=block, mesh=mesh)
+    h, w = images_t.shape[1], images_t.shape[2]
+    n = -(-images_t.shape[3] // (1 if mesh is None else mesh.devices.size))
+
+    def resolved(x):                      # per query batch, as it is first traced (cached)
+        return select.resolve_local_engine(engine, k=k, c=images_t.shape[0], h=h, w=w, n=n,
+                                           batch=np.shape(x)[0], block=block).engine
+
+    def fn(x, coeffs):
+        return local_engine.local_bank_x0(*inputs(x, coeffs, mesh), bank, log_w,
+                                          engine=resolved(x), **kw)
+    fn.info = {"engine": "local", "bank": True}
+    fn.bank = bank
+    fn.lower = lambda x, coeffs: local_engine.local_bank_x0.lower(
+        *inputs(x, coeffs, mesh), bank, log_w, engine=resolved(x), **kw)
+    return fn
+
+
+def _equivariant_fn(images_j, block, mesh=None):
+    """ES x̂_0 over all translates of the images (FFT; no bank). With a ``mesh`` the images are
+    padded with absent ones (log w = −inf) to a multiple of the devices and placed split over
+    them once, here."""
+    mu = jnp.mean(images_j, axis=(0, 1, 2))
+    images, log_w = _split_images(images_j, mesh)
+    kw = dict(block=block, mesh=mesh)
+
+    def fn(x, coeffs):
+        return equivariant_lib.equivariant_x0_at(*inputs(x, coeffs, mesh), images, log_w, mu,
+                                                 **kw)
+    fn.info = {"engine": "fft", "bank": False}
+    fn.bank = images
+    fn.lower = lambda x, coeffs: equivariant_lib.equivariant_x0_at.lower(
+        *inputs(x, coeffs, mesh), images, log_w, mu, **kw)
+    return fn
+
+
+class _BackgroundCompiler:
+    """Compiles each patch size's x̂_0 on one worker thread as soon as its bank exists, while
+    the main thread builds the next bank: XLA's compiler and the (memory-bound) bank building
+    overlap on two cores (20-step sample, N = 1000, 7 patch sizes: banks + compile 8.9–10.2 s
+    in sequence, 6.9–7.1 s overlapped). XLA keeps the executables, so later calls only trace."""
+
+    def __init__(self, x, image_shape):
+        self._x = None
+        self.batch = 1                    # queries per call the engines are chosen for
+        if x is None:
+            return
+        shape = tuple(int(d) for d in (x if isinstance(x, (tuple, list)) else np.shape(x)))
+        if len(shape) != 4 or shape[1:] != tuple(image_shape):
+            raise ValueError(f"compile_for must be queries [B, H, W, C] (or their shape) with "
+                             f"H, W, C = {tuple(image_shape)} of the images; got {shape}")
+        self._x = jnp.zeros(shape, jnp.float32)
+        self.batch = shape[0]
+        # Compiling needs only the coefficients' shapes and dtypes, not a time.
+        self._coeffs = schedules_lib.Coefficients(jnp.full((self.batch,), 0.5 ** 0.5, jnp.float32),
+                                                  jnp.full((self.batch,), 0.5, jnp.float32))
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="els-compile")
+        self._futures = []
+
+    def submit(self, fn):
+        if self._x is not None and hasattr(fn, "lower"):
+            self._futures.append(self._pool.submit(lambda: fn.lower(self._x, self._coeffs).compile()))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if self._x is None:
+            return
+        try:
+            if exc_type is None:
+                for f in self._futures:
+                    f.result()                    # re-raises a compile error here
+        finally:
+            self._pool.shutdown(cancel_futures=True)
+
+
+def _named(mesh, specs):
+    """A pytree of PartitionSpecs → the same tree of NamedShardings on ``mesh``."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
+                        is_leaf=lambda v: isinstance(v, PartitionSpec))
+
+
+def _family_fn(kind, images_j, *, rank, tau, block, chunk, max_masks=64):
+    """x̂_0 of a SPEC §7 family with everything that does not depend on x built once, here:
+    the Gaussian fit (gaussian, pca_locality), the flattened images (and their mean, norms,
+    pixel ranges).
+    pca_locality's mask depends on the time only, through a and b²: it is computed once per
+    distinct (a, b²) (the exact float32 values, e.g. each time of a sampler grid; up to
+    ``max_masks`` are kept) by the same function as at call time, so results do not depend on
+    whether it was kept. Traced coefficients, or different ones per query, compute their
+    masks inside the call."""
+    n = images_j.shape[0]
+    dim = int(np.prod(images_j.shape[1:]))
+    if kind == "gaussian":
+        keep = gaussian_lib.check_rank(rank, dim)
+        fit = jax.block_until_ready(gaussian_lib.fit_gaussian(images_j))
+
+        def fn(x, coeffs):
+            return gaussian_lib.gaussian_fit_x0(*inputs(x, coeffs, None), fit, keep)
+        fn.lower = lambda x, coeffs: gaussian_lib.gaussian_fit_x0.lower(
+            *inputs(x, coeffs, None), fit, keep)
+        fn.info = {"engine": "wiener", "bank": True}
+        return fn
+    log_w = jnp.zeros((n,), jnp.float32)
+    if kind == "nearest":
+        flat, mu, half_sq = jax.block_until_ready(nearest_lib.prepare(images_j))
+        size = int(max(1, min(chunk or 256, n)))
+
+        def fn(x, coeffs):
+            return nearest_lib.nearest_prepared_x0(*inputs(x, coeffs, None), flat, mu, half_sq,
+                                                   log_w, chunk_size=size)
+        fn.lower = lambda x, coeffs: nearest_lib.nearest_prepared_x0.lower(
+            *inputs(x, coeffs, None), flat, mu, half_sq, log_w, chunk_size=size)
+        fn.info = {"engine": "argmax", "bank": True}
+        return fn
+    tau = pca_lib.check_tau(pca_lib.DEFAULT_TAU if tau is None else tau)
+    cands = pca_lib.prepare(images_j, log_w)
+    fit = jax.block_until_ready(gaussian_lib.fit_gaussian(images_j))
+    masks = {}
+
+    def mask_for(a, b2):                  # Mᵀ at concrete scalar a, b², computed once
+        key = (float(a), float(b2))
+        if key not in masks:
+            if len(masks) >= max_masks:
+                masks.pop(next(iter(masks)))
+            masks[key] = pca_lib.locality_mask_at(fit, jnp.float32(a), jnp.float32(b2), tau)
+        return masks[key]
+
+    def shared(a, b2):                    # one concrete (a, b²) for every query, or None
+        if isinstance(a, jax.core.Tracer) or isinstance(b2, jax.core.Tracer):
+            return None
+        a, b2 = np.asarray(a), np.asarray(b2)
+        if a.size and (a == a.flat[0]).all() and (b2 == b2.flat[0]).all():
+            return a.flat[0], b2.flat[0]
+        return None
+
+    def call(x, coeffs, lower=False):
+        x, a, b2 = inputs(x, coeffs, None)
+        size = pca_lib.chunk_images(chunk, x.shape[0], dim, n, block)
+        one = shared(a, b2)
+        if one is not None:
+            jitted = pca_lib.masked_x0.lower if lower else pca_lib.masked_x0
+            return jitted(x, a, b2, mask_for(*one), cands, chunk_size=size)
+        jitted = pca_lib.fit_x0.lower if lower else pca_lib.fit_x0
+        return jitted(x, a, b2, fit, cands, jnp.float32(tau), chunk_size=size)
+
+    def fn(x, coeffs):
+        return call(x, coeffs)
+    fn.lower = lambda x, coeffs: call(x, coeffs, lower=True)
+    fn.info = {"engine": "masked-matmul", "bank": True}
+    fn.masks = masks
+    return fn
+
+
+class _BankCache:
+    """The ELS/ideal banks built most recently, by content (the images' bytes and every
+    setting that shapes the bank): a machine built again on the same data (the experiment's
+    calibration machines, then its comparison from each start) reuses them instead of
+    rebuilding (seconds per patch size at N = 5000: windows extracted, hashed, merged). Least
+    recently used first out, at most ``ELS_JAX_BANK_CACHE_MB`` MiB of banks (default 4096;
+    0 turns it off). Banks are immutable arrays, so sharing them is safe."""
+
+    def __init__(self):
+        self._entries: dict = {}              # key → (bank, spec, bytes), oldest first
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def budget() -> int:
+        return int(float(os.environ.get("ELS_JAX_BANK_CACHE_MB", "4096")) * (1 << 20))
+
+    def get(self, key, build):
+        with self._lock:
+            if key in self._entries:
+                entry = self._entries.pop(key)
+                self._entries[key] = entry        # most recent last
+                return entry[0], entry[1]
+        bank, spec = build()
+        size = sum(getattr(a, "nbytes", 0) for a in jax.tree.leaves(bank))
+        budget = self.budget()
+        with self._lock:
+            if size <= budget:
+                self._entries[key] = (bank, spec, size)
+                while sum(e[2] for e in self._entries.values()) > budget:
+                    self._entries.pop(next(iter(self._entries)))
+        return bank, spec
+
+    def clear(self):
+        with self._lock:
+            self._entries.clear()
+
+
+_BANKS = _BankCache()
+
+
+def clear_bank_cache():
+    """Drops the banks kept for reuse by later ``make_machine`` calls (``_BankCache``)."""
+    _BANKS.clear()
+
+
+def _content_key(images: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(images).view(np.uint8)).hexdigest() + str(
+        images.shape)
+
+
+def _mesh_key(mesh):
+    if mesh is None:
+        return None
+    return (tuple(d.id for d in mesh.devices.flat), tuple(mesh.axis_names))
+
+
+def _normalise_scales(kind, scales):
+    if kind in ("ideal", "equivariant"):
+        return None, None
+    if scales is None:
+        raise ValueError(f"the {kind!r} machine needs scales (an odd patch size or a list)")
+    if isinstance(scales, (int, np.integer)):
+        return None, int(scales)
+    scales = tuple(int(k) for k in scales)
+    if not scales:
+        raise ValueError("scales is empty")
+    return scales, None
+
+
+def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None,
+                 boundary: str = "circular", wrap_patches: bool = False,
+                 schedule=schedules_lib.Cosine(), mask=None, dedup: bool = True,
+                 mesh=None, chunk: int | None = None, method: str = "auto",
+                 block: int = els_layout.DEFAULT_BLOCK, bank_bytes: int = 2 << 30,
+                 dedup_threshold: float = 0.9, compile_for=None, rank: int | None = None,
+                 tau: float | None = None, sigmas: float | Sequence[float] | None = None,
+                 k_max: int | None = None) -> Machine:
+    """Builds an analytic machine as a sampler model.
+
+    Args:
+      kind: "ideal", "equivariant", "local", "els", or one of SPEC §7's families "gaussian",
+        "nearest", "pca_locality" (like "ideal" they ignore ``scales``; they take no mesh).
+      images: training set [N, H, W, C] in [−1, 1].
+      scales: local/els only: an odd patch size, or one per step (index 0 = last step).
+      boundary, wrap_patches: els only (see ``els_score``).
+      schedule: the noise schedule (a Schedule or its name).
+      mask: optional boolean [N] (class-conditional: the images of one label).
+      dedup: merge identical candidate windows (exact; ideal and els) when an estimate on
+        256 images says merging leaves at most ``dedup_threshold`` of them (digit-like data
+        with blank background; random images have no duplicates).
+      mesh: optional ``candidate_mesh()``: shard the candidate banks over its devices.
+      chunk: candidates per streamed chunk of a window bank (default: from ``block``).
+      method: "auto" (per patch size the fastest exact engine, measured once per platform and
+        shape class and cached on disk, ``els_jax.engines``; with ``ELS_JAX_AUTOTUNE=0`` the
+        static rules: for zero padding without merged windows on a CPU the fused kernel
+        ``els_jax.native``, otherwise ``engines.choose_method``); els: "window", "row",
+        "native" or "window_native"; local (and the zero-padded ELS's LS sizes): "kernel" or "xla".
+        ``Machine.explain()`` says which engine runs each patch size and why.
+      block: logits per streamed chunk (memory knob).
+      bank_bytes: largest bank to precompute (per patch size); larger data sets are streamed
+        straight from the images instead (memory independent of N, slower for the window
+        engine, which then extracts k×k windows at every call).
+      compile_for: optional queries [B, H, W, C] (or their shape): compile every patch size
+        for this query shape while the banks are built (on a second thread; the first sampler
+        call per patch size then only traces). Same result as ``Machine.compile`` afterwards,
+        in less time.
+      rank: gaussian only: keep the top ``rank`` principal components (default all).
+      tau: pca_locality only: the mask threshold (default 0.02; see ``pca_locality_x0``).
+      sigmas, k_max: "els_soft" only (SPEC §7, ``els_jax.soft``): the Gaussian window's width,
+        one per step (index 0 = last step, as ``scales``) or one for all, on a k_max × k_max
+        support; also boundary, wrap_patches, mask, dedup, block, bank_bytes, compile_for.
+    Returns:
+      a Machine: ``eps_fn(x, t, i)`` for ``els_jax.sample``. ``machine.build_seconds`` holds
+      the time spent building banks (and compiling, with ``compile_for``). The ideal,
+      equivariant, local and els kinds, with every engine, work under jax.jit / jax.vmap and
+      are differentiable (jax.grad, jax.jvp) w.r.t. x and t (the fused CPU kernels: values
+      from the kernel, derivatives from the XLA path); ``i`` must be a Python int (it picks
+      the patch size).
+    """
+    if kind not in MACHINES:
+        raise ValueError(f"unknown machine {kind!r}; choose one of {MACHINES}")
+    if rank is not None and kind != "gaussian":
+        raise ValueError(f"rank is a parameter of the gaussian machine, not of {kind!r}")
+    if tau is not None and kind != "pca_locality":
+        raise ValueError(f"tau is a parameter of the pca_locality machine, not of {kind!r}")
+    if kind in FAMILIES and mesh is not None:
+        raise ValueError(f"the {kind!r} machine runs on one device; it takes no mesh")
+    if kind == "els_soft":               # SPEC §7: ELS with a Gaussian window, σ per step
+        if scales is not None:
+            raise ValueError("the 'els_soft' machine takes sigmas (one per step) and k_max, "
+                             "not scales")
+        return soft.make_soft_machine(images, sigmas=sigmas, k_max=k_max, boundary=boundary,
+                                      wrap_patches=wrap_patches, schedule=schedule, mask=mask,
+                                      dedup=dedup, dedup_threshold=dedup_threshold,
+                                      block=block, bank_bytes=bank_bytes,
+                                      compile_for=compile_for, mesh=mesh)
+    if sigmas is not None or k_max is not None:
+        raise ValueError(f"sigmas and k_max are parameters of the 'els_soft' machine, not of "
+                         f"{kind!r}")
+    if boundary not in patches.BOUNDARIES:
+        raise ValueError(f"unknown boundary {boundary!r}; choose one of {patches.BOUNDARIES}")
+    schedule = schedules_lib.get(schedule)
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4:
+        raise ValueError(f"images must be [N, H, W, C]; got shape {images.shape}")
+    if mask is not None:
+        mask = np.asarray(mask, bool)
+        if mask.shape != (images.shape[0],):
+            raise ValueError(f"mask must be a boolean vector over the {images.shape[0]} "
+                             f"training images; got shape {mask.shape}")
+        if not mask.any():
+            raise ValueError("mask selects no training image")
+        images = images[mask]
+    n, h, w, c = images.shape
+    if kind in FAMILIES:                  # built once: fit, flat images, masks per t
+        start = time.perf_counter()
+        with _BackgroundCompiler(compile_for, (h, w, c)) as background:
+            fn = _family_fn(kind, jnp.asarray(images), rank=rank, tau=tau, block=block,
+                            chunk=chunk)
+            background.submit(fn)
+        machine = Machine(kind, {None: fn}, None, schedule, None)
+        machine.build_seconds = time.perf_counter() - start
+        return machine
+    scale_list, k_const = _normalise_scales(kind, scales)
+    sizes = sorted(set(scale_list)) if scale_list is not None else [k_const]
+    n_shards = 1 if mesh is None else mesh.devices.size
+    images_j = jnp.asarray(images)
+
+    def bank_fn(k, ideal=False, method="auto", unique_fraction=None):
+        settings = dict(k=k, boundary=boundary, wrap_patches=wrap_patches, dedup=dedup,
+                        method=method, block=block, n_shards=n_shards, ideal=ideal,
+                        chunk=chunk, dedup_threshold=dedup_threshold,
+                        unique_fraction=unique_fraction)
+
+        def build():
+            bank, spec = els.build_bank(images, **settings)
+            if mesh is not None:    # split over the devices once, here, not at every call
+                bank = jax.device_put(bank, _named(mesh, passes.bank_partition_specs(bank)))
+            return bank, spec
+        bank, spec = _BANKS.get((images_key(), tuple(sorted(settings.items())),
+                                 _mesh_key(mesh)), build)
+
+        def fn(x, coeffs):
+            return passes.bank_x0(*inputs(x, coeffs, mesh), bank, spec=spec, mesh=mesh,
+                                  block=block)
+        fn.spec, fn.bank = spec, bank
+        fn.info = {"engine": spec.method, "bank": True,
+                   "unique_fraction": round(spec.unique_fraction, 4)}
+        fn.lower = lambda x, coeffs: passes.bank_x0.lower(*inputs(x, coeffs, mesh), bank,
+                                                          spec=spec, mesh=mesh, block=block)
+        return fn
+
+    cache = {}
+
+    def images_key():                     # the images' content, hashed once per machine
+        if "key" not in cache:
+            cache["key"] = _content_key(images)
+        return cache["key"]
+
+    def images_t():                       # the LS layout, transposed once per machine
+        if "t" not in cache:
+            cache["t"] = local_engine.transpose_images(images_j)
+        return cache["t"]
+
+    start = time.perf_counter()
+    fns = {}
+    background = _BackgroundCompiler(compile_for, (h, w, c))
+
+    def add(k, fn):                       # compile it (if asked) while the next bank is built
+        fns[k] = fn
+        background.submit(fn)
+
+    # Engines first, for every patch size, before any bank is built or compiled: a probe
+    # (els_jax.engines) then runs alone, not beside the background compiler.
+    batch = background.batch
+    ls_engine = method if method in select.LOCAL_ENGINES else "auto"
+    plan = []                             # (k, "local" | "bank" | "stream", Choice, unique)
+    for k in (sizes if kind in ("local", "els") else ()):
+        if kind == "local" or (boundary == "zeros" and k >= min(h, w)):
+            k = check_local_k(k, h, w)           # SPEC: zero-padded ELS with k ≥ H is LS
+            plan.append((k, "local", select.resolve_local_engine(
+                ls_engine, k=k, c=c, h=h, w=w, n=-(-n // n_shards), batch=batch, block=block),
+                None))
+            continue
+        k = els_layout.check_k(k, h, w, boundary, wrap_patches)
+        unique = (els_window.estimate_unique_fraction(images, k=k, boundary=boundary,
+                                                      wrap_patches=wrap_patches)
+                  if dedup else 1.0)
+        merged = unique if unique <= dedup_threshold else 1.0
+        shape = dict(w=w, wrap_patches=wrap_patches, n=n, batch=batch, sharded=mesh is not None,
+                     block=block)
+        choice = select.resolve_els_engine(method, k, c, h, boundary, merged, banked=True,
+                                           **shape)
+        if choice.engine == "native":     # the centred images and their window norms
+            size = n * h * w * (c + 2)
+        elif choice.engine == "row":
+            lay = els_row.row_layout(k, boundary, wrap_patches, h, w)
+            size = h * (k * c + 2) * n * len(lay.c_cols) + n * h * w * c
+        else:
+            # (zeros: the interior windows; border.py's bank of the border is small)
+            n_cand = n * (h * w if wrap_patches else (h - k + 1) * (w - k + 1))
+            size = merged * n_cand * (k * k * c + 2 + c)
+        if size * 4 <= bank_bytes:
+            plan.append((k, "bank", choice, unique))
+        else:
+            plan.append((k, "stream",
+                         select.resolve_els_engine(method, k, c, h, boundary, **shape), unique))
+
+    with background:
+        if kind == "ideal":
+            add(None, bank_fn(0, ideal=True))
+        elif kind == "equivariant":
+            add(None, _equivariant_fn(images_j, block, mesh))
+        for k, path, choice, unique in plan:
+            if path == "local":
+                fn = _local_fn(images_t(), k, block, ls_engine, mesh)
+            elif path == "bank":
+                fn = bank_fn(k, method=choice.engine, unique_fraction=unique)
+            else:
+                fn = _stream_fn(images_j, k, boundary, wrap_patches, choice.engine, block,
+                                unique, mesh)
+            fn.why = {"engine": choice.engine, "reason": choice.reason}
+            if choice.times:
+                fn.why["times"] = choice.times
+            add(k, fn)
+    machine = Machine(kind, fns, scale_list, schedule, k_const)
+    machine.build_seconds = time.perf_counter() - start
+    return machine

@@ -1,0 +1,136 @@
+"""The ``els-jax`` command, run in-process (``cli.main``): a bad input is one line
+``els-jax: error: ...`` on stderr and exit status 2, ``--debug`` shows the traceback, a bug
+always does; ``sample`` runs end to end and offers every machine of the library."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from els_jax import cli
+
+
+def _user_error(capsys, argv) -> str:
+    """Runs ``els-jax argv``, expecting a user error: exit status 2, one line on stderr (apart
+    from third-party log lines such as tfds's "WARNING:absl:..."), no traceback."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("WARNING:")]
+    assert len(lines) == 1 and lines[0].startswith("els-jax: error: "), err
+    return lines[0]
+
+
+def test_unknown_data_set(capsys, tmp_path):
+    line = _user_error(capsys, ["sample", "--dataset", "cifar100", "--out", str(tmp_path)])
+    assert "unknown data set 'cifar100'" in line and "digits" in line and ".npz" in line
+    line = _user_error(capsys, ["sample", "--dataset", str(tmp_path / "none.npz")])
+    assert "no such .npz file" in line
+
+
+def test_data_not_prepared_offline(capsys, tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    empty = str(tmp_path / "tfds")
+    os.makedirs(empty)
+    for argv in (["sample", "--dataset", "cifar10", "--data-dir", empty],
+                 ["reproduce", "--dataset", "cifar10", "--data-dir", empty,
+                  "--out", str(tmp_path / "run"), "--no-progress"]):
+        line = _user_error(capsys, argv)
+        assert "'cifar10'" in line and "not prepared" in line
+        assert "tfds build cifar10" in line and "--data-dir" in line    # what to do
+
+
+def test_even_patch_size_and_flags_of_other_machines(capsys, tmp_path):
+    line = _user_error(capsys, ["sample", "--machine", "els", "--k", "4", "--steps", "2",
+                                "--num", "2", "--out", str(tmp_path)])
+    assert "odd" in line and "got 4" in line
+    line = _user_error(capsys, ["sample", "--machine", "gaussian", "--k", "3"])
+    assert "--k" in line and "local / els" in line and "gaussian" in line
+    line = _user_error(capsys, ["sample", "--machine", "els", "--sigma", "1"])
+    assert "--sigma" in line and "els_soft" in line
+    line = _user_error(capsys, ["sample", "--label", "12"])
+    assert "--label 12" in line
+    assert not os.listdir(tmp_path)                       # nothing written
+
+
+def test_missing_checkpoint_and_config_file(capsys, tmp_path):
+    run = tmp_path / "run"
+    line = _user_error(capsys, ["reproduce", "--checkpoint", str(tmp_path / "nonexistent"),
+                                "--out", str(run)])
+    assert "--checkpoint" in line and "no such directory" in line and "els-jax train" in line
+    assert not run.exists()                               # checked before the run is made
+    line = _user_error(capsys, ["reproduce", "--checkpoint", str(tmp_path), "--out", str(run),
+                                "--no-progress"])
+    assert "no config.json" in line and "els-jax train --workdir" in line
+    line = _user_error(capsys, ["train", "--config", str(tmp_path / "nope.py"),
+                                "--workdir", str(tmp_path / "w")])
+    assert "no such config file" in line
+    line = _user_error(capsys, ["mosaic", "--run", str(tmp_path)])
+    assert "--run" in line and "els-jax reproduce" in line
+
+
+def test_debug_shows_the_traceback(capsys):
+    argv = ["sample", "--machine", "els", "--k", "4", "--steps", "2", "--num", "2"]
+    for debug_argv in (["--debug"] + argv, argv + ["--debug"]):
+        with pytest.raises(ValueError, match="odd"):
+            cli.main(debug_argv)
+    assert cli.build_parser().parse_args(argv).debug is False
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path):
+    """ValueError / FileNotFoundError count as user errors only when raised on purpose by
+    els_jax's own code; the same types from elsewhere (here numpy) are bugs."""
+    import els_jax as ej
+
+    def broken(*args, **kwargs):
+        return np.zeros(3).reshape(2)                     # ValueError raised inside numpy
+    monkeypatch.setattr(ej, "load_dataset", broken)
+    with pytest.raises(ValueError, match="reshape"):
+        cli.main(["sample", "--out", str(tmp_path)])
+
+    def missing(*args, **kwargs):
+        raise KeyError("not a user error")
+    monkeypatch.setattr(ej, "load_dataset", missing)
+    with pytest.raises(KeyError):
+        cli.main(["sample", "--out", str(tmp_path)])
+
+
+def test_sample_offers_every_machine_of_the_library():
+    from els_jax.machines.factory import MACHINES
+    assert set(MACHINES) >= {"ideal", "equivariant", "local", "els", "gaussian", "nearest",
+                             "pca_locality", "els_soft"}
+    for kind in MACHINES:
+        assert cli.build_parser().parse_args(["sample", "--machine", kind]).machine == kind
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["sample", "--machine", "wiener"])
+    for kind, argv, expected in (
+            ("els", [], {"scales": cli.DEFAULT_K}),
+            ("local", ["--k", "5"], {"scales": 5}),
+            ("gaussian", ["--rank", "8"], {"rank": 8}),
+            ("pca_locality", ["--tau", "0.1"], {"tau": 0.1}),
+            ("nearest", [], {}), ("ideal", [], {}),
+            ("els_soft", ["--sigma", "1,2", "--k-max", "7"], {"sigmas": (1.0, 2.0), "k_max": 7})):
+        args = cli.build_parser().parse_args(["sample", "--machine", kind] + argv)
+        assert cli._machine_options(args) == expected, kind
+    args = cli.build_parser().parse_args(["sample", "--machine", "els_soft"])
+    assert set(cli._machine_options(args)) == {"sigmas", "k_max"}
+
+
+@pytest.mark.parametrize("machine", ["gaussian", "nearest"])
+def test_sample_end_to_end(machine, tmp_path, capsys):
+    out = tmp_path / machine
+    assert cli.main(["sample", "--machine", machine, "--steps", "2", "--num", "4",
+                     "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["machine"] == machine and summary["out"] == str(out)
+    assert (out / "samples.png").stat().st_size > 0
+    with np.load(out / "samples.npz") as f:
+        samples, x_T, nearest = f["samples"], f["x_T"], f["nearest_dist"]
+    assert samples.shape == x_T.shape == (4, 8, 8, 1)
+    assert np.all(np.isfinite(samples)) and np.abs(samples - x_T).max() > 0.5
+    assert np.abs(samples).max() < 2.0                    # images, not noise
+    if machine == "nearest":                              # it returns training images
+        assert nearest.max() < 1e-3
