@@ -223,7 +223,7 @@ def add_train_subcommand(subparsers) -> argparse.ArgumentParser:
 
     p = subparsers.add_parser(
         "train", help="train a ResNet/UNet noise-prediction network (resumes from workdir)",
-        description="Train an ε-prediction network (SPEC §5). Flags override the values of "
+        description="Train an ε-prediction network (docs/theory.md §5). Flags override the values of "
                     "--config; the run resumes from the latest checkpoint in --workdir.")
     p.add_argument("--workdir", required=True, help="run directory (checkpoints, config.json)")
     p.add_argument("--config", help="Python file defining get_config() -> TrainConfig")
@@ -289,7 +289,7 @@ def _add_reproduce_subcommand(sub):
                    help="DDIM steps for the network (the paper's 150; machines use --machine-steps)")
     p.add_argument("--t-max", type=float, default=None,
                    help="first time of the grids shared by machines and network (default: the "
-                        "authors' effective start (n-1)/n, 0.95 for 20 steps; SPEC §8)")
+                        "authors' effective start (n-1)/n, 0.95 for 20 steps; docs/theory.md §8)")
     p.add_argument("--compare-t-max", type=_times, default=(1.0,),
                    help="further starts reported side by side, e.g. 1 or 1,0.9 ('' for none; "
                         "default 1)")

@@ -7,7 +7,7 @@
     python experiments/bench_machines.py --table runs/bench_machines.jsonl   # Markdown summary
 
 Workloads: random images in [−1, 1], N ∈ {1000, 4000} of 32×32×1 and N = 1000 of 32×32×3;
-machines IS, LS, ELS circular, ELS zeros, and SPEC §7's Gaussian (Wiener) and PCA-locality
+machines IS, LS, ELS circular, ELS zeros, and docs/theory.md §7's Gaussian (Wiener) and PCA-locality
 (τ = 0.02); k ∈ {3, 7, 11}; B ∈ {1, 8}; t ∈ {0.05, 0.5}.
 
 Each machine is measured as users call it: ``make_machine`` builds the bank once (its time is
@@ -49,7 +49,7 @@ autotuning on or off (``ELS_JAX_AUTOTUNE``); ``--table`` prints it above the tab
 
 A few rows time the pure functional path ``ej.els_score(x, t, images, k=...)`` (candidates
 streamed from the images, no bank; engine chosen the same way). The last row is one whole
-20-step ELS sample (zero padding, N = 1000, 32×32×1, the MNIST ResNet scales of SPEC §5):
+20-step ELS sample (zero padding, N = 1000, 32×32×1, the MNIST ResNet scales of docs/theory.md §5):
 banks built and every patch size compiled (overlapped, ``make_machine(compile_for=x_T)``),
 then the first and a second sample timed.
 """
@@ -234,7 +234,7 @@ def bench_machine(kind, images, *, k, boundary, batches, times, out, label):
     start = time.perf_counter()
     if kind == "ideal":
         machine = ej.make_machine("ideal", images, mesh=_MESH)
-    elif kind in ("gaussian", "pca_locality"):      # SPEC §7 families: one device
+    elif kind in ("gaussian", "pca_locality"):      # docs/theory.md §7 families: one device
         machine = ej.make_machine(kind, images)
     elif kind == "local":
         machine = ej.make_machine("local", images, scales=k, mesh=_MESH)

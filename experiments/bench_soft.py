@@ -1,4 +1,4 @@
-"""Speed of the els_soft machine (SPEC §7, issue 15). Prints one JSON object per line.
+"""Speed of the els_soft machine (docs/theory.md §7, issue 15). Prints one JSON object per line.
 
     python experiments/bench_soft.py            # N = 1000 random 32×32×1 images, B = 1, k_max = 11
     python experiments/bench_soft.py --n 250 --k-max 7

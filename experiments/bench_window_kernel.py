@@ -5,7 +5,7 @@ zero-padded interior's kernel ("native", no merging). Prints one JSON object per
     python experiments/bench_window_kernel.py            # mnist5k, k = 3, 5, 7, B = 16
     python experiments/bench_window_kernel.py --k 3 --batch 4 --t 0.3
 
-Workload: the zero-padded ELS machine's interior pass (SPEC §2) on mnist5k (5000 real MNIST
+Workload: the zero-padded ELS machine's interior pass (docs/theory.md §2) on mnist5k (5000 real MNIST
 digits at 32×32, ``ej.load_dataset("mnist5k")``), the experiment's batch of 16 query images
 x_t = a·x_0 + b·ε (x_0 training digits), identical windows merged (what ``make_machine``
 builds for digits). Per row:

@@ -1,4 +1,4 @@
-"""Gathers report.json files into one table beside the paper's numbers (SPEC §4).
+"""Gathers report.json files into one table beside the paper's numbers (docs/theory.md §4).
 
     python experiments/gather.py runs/paper [more dirs …] [--json]
 
@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-# The paper's median r² (100 seeds; network 150 steps, machines 20), SPEC §4:
+# The paper's median r² (100 seeds; network 150 steps, machines 20), docs/theory.md §4:
 # (dataset, arch, padding, attention) → (ELS, IS or None).
 PAPER = {
     ("mnist", "resnet", "zeros", False): (0.94, 0.61),

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper's Tables 1–2 (Kamb & Ganguli 2025, SPEC §4): train each network, then compare it
+# The paper's Tables 1–2 (Kamb & Ganguli 2025, docs/theory.md §4): train each network, then compare it
 # with the ELS / LS / IS machines on 100 seeds, network 150 DDIM steps, machines 20.
 #
 # Meant for accelerators (one GPU/TPU host per line is comfortable; every command resumes

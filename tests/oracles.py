@@ -1,4 +1,4 @@
-"""Slow, obvious float64 NumPy oracles written straight from SPEC §1–§3 (tiny inputs only)."""
+"""Slow, obvious float64 NumPy oracles written straight from docs/theory.md §1–§3 (tiny inputs only)."""
 
 import math
 
@@ -27,7 +27,7 @@ def softmax_mean(logits, values):
 
 
 def ideal_x0(x, t, images, mask=None, schedule="cosine"):
-    """x [B,H,W,C], images [N,H,W,C] → x̂_0 [B,H,W,C] by the literal SPEC formula."""
+    """x [B,H,W,C], images [N,H,W,C] → x̂_0 [B,H,W,C] by the literal formula of docs/theory.md §2."""
     ab = alpha_bar(t, schedule)
     a, b2 = math.sqrt(ab), 1.0 - ab
     imgs = np.asarray(images, np.float64)
@@ -104,7 +104,7 @@ def equivariant_x0(x, t, images, mask=None, schedule="cosine"):
 
 def els_candidates(xb, i, j, t, images, k, boundary="circular", wrap_patches=False,
                    schedule="cosine"):
-    """ELS candidates of pixel (i, j) of one query xb [H,W,C], literally from SPEC §2.
+    """ELS candidates of pixel (i, j) of one query xb [H,W,C], literally from docs/theory.md §2.
     Returns (logits [M], values [M, C], image index [M], centre row [M], centre col [M])."""
     a, b2 = _coeffs(t, schedule)
     h, w = xb.shape[:2]
@@ -130,7 +130,7 @@ def els_candidates(xb, i, j, t, images, k, boundary="circular", wrap_patches=Fal
 
 def els_x0(x, t, images, k, boundary="circular", wrap_patches=False, mask=None,
            schedule="cosine"):
-    """ELS, literally from the SPEC §2 table and notes."""
+    """ELS, literally from the docs/theory.md §2 table and notes."""
     imgs = np.asarray(images, np.float64)
     if mask is not None:
         imgs = imgs[np.asarray(mask)]
@@ -150,7 +150,7 @@ def els_x0(x, t, images, k, boundary="circular", wrap_patches=False, mask=None,
 
 def els_soft_x0(x, t, images, sigma, k_max, boundary="circular", wrap_patches=False,
                 mask=None, schedule="cosine"):
-    """els_soft (SPEC §7), literally: the ELS candidates of window size k_max (SPEC §2 table
+    """els_soft (docs/theory.md §7), literally: the ELS candidates of window size k_max (docs/theory.md §2 table
     and notes; zero padding with k_max ≥ min(H, W): the same-location windows of LS), logits
     −Σ_δ g_σ(δ)(q_δ − a·c_δ)²/(2b²) with g_σ(δ) = exp(−‖δ‖²/(2σ²)) (σ = inf: g ≡ 1)."""
     a, b2 = _coeffs(t, schedule)
@@ -189,7 +189,7 @@ def els_soft_x0(x, t, images, sigma, k_max, boundary="circular", wrap_patches=Fa
     return out
 
 
-# --- SPEC §7 families: gaussian (Wiener), nearest, pca_locality ------------------------------
+# --- docs/theory.md §7 families: gaussian (Wiener), nearest, pca_locality ------------------------------
 
 def _flat_selected(images, mask=None):
     imgs = np.asarray(images, np.float64)
@@ -236,7 +236,7 @@ def nearest_x0(x, t, images, mask=None, schedule="cosine"):
 
 
 def pca_locality_mask(t, images, tau, mask=None, schedule="cosine"):
-    """(M̃, M) [D, D] of SPEC §7: W_t = a²Σ(a²Σ + b²I)⁻¹ by a linear solve, M̃[n,m] =
+    """(M̃, M) [D, D] of docs/theory.md §7: W_t = a²Σ(a²Σ + b²I)⁻¹ by a linear solve, M̃[n,m] =
     W[n,m]/W[n,n] (|W[n,n]| < 1e-6 counts as 1), M = |M̃| ≥ τ·max|M̃|."""
     a, b2 = _coeffs(t, schedule)
     _, cov = gaussian_moments(images, mask)

@@ -44,7 +44,7 @@ def _mask(n):
 
 
 def _score(oracle_x0):
-    """float64 oracle score from an oracle x̂_0 (SPEC §1: s = −(x − a·x̂_0)/b²)."""
+    """float64 oracle score from an oracle x̂_0 (docs/theory.md §1: s = −(x − a·x̂_0)/b²)."""
     def score(x, t, images, **kw):
         ab = oracles.alpha_bar(t)
         return -(x - math.sqrt(ab) * oracle_x0(x, t, images, **kw)) / (1 - ab)
@@ -78,7 +78,7 @@ PUBLIC = {
 
 
 def _eps(oracle_x0):
-    """float64 oracle noise prediction from an oracle x̂_0 (SPEC §1: ε̂ = (x − a·x̂_0)/b)."""
+    """float64 oracle noise prediction from an oracle x̂_0 (docs/theory.md §1: ε̂ = (x − a·x̂_0)/b)."""
     def eps(x, t, images):
         ab = oracles.alpha_bar(t)
         return (x - math.sqrt(ab) * oracle_x0(x, t, images)) / math.sqrt(1 - ab)
@@ -149,7 +149,7 @@ def test_every_mode_agrees_and_is_finite(name):
     # Forward and reverse mode: ⟨u, J v⟩ = ⟨Jᵀu, v⟩.
     fwd, rev = np.vdot(u, jv), np.vdot(g, v)
     np.testing.assert_allclose(fwd, rev, rtol=1e-4, atol=1e-4 * np.abs(jv).sum())
-    # Against central differences of the float64 oracle (the exact function of SPEC §2).
+    # Against central differences of the float64 oracle (the exact function of docs/theory.md §2).
     fd = _central(lambda z: oracle(z, T, images), x.astype(np.float64), v, 1e-4)
     scale = np.abs(fd).max()
     assert scale > 0.1                                         # a real derivative

@@ -11,7 +11,6 @@ import pytest
 import els_jax as ej
 from els_jax.engines import autotune, native
 from els_jax.engines import select as engines
-from els_jax.machines import local
 from els_jax.core import schedules
 from tests import oracles
 

@@ -1,4 +1,4 @@
-"""Calibration, metrics and the reproduce pipeline (SPEC §4)."""
+"""Calibration, metrics and the reproduce pipeline (docs/theory.md §4)."""
 
 import json
 import os
@@ -188,7 +188,7 @@ def test_reproduce_end_to_end_and_resume(tmp_path):
     parts = {n: dict(np.load(os.path.join(out, "parts", f"{n}.npz")))
              for n in ("network",) + conf.MACHINE_NAMES}
     np.testing.assert_array_equal(parts["network"]["x_T"], parts["els"]["x_T"])
-    # The default start is the authors' (n − 1)/n = 0.75 for 4 machine steps (SPEC §8), for
+    # The default start is the authors' (n − 1)/n = 0.75 for 4 machine steps (docs/theory.md §8), for
     # the network too; t_max = 1 is compared side by side from the same seeds and scales.
     assert saved["t_max"] == 0.75 and set(saved["by_t_max"]) == {"0.75", "1"}
     np.testing.assert_allclose(parts["els"]["times"], ej.uniform_times(4, t_max=0.75))
@@ -366,7 +366,7 @@ def test_every_shipped_network_is_the_one_reproduce_would_train():
         model, params, tcfg = ej.load_trained(path)
         assert (tcfg.dataset, tcfg.arch, tcfg.padding) == (dataset, arch, padding)
         if arch == "resnet":
-            assert ej.receptive_field(model) == 17                      # SPEC §5
+            assert ej.receptive_field(model) == 17                      # docs/theory.md §5
         x = np.zeros((1,) + tuple(tcfg.image_shape), np.float32)
         eps = ej.make_network(model, params)(jnp.asarray(x), jnp.float32(0.5), 0)
         assert eps.shape == x.shape and np.isfinite(np.asarray(eps)).all()
@@ -394,7 +394,7 @@ def test_report_table_is_well_formed_with_and_without_other_starts(starts):
 # ------------------------------------------------------------------ experiments/configs/*.py
 
 # What every file in experiments/configs/ trains, written out in full (not through the library
-# recipes it calls), so that a changed recipe shows here. The paper's runs (SPEC §5): data
+# recipes it calls), so that a changed recipe shows here. The paper's runs (docs/theory.md §5): data
 # set, architecture, padding, class-conditioning and extra fields per file; the shared recipe.
 PAPER_RECIPE = dict(image_size=32, depth=6, batch_size=128, epochs=300, steps=None, lr=1e-4,
                     lr_decay=0.999965, weight_decay=0.0, ema=None, seed=0, checkpoint_every=5000)

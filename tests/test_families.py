@@ -1,4 +1,4 @@
-"""SPEC §7's analytic families (gaussian, nearest, pca_locality) against float64 NumPy oracles,
+"""docs/theory.md §7's analytic families (gaussian, nearest, pca_locality) against float64 NumPy oracles,
 their invariants, their make_machine versions, JAX transformations and bad inputs."""
 
 import math

@@ -1,4 +1,4 @@
-"""LS, ES, ELS (both boundaries) against float64 oracles written from SPEC §2, invariants of
+"""LS, ES, ELS (both boundaries) against float64 oracles written from docs/theory.md §2, invariants of
 the paper, and the machine-as-sampler-model wrapper."""
 
 import logging
@@ -238,7 +238,7 @@ def test_zero_padded_els_with_k_at_least_h_is_local():
 @pytest.mark.parametrize("boundary", ["circular", "zeros"])
 def test_small_t_limit_is_the_centre_of_the_nearest_patch(boundary):
     """Theorem 4.1 at one step: as t → 0 each pixel of x̂_0 is the centre of the nearest
-    candidate patch (brute force over the candidates of the SPEC rule)."""
+    candidate patch (brute force over the candidates of the pair rule of docs/theory.md §2)."""
     x, images = _setup(0.5, n=4, b=2)
     got = np.asarray(ej.els_x0(x, 1e-4, images, k=3, boundary=boundary))
     imgs = np.asarray(images, np.float64)
@@ -593,3 +593,20 @@ def test_host_window_rows_are_the_gathered_candidates():
                     np.testing.assert_array_equal(
                         els_window.host_window_rows(images, k, gp, gi, mu),
                         np.concatenate([keys[gi], values[gi]], axis=1))
+
+
+def test_bank_budget_counts_every_patch_size_at_once():
+    """``bank_bytes`` bounds the banks of all sizes together: with room for the k = 3 bank
+    alone, k = 3 is banked and k = 5 streamed from the images; both give the same x̂_0 as the
+    functional machine."""
+    x, images = _setup(0.5)
+    n = images.shape[0]       # the estimate make_machine plans with: windows × floats × 4
+    sizes = {k: 4 * n * (H - k + 1) * (W - k + 1) * (k * k * C + 2 + C) for k in (3, 5)}
+    budget = max(sizes.values()) + 1             # each alone would fit, not both
+    assert budget < sizes[3] + sizes[5]
+    m = ej.make_machine("els", images, scales=[3, 5], boundary="circular", dedup=False,
+                        bank_bytes=budget)
+    assert m.engine(1)["bank"] and not m.engine(0)["bank"]   # step 1 uses k = 3, step 0 k = 5
+    for i, k in ((0, 5), (1, 3)):
+        np.testing.assert_allclose(np.asarray(m.x0(x, jnp.float32(0.5), i)),
+                                   np.asarray(ej.els_x0(x, 0.5, images, k=k)), atol=2e-5)

@@ -1,4 +1,4 @@
-"""The networks (SPEC §5): shapes, translation equivariance under circular padding, locality
+"""The networks (docs/theory.md §5): shapes, translation equivariance under circular padding, locality
 (receptive field) under zero padding, conditioning, input checks, and make_network + sample."""
 
 import jax

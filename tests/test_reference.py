@@ -1,5 +1,5 @@
 """The reference path (els_jax/reference.py, issue 13): it equals the float64 oracles written
-from SPEC §2, and every engine (streamed functions, banked machines, the fused kernel) equals
+from docs/theory.md §2, and every engine (streamed functions, banked machines, the fused kernel) equals
 it, values and forward-mode derivatives."""
 
 import math

@@ -1,4 +1,4 @@
-"""The shared sampler (SPEC §3): grid, DDIM update formula, determinism, DDPM marginals."""
+"""The shared sampler (docs/theory.md §3): grid, DDIM update formula, determinism, DDPM marginals."""
 
 import math
 
@@ -51,7 +51,7 @@ def test_sampler_passes_step_index_and_time_and_is_deterministic(rng):
     np.testing.assert_allclose([t for _, t in seen], [1.0, 0.8, 0.6, 0.4, 0.2], rtol=1e-6)
     out2 = ej.sample(eps_fn, x_T, times)
     np.testing.assert_array_equal(np.asarray(out1), np.asarray(out2))
-    # The same loop by hand, step by step, with the SPEC formula.
+    # The same loop by hand, step by step, with the formula of docs/theory.md §3.
     x = np.asarray(x_T, np.float64)
     tt = np.asarray(times, np.float64)
     for i in range(5):

@@ -1,4 +1,4 @@
-"""Schedules, forward process and the score ↔ ε̂ ↔ x̂_0 conversions (SPEC §1)."""
+"""Schedules, forward process and the score ↔ ε̂ ↔ x̂_0 conversions (docs/theory.md §1)."""
 
 import math
 

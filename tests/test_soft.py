@@ -1,4 +1,4 @@
-"""The els_soft machine (SPEC §7): against a float64 oracle for both boundaries, the σ → ∞
+"""The els_soft machine (docs/theory.md §7): against a float64 oracle for both boundaries, the σ → ∞
 limit = ELS with k = k_max, gradients in x and σ, the machine wrapper, and the calibration of
 σ by gradient descent recovering known widths."""
 
@@ -15,7 +15,7 @@ from tests import oracles
 
 H, W, C = 7, 6, 2
 # (boundary, wrap_patches, k_max): k_max = 7 ≥ min(H, W) with zero padding is the local
-# machine's layout (SPEC §2 notes).
+# machine's layout (docs/theory.md §2 notes).
 CONFIGS = [("circular", False, 3), ("circular", True, 5), ("zeros", False, 3),
            ("zeros", False, 7)]
 

@@ -1,4 +1,4 @@
-"""Training (SPEC §5): the loss goes down, kill-and-resume equals an uninterrupted run,
+"""Training (docs/theory.md §5): the loss goes down, kill-and-resume equals an uninterrupted run,
 4-device data parallelism equals one device, a one-epoch run on tfds mock MNIST, the CLI and
 the experiment configs."""
 
@@ -19,6 +19,7 @@ import pytest
 import els_jax as ej
 from els_jax import cli
 from els_jax.nets import train as train_lib
+from els_jax.nets import config as net_config
 from els_jax.nets.train import (TrainConfig, create_train_state, diffusion_loss, load_trained,
                            train_and_evaluate, train_step)
 
@@ -204,10 +205,10 @@ def test_config_checks_and_json_round_trip():
     with pytest.raises(ValueError, match="unknown TrainConfig fields"):
         TrainConfig.from_dict({"lr": 1.0, "learning_rate": 1.0})
     with pytest.raises(ValueError, match="divides by 4"):
-        train_lib._resolve_config(TrainConfig(arch="unet"), np.zeros((2, 6, 6, 1)),
+        net_config.resolve_config(TrainConfig(arch="unet"), np.zeros((2, 6, 6, 1)),
                                   np.zeros(2, np.int32))
     with pytest.raises(ValueError, match="no class labels"):
-        train_lib._resolve_config(TrainConfig(conditional=True), np.zeros((2, 8, 8, 1)),
+        net_config.resolve_config(TrainConfig(conditional=True), np.zeros((2, 8, 8, 1)),
                                   np.zeros(2, np.int32))
 
 
@@ -233,7 +234,7 @@ def test_experiment_configs_load_and_document_their_launch_command(path):
         from els_jax.experiment.config import mnist5k_train_config
         assert config == mnist5k_train_config(arch=config.arch, padding=config.padding)
         assert config.image_size == 32
-    elif config.dataset != "digits":  # a paper run (SPEC §5)
+    elif config.dataset != "digits":  # a paper run (docs/theory.md §5)
         assert (config.batch_size, config.lr, config.lr_decay, config.epochs,
                 config.weight_decay) == (128, 1e-4, 0.999965, 300, 0.0)
         assert config.image_size == 32

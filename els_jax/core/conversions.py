@@ -1,4 +1,4 @@
-"""The one place where score, noise prediction and denoised mean are converted (SPEC §1).
+"""The one place where score, noise prediction and denoised mean are converted (docs/theory.md §1).
 
 With a = sqrt(ᾱ(t)), b² = 1 - ᾱ(t) and x = a·x_0 + b·ε:
 

@@ -1,4 +1,4 @@
-"""Training sets as NHWC float32 arrays in [-1, 1] with integer labels (SPEC §6).
+"""Training sets as NHWC float32 arrays in [-1, 1] with integer labels (docs/theory.md §6).
 
     images, labels = load_dataset("digits")            # embedded, no download: [1797, 8, 8, 1]
     images, labels = load_dataset("mnist", data_dir=D) # prepared TFDS data, resized to 32×32

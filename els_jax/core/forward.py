@@ -1,4 +1,4 @@
-"""The forward (noising) process: x_t = sqrt(ᾱ(t))·x_0 + sqrt(1-ᾱ(t))·ε (SPEC §1)."""
+"""The forward (noising) process: x_t = sqrt(ᾱ(t))·x_0 + sqrt(1-ᾱ(t))·ε (docs/theory.md §1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Patch (window) extraction, padding and window sums: the one place for them (SPEC §2).
+"""Patch (window) extraction, padding and window sums: the one place for them (docs/theory.md §2).
 
 A k×k window centred on pixel (i, j) covers rows i−m … i+m and columns j−m … j+m, m = k//2.
 Outside the image, a window either wraps around ("circular") or reads zeros ("zeros");
@@ -83,7 +83,7 @@ def window_sum(images, k: int, boundary: str):
 
 
 def border_classes(n: int, k: int) -> np.ndarray:
-    """Per-axis class of each coordinate for the zero-padded ELS machine (SPEC §2 notes).
+    """Per-axis class of each coordinate for the zero-padded ELS machine (docs/theory.md §2 notes).
 
     A coordinate within m = k//2 of a border (i < m or i ≥ n−m) is its own class (its
     candidates must have centre coordinate exactly i); every other coordinate has the shared

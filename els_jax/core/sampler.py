@@ -1,4 +1,4 @@
-"""ONE sampler for analytic machines and trained networks (SPEC §3).
+"""ONE sampler for analytic machines and trained networks (docs/theory.md §3).
 
 A model is any ``eps_fn(x, t, i) -> ε̂`` with x [B, H, W, C], t a float32 scalar and i the
 Python int index of the step (0 = the first, noisiest step), so that a machine can switch

@@ -1,4 +1,4 @@
-"""Noise schedules of the variance-preserving forward process (SPEC §1).
+"""Noise schedules of the variance-preserving forward process (docs/theory.md §1).
 
 A schedule is a small frozen object with one method, ``alpha_bar(t)``: the signal
 fraction ᾱ(t) of x_t = sqrt(ᾱ(t))·x_0 + sqrt(1-ᾱ(t))·ε, with t ∈ [0, 1] (t = 0 is data).

@@ -1,4 +1,4 @@
-"""The one softmax accumulation every analytic machine uses (SPEC §2).
+"""The one softmax accumulation every analytic machine uses (docs/theory.md §2).
 
 Every machine computes, for each query r (an image, or one pixel of one image),
 

@@ -4,14 +4,7 @@ the platform signature). Which engines apply to a machine, their static rules an
 live in ``select.py``; the networks' training uses the same cache for its convolutions.
 
 Several engines compute the same machine, equal to float32 rounding, at speeds that depend on
-the CPU or accelerator, k, C, H, W, N and the batch:
-
-  ELS main pass (``resolve_els_engine``): "window" (``els_window``) | "row" (``els_row``)
-      (XLA) | "native" (``els_interior``: the fused CPU kernel of the
-      zero-padded interior, ``native.py``: banked machines without merged windows, k < H, W)
-      | "window_native" (``els_window`` with the fused CPU kernel of a window bank, merged
-      or not: banked machines, any boundary)
-  LS (``local.py``): "kernel" (``native.py``) | "xla" (local.py's passes)
+the CPU or accelerator, k, C, H, W, N and the batch (the list is ``select.py``'s).
 
 A static rule tuned on one CPU picked, on another (AVX2 instead of AVX-512), an engine 6×
 slower than the best (zero-padded ELS, N = 1000, 32×32). So ``select`` measures:
@@ -19,7 +12,7 @@ slower than the best (zero-padded ELS, N = 1000, 32×32). So ``select`` measures
   - an explicit method wins (``method="window"``, ...; the callers handle it);
   - with one applicable engine, that one;
   - with ``ELS_JAX_AUTOTUNE=0`` (or nothing to probe, e.g. a machine split over a mesh), the
-    static rule the caller passes (``choose_method``'s cost model and the kernel rule);
+    static rule the caller passes (``select.choose_method``'s cost model, the kernel rule);
   - otherwise the fastest engine for this key: from memory, from the disk cache, or measured
     now. Each applicable engine runs on a probe of the same shape class (same k, C, H, W and
     batch, synthetic images, N cut so that one call is ~2·10⁷ pairs, tens of milliseconds):
@@ -60,8 +53,6 @@ from pathlib import Path
 from typing import Callable, Mapping, NamedTuple, Sequence
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 __all__ = ["Choice", "select", "measure", "autotune_enabled", "platform_signature",
            "cpu_info", "cache_file", "clear_memory_cache", "bucket",

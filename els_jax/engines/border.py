@@ -1,7 +1,7 @@
-"""The border pixels of the zero-padded ELS machine (SPEC §2, boundary "zeros"), computed
+"""The border pixels of the zero-padded ELS machine (docs/theory.md §2, boundary "zeros"), computed
 without materialising k×k candidate windows.
 
-With m = k//2, a border pixel is within m of an edge. SPEC §2's rule splits them into:
+With m = k//2, a border pixel is within m of an edge. docs/theory.md §2's rule splits them into:
 
   - edge pixels, within m of exactly one edge, say at distance d < m from the top edge and at
     an interior column j: the candidates are the zero-padded windows of every training image

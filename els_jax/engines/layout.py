@@ -1,4 +1,4 @@
-"""Geometry and logits shared by every ELS engine (SPEC §2): which query pixels meet which
+"""Geometry and logits shared by every ELS engine (docs/theory.md §2): which query pixels meet which
 candidate windows, windows as vectors, the mean shift, and the augmented dot product whose
 value is the logit.
 
@@ -61,7 +61,7 @@ class Pass(NamedTuple):
 
 
 def layout(k: int, boundary: str, wrap_patches: bool, h: int, w: int) -> list[Pass]:
-    """The passes that make up the ELS machine for an H×W image (SPEC §2 boundaries):
+    """The passes that make up the ELS machine for an H×W image (docs/theory.md §2 boundaries):
 
     - "circular": q_i wraps around the edges; candidates are every window fully inside an
       image ((H−k+1)(W−k+1) per image), or with ``wrap_patches`` every circular window.

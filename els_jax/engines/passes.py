@@ -39,7 +39,7 @@ from els_jax.engines import window as window_lib
 from els_jax.engines.interior import InteriorBank
 from els_jax.engines.layout import DEFAULT_BLOCK
 from els_jax.engines.row import RowBank
-from els_jax.engines.window import WindowBank, estimate_unique_fraction
+from els_jax.engines.window import estimate_unique_fraction
 
 __all__ = ["stream_x0", "stream_states", "MachineBank", "BankSpec", "merge_plan", "build_bank",
            "bank_x0", "bank_partition_specs", "ENGINES"]

@@ -83,7 +83,7 @@ def calibrate_scales(cfg, out, model, params, images, train_labels, num_classes,
 
 def calibrate_soft(cfg, out, scales, model, params, images, train_labels, num_classes,
                    boundary, schedule, timer, progress):
-    """Stage 2b: the els_soft window widths (SPEC §7), fitted by gradient descent along the
+    """Stage 2b: the els_soft window widths (docs/theory.md §7), fitted by gradient descent along the
     network's trajectory from the calibration seeds, on a k_max × k_max support with k_max
     the widest calibrated ELS size, each step started from the Gaussian that matches its
     calibrated ELS size. Added to scales.json."""

@@ -1,4 +1,4 @@
-"""Calibrating the locality scale of a machine to a network (SPEC §4).
+"""Calibrating the locality scale of a machine to a network (docs/theory.md §4).
 
 Along the network's own sampler trajectory x_{t_0}, x_{t_1}, … (from the same seeds and
 labels as the comparison), at every step i and for every candidate patch size k, compare the
@@ -77,7 +77,7 @@ def calibrate(network_eps: Callable, machines: dict[int, Callable], x_T, times, 
         (in sorted order) of any seed's best size at step i. The network's trajectory does not
         depend on the machines, so this changes which sizes are looked at, never the path: it
         finds the same best sizes whenever the best size moves by at most n places per step
-        (the calibrated scales change slowly with t: SPEC §5's ResNet lists move by ≤ 1 place
+        (the calibrated scales change slowly with t: docs/theory.md §5's ResNet lists move by ≤ 1 place
         per step, its MNIST UNet list by 2 places once).
         Sizes not tried get cosine NaN. For expensive machines (ELS at N = 5000, 32×32) this
         cuts the calibration's cost by the number of candidates over (2n + 1).
@@ -133,7 +133,7 @@ def candidate_machines(kind: str, images, candidates: Sequence[int], **machine_k
 
 
 # ----------------------------------------------------------------------------------------
-# els_soft: a Gaussian window width σ per step, fitted by gradient descent (SPEC §7).
+# els_soft: a Gaussian window width σ per step, fitted by gradient descent (docs/theory.md §7).
 
 __all__ += ["SigmaCalibration", "calibrate_sigma"]
 
@@ -189,7 +189,7 @@ def calibrate_sigma(network_eps: Callable, images, x_T, times, *, k_max: int,
                     init_sigmas=None, init_scales=None, steps: int = 60, lr: float = 0.1,
                     schedule=schedules_lib.Cosine(), optimizer=None,
                     block: int | None = None, progress: bool = False) -> SigmaCalibration:
-    """Fits the els_soft machine's window width σ per sampler step to a network (SPEC §7).
+    """Fits the els_soft machine's window width σ per sampler step to a network (docs/theory.md §7).
 
     Along the network's own deterministic DDIM trajectory from ``x_T`` (as ``calibrate``), at
     every step i with x_i, t_i and the network's ε̂_net = network_eps(x_i, t_i, i):

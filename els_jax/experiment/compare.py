@@ -2,7 +2,7 @@
 check that they were.
 
     ``sample_machine``     one analytic family from x_T (one machine per label), with the
-                           single-step agreement with the network (SPEC §7)
+                           single-step agreement with the network (docs/theory.md §7)
     ``sample_network``     the trained network from x_T
     ``compare_models``     the stage: parts/<model>.npz per model, resumable model by model
     ``check_same_inputs``  identical x_T, seeds, labels and machine time grid, or an error
@@ -37,7 +37,7 @@ def sample_machine(kind: str, images, train_labels, x_T, labels, times, *, scale
 
     With ``network`` (a function label → eps_fn(x, t, i), label None for unconditional runs,
     e.g. ``lambda y: make_network(model, params, label=y)``), also the single-step agreement
-    (SPEC §7): at every
+    (docs/theory.md §7): at every
     step i of the machine's own trajectory, the network's x̂_0 at the machine's x_{t_i}
     against the machine's x̂_0, per seed: {"R2": [m, S], "mse": [m, S]} (target: the network).
     Returns (SampleResult with x0 [S, ...] and x0_hat [m, S, ...] in the seeds' order,

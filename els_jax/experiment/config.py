@@ -3,7 +3,7 @@
     ``ReproduceConfig``       one run of ``reproduce`` (saved as config.json in the run)
     ``FAMILIES``              the analytic families compared with the network
     ``DATASET_DEFAULTS``      per-data-set defaults of the fields a run leaves None
-    ``paper_train_config``    the paper's training recipe (SPEC §5); the files in
+    ``paper_train_config``    the paper's training recipe (docs/theory.md §5); the files in
                               experiments/configs/ are calls of it
     ``digits_train_config``, ``mnist5k_train_config``: the CPU-sized recipes of the embedded
                               data sets; ``default_train_config`` picks a data set's recipe
@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 
 from els_jax.experiment.files import read_json
-from els_jax.nets import train as train_lib
+from els_jax.nets import config as net_config
 
 __all__ = ["ReproduceConfig", "default_train_config", "paper_train_config",
            "digits_train_config", "mnist5k_train_config", "shipped_checkpoint", "FAMILIES",
@@ -27,7 +27,7 @@ __all__ = ["ReproduceConfig", "default_train_config", "paper_train_config",
 
 # Every model compared with the network: report name → ``make_machine`` kind (a literal dict,
 # no registry). ELS and LS take the calibrated patch sizes, els_soft the fitted window widths
-# (SPEC §4, §7); the paper's three first, then the other analytic families (SPEC §7).
+# (docs/theory.md §4, §7); the paper's three first, then the other analytic families (docs/theory.md §7).
 FAMILIES = {"els": "els", "ls": "local", "is": "ideal", "gaussian": "gaussian",
             "nearest": "nearest", "pca_locality": "pca_locality", "els_soft": "els_soft"}
 MACHINE_NAMES = tuple(FAMILIES)
@@ -50,15 +50,15 @@ _SHIPPED = {("digits", "resnet", "zeros"): "digits_resnet_zeros",
             ("mnist5k", "unet", "zeros"): "mnist5k_unet_zeros"}
 
 
-def _recipe(overrides: dict, **base) -> train_lib.TrainConfig:
+def _recipe(overrides: dict, **base) -> net_config.TrainConfig:
     """TrainConfig(``base`` updated with ``overrides``)."""
     base.update(overrides)
-    return train_lib.TrainConfig(**base)
+    return net_config.TrainConfig(**base)
 
 
 def paper_train_config(dataset: str, arch: str, padding: str, conditional: bool,
-                       **overrides) -> train_lib.TrainConfig:
-    """The paper's training recipe (SPEC §5) for one of its networks, at 32×32.
+                       **overrides) -> net_config.TrainConfig:
+    """The paper's training recipe (docs/theory.md §5) for one of its networks, at 32×32.
 
     ε-prediction, AdamW at lr 1e-4 decayed ×0.999965 per step, batch 128, 300 epochs, no
     weight decay, no EMA, seed 0; the ResNet with 6 residual 3×3 layers of width 256, the UNet
@@ -76,7 +76,7 @@ def paper_train_config(dataset: str, arch: str, padding: str, conditional: bool,
                    weight_decay=0.0, seed=0, checkpoint_every=5000)
 
 
-def digits_train_config(**overrides) -> train_lib.TrainConfig:
+def digits_train_config(**overrides) -> net_config.TrainConfig:
     """The small ResNet on the embedded 8×8 digits that the main job trains on 2 CPU cores.
 
     The paper's ResNet (6 residual 3×3 layers, zero padding, no normalisation) at width 64
@@ -90,11 +90,11 @@ def digits_train_config(**overrides) -> train_lib.TrainConfig:
 
 
 def mnist5k_train_config(arch: str = "resnet", padding: str = "zeros", **overrides
-                         ) -> train_lib.TrainConfig:
+                         ) -> net_config.TrainConfig:
     """The paper's MNIST networks at a width 2 CPU cores train in about an hour, on the
     embedded real MNIST digits ("mnist5k", 32×32).
 
-    ResNet: 6 residual 3×3 layers (receptive field 17, as SPEC §5) at width 32 instead of 256;
+    ResNet: 6 residual 3×3 layers (receptive field 17, as docs/theory.md §5) at width 32 instead of 256;
     UNet: 3 scales of 32/64/128 channels instead of 64/128/256. 3000 steps of batch 128 (≈ 77
     epochs of the 5000 digits) at lr 5e-4 ×0.9998 per step with an EMA of the weights (the
     paper: 300 epochs of 60 000 digits at lr 1e-4, no EMA).
@@ -111,15 +111,15 @@ def mnist5k_train_config(arch: str = "resnet", padding: str = "zeros", **overrid
 
 
 def default_train_config(dataset: str, arch: str, padding: str, conditional: bool,
-                         image_size: int | None = None) -> train_lib.TrainConfig:
-    """The paper's recipe (SPEC §5) for a data set; the CPU-sized ones for the embedded sets."""
+                         image_size: int | None = None) -> net_config.TrainConfig:
+    """The paper's recipe (docs/theory.md §5) for a data set; the CPU-sized ones for the embedded sets."""
     if dataset == "digits":
         return digits_train_config(arch=arch, padding=padding, conditional=conditional,
                                    image_size=image_size)
     if dataset == "mnist5k":
         return mnist5k_train_config(arch=arch, padding=padding, conditional=conditional,
                                     image_size=32 if image_size is None else image_size)
-    return train_lib.TrainConfig(dataset=dataset, arch=arch, padding=padding,
+    return net_config.TrainConfig(dataset=dataset, arch=arch, padding=padding,
                                  conditional=conditional, image_size=image_size)
 
 
@@ -127,7 +127,7 @@ def default_train_config(dataset: str, arch: str, padding: str, conditional: boo
 class ReproduceConfig:
     """One run of the experiment. JSON-serialisable; saved as ``config.json`` in the run.
 
-    dataset, image_size, max_examples, data_dir: the training set (SPEC §6).
+    dataset, image_size, max_examples, data_dir: the training set (docs/theory.md §6).
     arch, padding, conditional: the network (ignored when ``checkpoint`` or ``train`` is set).
     train: optional TrainConfig fields (dict) overriding ``default_train_config``.
     checkpoint: reuse the network trained in this directory instead of training one.
@@ -136,13 +136,13 @@ class ReproduceConfig:
     machine_steps / network_steps: DDIM steps for the machines and for the network.
     candidates: patch sizes tried by the calibration (default 3, 5, …, image size).
     seed: base of the noise seeds.
-    t_max: first time of every grid (SPEC §8), shared by the machines and the network. None
+    t_max: first time of every grid (docs/theory.md §8), shared by the machines and the network. None
       (the default) = the authors' effective start, (machine_steps − 1)/machine_steps (0.95
       for 20 steps): the paper's protocol. With the unshifted cosine schedule ᾱ(1) ≈ 1.5e-4,
       so a first DDIM step from t = 1 multiplies the network's ε̂ error by
       |b' − sqrt(ᾱ'/ᾱ)·b| ≈ 6 at 20 steps and the comparison then measures mostly that step.
     compare_t_max: further starts compared side by side with the same seeds and the same
-      calibrated scales (by step index); default (1.0,), SPEC's plain grid. Reported under
+      calibrated scales (by step index); default (1.0,), the plain grid of docs/theory.md §3. Reported under
       ``by_t_max``.
     retrain: train the network even when the repository ships one for this configuration
       (``experiments/checkpoints/``; used by default for the embedded data sets).
@@ -196,7 +196,7 @@ class ReproduceConfig:
         """The fields left None filled from ``DATASET_DEFAULTS`` (what runs, and is saved) of
         the data set the network was trained on (a given checkpoint's, else ``dataset``)."""
         dataset = self.dataset
-        saved = os.path.join(self.checkpoint or "", train_lib.CONFIG_FILE)
+        saved = os.path.join(self.checkpoint or "", net_config.CONFIG_FILE)
         if self.checkpoint and os.path.exists(saved):
             dataset = read_json(saved).get("dataset", dataset)
         preset = DATASET_DEFAULTS.get(dataset, {})
@@ -255,7 +255,7 @@ def shipped_checkpoint(cfg: ReproduceConfig) -> str | None:
     saved = read_json(str(path / "config.json"))
     expected = json.loads(json.dumps(default_train_config(
         cfg.dataset, cfg.arch, cfg.padding, cfg.conditional, cfg.image_size).to_dict()))
-    resolved = ("image_shape", "num_classes", "data_dir") + train_lib._RESUMABLE_FIELDS
+    resolved = ("image_shape", "num_classes", "data_dir") + net_config.RESUMABLE_FIELDS
     diff = sorted(k for k in expected if k not in resolved and saved.get(k) != expected[k])
     # The run length may differ only if the shipped network trained the configured steps.
     if diff or saved.get("steps") != expected.get("steps"):

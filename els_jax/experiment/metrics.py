@@ -1,4 +1,4 @@
-"""How well a machine predicts a network, image by image (SPEC §4).
+"""How well a machine predicts a network, image by image (docs/theory.md §4).
 
 For one seed, with y = the network's final image and ŷ = the machine's, both flattened over
 all pixels and channels:

@@ -1,4 +1,4 @@
-"""The paper's experiment end to end (SPEC §4): train → calibrate → compare → report.
+"""The paper's experiment end to end (docs/theory.md §4): train → calibrate → compare → report.
 
     report = reproduce(ReproduceConfig(dataset="digits", n_seeds=32), out="runs/digits")
 

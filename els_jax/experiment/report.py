@@ -34,7 +34,7 @@ def _grid_summary(cfg, results) -> tuple[dict, dict, dict]:
              "trajectory_x0_r2": {name: [float(np.median(metrics.r_squared(
                  net["x0_hat"][j], results[name]["x0_hat"][i]))) for i, j in enumerate(align)]
                  for name in names},
-             # SPEC §7's single-step metric: the network applied to the machine's own x_t.
+             # docs/theory.md §7's single-step metric: the network applied to the machine's own x_t.
              "single_step_R2": {name: np.median(results[name]["single_step_R2"], axis=1).tolist()
                                 for name in names},
              "single_step_mse": {name: np.median(results[name]["single_step_mse"],
@@ -68,7 +68,7 @@ def write_report(cfg, tcfg, out, by_start, scales, timer, t_start, network_sourc
         "n_seeds": cfg.n_seeds, "calib_seeds": cfg.calib_seeds,
         "machine_steps": cfg.machine_steps, "network_steps": cfg.network_steps,
         "t_max": start, "t_max_protocol": "given" if cfg.t_max is not None else
-        "authors' effective start (n − 1)/n (SPEC §8)",
+        "authors' effective start (n − 1)/n (docs/theory.md §8)",
         "by_t_max": by_t_max,
         # What was actually compared: the trained network's own settings (a reused
         # checkpoint overrides the dataset/arch/padding options of the run).

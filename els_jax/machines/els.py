@@ -1,4 +1,4 @@
-"""The equivariant local score machine (ELS, SPEC §2), and the candidate-bank machinery it
+"""The equivariant local score machine (ELS, docs/theory.md §2), and the candidate-bank machinery it
 shares with the ideal machine: the public API.
 
 For every output pixel i, the query q_i is the k×k window of x centred on i; candidates are
@@ -25,26 +25,14 @@ arithmetic (``engines/layout.py``: the logits, the mean shift; ``core/softmax.py
   precomputed once per (data set, k, boundary, mask), optionally merged (identical windows
   become one candidate of log w = log count) and split over a device mesh.
 
-The main pass (every pixel; the interior for "zeros") runs on one of four exact engines, one
-module each (two share one; ``engines/passes.py``):
-
-  "window" (``window.py``)    one dot product of length k²C + 2 per pair; the only engine
-                              for merged banks and the ideal machine; any backend.
-  "row"    (``row.py``)       k row products of length kC + 2 and a k-row box sum per pair;
-                              any backend.
-  "native" (``interior.py``)  the fused C++ kernel of ``native.py`` (zero padding, banked,
-                              CPU only); derivatives from its XLA twin.
-  "window_native"             the window engine's bank (merged or not) run by the fused C++
-              (``window.py``) kernel of ``native.py`` (banked, CPU only); derivatives from
-                              the "window" engine.
-
+The main pass (every pixel; the interior for "zeros") runs on one of four exact engines
+("window", "row", "native", "window_native"; what each computes: ``engines/passes.py``).
 ``engines/select.resolve_els_engine`` picks it, here, before anything is built: an explicit
 ``method`` wins; "auto" times the applicable engines on a probe of the same shape class once
 per platform and caches the winner on disk (``engines/autotune.py``; ``Machine.explain()``
-prints the choice and its reason). The
-zero-padded border (edges and corners) is always ``engines/border.py``'s. Every engine is tested
-against the float64 oracles (tests/oracles.py) and against each other; every path is
-differentiable (jvp and vjp).
+prints the choice and its reason). The zero-padded border (edges and corners) is always
+``engines/border.py``'s. Every engine is tested against the float64 oracles (tests/oracles.py)
+and against each other; every path is differentiable (jvp and vjp).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The equivariant score machine (ES, SPEC §2): equivariance without locality.
+"""The equivariant score machine (ES, docs/theory.md §2): equivariance without locality.
 
 The candidates are all N·H·W circular translates of the training images; the query is the
 whole image. With T_s the circular shift by s, (T_s c)[i] = c[i − s]:
@@ -24,6 +24,9 @@ from els_jax.core import schedules as schedules_lib
 from els_jax.core.validation import check_query_and_images, mask_log_weights
 
 __all__ = ["equivariant_score", "equivariant_x0", "equivariant_x0_at"]
+
+# Every product that feeds a logit at HIGHEST: DEFAULT is TF32/bf16 on GPUs and TPUs.
+_HI = jax.lax.Precision.HIGHEST
 
 
 @functools.partial(jax.jit, static_argnames=("block", "mesh"))
@@ -64,8 +67,8 @@ def _equivariant_state(x, a, b2, images, log_w, mu, block):
         c_f = jnp.fft.rfft2(cen, axes=(1, 2))                          # [n, H, W/2+1, C]
         # corr[b, n, s] = Σ_j q_b[j + s]·c_n[j] = x·T_{−s}... indexed so that s is the shift
         # with (T_s c)[i] = c[i − s]: Σ_i q[i] c[i − s] = irfft(Q · conj(C))[s].
-        corr = jnp.fft.irfft2(jnp.einsum("bhwc,nhwc->bnhw", q_f, jnp.conj(c_f)), s=(h, w),
-                              axes=(2, 3))                             # [B, n, H, W]
+        prod = jnp.einsum("bhwc,nhwc->bnhw", q_f, jnp.conj(c_f), precision=_HI)
+        corr = jnp.fft.irfft2(prod, s=(h, w), axes=(2, 3))             # [B, n, H, W]
         half_sq = 0.5 * jnp.sum(cen * cen, axis=(1, 2, 3))             # [n]
         logits = (a[:, :, None, None] * corr
                   - (a * a)[:, :, None, None] * half_sq[None, :, None, None]) / b2[:, :, None, None]
@@ -74,7 +77,8 @@ def _equivariant_state(x, a, b2, images, log_w, mu, block):
         def weighted_sum(p):  # Σ_{n,s} p[n, s]·c_n[i − s]: circular convolutions, by FFT
             p_f = jnp.fft.rfft2(p.reshape(bsz, n_img, h, w), axes=(2, 3))
             img_f = jnp.fft.rfft2(imgs, axes=(1, 2))
-            out = jnp.fft.irfft2(jnp.einsum("bnhw,nhwc->bhwc", p_f, img_f), s=(h, w), axes=(1, 2))
+            prod = jnp.einsum("bnhw,nhwc->bhwc", p_f, img_f, precision=_HI)
+            out = jnp.fft.irfft2(prod, s=(h, w), axes=(1, 2))
             return out.reshape(bsz, h * w * c)
         return softmax.update_with(state, logits, weighted_sum), None
 

@@ -1,4 +1,4 @@
-"""Analytic machines as sampler models: ``make_machine`` → ``eps_fn(x, t, i)`` (SPEC §2–3).
+"""Analytic machines as sampler models: ``make_machine`` → ``eps_fn(x, t, i)`` (docs/theory.md §2–3).
 
     eps_fn = make_machine("els", images, scales=[3, 3, 5, ...], boundary="zeros")
     x0 = sample(eps_fn, x_T, uniform_times(len(scales)))
@@ -16,9 +16,6 @@ size (optionally sharded over the devices of a mesh); each patch size compiles o
 
 from __future__ import annotations
 
-import hashlib
-import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
@@ -35,21 +32,19 @@ from els_jax.engines import local as local_engine
 from els_jax.engines import passes, select
 from els_jax.engines import row as els_row
 from els_jax.engines import window as els_window
-from els_jax.machines import els
+from els_jax.machines import bank_cache, els, families, soft
 from els_jax.machines import equivariant as equivariant_lib
-from els_jax.machines import gaussian as gaussian_lib
-from els_jax.machines import nearest as nearest_lib
-from els_jax.machines import pca_locality as pca_lib
-from els_jax.machines import soft
 from els_jax.machines.base import Machine, candidate_mesh, inputs
 from els_jax.machines.local import check_local_k
 
 __all__ = ["Machine", "make_machine", "MACHINES", "candidate_mesh", "clear_bank_cache"]
 
+clear_bank_cache = bank_cache.clear_bank_cache
+
 MACHINES = ("ideal", "equivariant", "local", "els", "gaussian", "nearest", "pca_locality")
-# SPEC §7's analytic families: no patch size (no ``scales``), one device (no ``mesh``).
-FAMILIES = ("gaussian", "nearest", "pca_locality")
-# SPEC §7's learned soft locality: ELS with a Gaussian window, one width σ per step (soft.py).
+# docs/theory.md §7's analytic families: no patch size (no ``scales``), one device (no ``mesh``).
+FAMILIES = families.FAMILIES
+# docs/theory.md §7's learned soft locality: ELS with a Gaussian window, one width σ per step (soft.py).
 MACHINES = MACHINES + ("els_soft",)
 
 
@@ -190,134 +185,6 @@ def _named(mesh, specs):
                         is_leaf=lambda v: isinstance(v, PartitionSpec))
 
 
-def _family_fn(kind, images_j, *, rank, tau, block, chunk, max_masks=64):
-    """x̂_0 of a SPEC §7 family with everything that does not depend on x built once, here:
-    the Gaussian fit (gaussian, pca_locality), the flattened images (and their mean, norms,
-    pixel ranges).
-    pca_locality's mask depends on the time only, through a and b²: it is computed once per
-    distinct (a, b²) (the exact float32 values, e.g. each time of a sampler grid; up to
-    ``max_masks`` are kept) by the same function as at call time, so results do not depend on
-    whether it was kept. Traced coefficients, or different ones per query, compute their
-    masks inside the call."""
-    n = images_j.shape[0]
-    dim = int(np.prod(images_j.shape[1:]))
-    if kind == "gaussian":
-        keep = gaussian_lib.check_rank(rank, dim)
-        fit = jax.block_until_ready(gaussian_lib.fit_gaussian(images_j))
-
-        def fn(x, coeffs):
-            return gaussian_lib.gaussian_fit_x0(*inputs(x, coeffs, None), fit, keep)
-        fn.lower = lambda x, coeffs: gaussian_lib.gaussian_fit_x0.lower(
-            *inputs(x, coeffs, None), fit, keep)
-        fn.info = {"engine": "wiener", "bank": True}
-        return fn
-    log_w = jnp.zeros((n,), jnp.float32)
-    if kind == "nearest":
-        flat, mu, half_sq = jax.block_until_ready(nearest_lib.prepare(images_j))
-        size = int(max(1, min(chunk or 256, n)))
-
-        def fn(x, coeffs):
-            return nearest_lib.nearest_prepared_x0(*inputs(x, coeffs, None), flat, mu, half_sq,
-                                                   log_w, chunk_size=size)
-        fn.lower = lambda x, coeffs: nearest_lib.nearest_prepared_x0.lower(
-            *inputs(x, coeffs, None), flat, mu, half_sq, log_w, chunk_size=size)
-        fn.info = {"engine": "argmax", "bank": True}
-        return fn
-    tau = pca_lib.check_tau(pca_lib.DEFAULT_TAU if tau is None else tau)
-    cands = pca_lib.prepare(images_j, log_w)
-    fit = jax.block_until_ready(gaussian_lib.fit_gaussian(images_j))
-    masks = {}
-
-    def mask_for(a, b2):                  # Mᵀ at concrete scalar a, b², computed once
-        key = (float(a), float(b2))
-        if key not in masks:
-            if len(masks) >= max_masks:
-                masks.pop(next(iter(masks)))
-            masks[key] = pca_lib.locality_mask_at(fit, jnp.float32(a), jnp.float32(b2), tau)
-        return masks[key]
-
-    def shared(a, b2):                    # one concrete (a, b²) for every query, or None
-        if isinstance(a, jax.core.Tracer) or isinstance(b2, jax.core.Tracer):
-            return None
-        a, b2 = np.asarray(a), np.asarray(b2)
-        if a.size and (a == a.flat[0]).all() and (b2 == b2.flat[0]).all():
-            return a.flat[0], b2.flat[0]
-        return None
-
-    def call(x, coeffs, lower=False):
-        x, a, b2 = inputs(x, coeffs, None)
-        size = pca_lib.chunk_images(chunk, x.shape[0], dim, n, block)
-        one = shared(a, b2)
-        if one is not None:
-            jitted = pca_lib.masked_x0.lower if lower else pca_lib.masked_x0
-            return jitted(x, a, b2, mask_for(*one), cands, chunk_size=size)
-        jitted = pca_lib.fit_x0.lower if lower else pca_lib.fit_x0
-        return jitted(x, a, b2, fit, cands, jnp.float32(tau), chunk_size=size)
-
-    def fn(x, coeffs):
-        return call(x, coeffs)
-    fn.lower = lambda x, coeffs: call(x, coeffs, lower=True)
-    fn.info = {"engine": "masked-matmul", "bank": True}
-    fn.masks = masks
-    return fn
-
-
-class _BankCache:
-    """The ELS/ideal banks built most recently, by content (the images' bytes and every
-    setting that shapes the bank): a machine built again on the same data (the experiment's
-    calibration machines, then its comparison from each start) reuses them instead of
-    rebuilding (seconds per patch size at N = 5000: windows extracted, hashed, merged). Least
-    recently used first out, at most ``ELS_JAX_BANK_CACHE_MB`` MiB of banks (default 4096;
-    0 turns it off). Banks are immutable arrays, so sharing them is safe."""
-
-    def __init__(self):
-        self._entries: dict = {}              # key → (bank, spec, bytes), oldest first
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def budget() -> int:
-        return int(float(os.environ.get("ELS_JAX_BANK_CACHE_MB", "4096")) * (1 << 20))
-
-    def get(self, key, build):
-        with self._lock:
-            if key in self._entries:
-                entry = self._entries.pop(key)
-                self._entries[key] = entry        # most recent last
-                return entry[0], entry[1]
-        bank, spec = build()
-        size = sum(getattr(a, "nbytes", 0) for a in jax.tree.leaves(bank))
-        budget = self.budget()
-        with self._lock:
-            if size <= budget:
-                self._entries[key] = (bank, spec, size)
-                while sum(e[2] for e in self._entries.values()) > budget:
-                    self._entries.pop(next(iter(self._entries)))
-        return bank, spec
-
-    def clear(self):
-        with self._lock:
-            self._entries.clear()
-
-
-_BANKS = _BankCache()
-
-
-def clear_bank_cache():
-    """Drops the banks kept for reuse by later ``make_machine`` calls (``_BankCache``)."""
-    _BANKS.clear()
-
-
-def _content_key(images: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(images).view(np.uint8)).hexdigest() + str(
-        images.shape)
-
-
-def _mesh_key(mesh):
-    if mesh is None:
-        return None
-    return (tuple(d.id for d in mesh.devices.flat), tuple(mesh.axis_names))
-
-
 def _normalise_scales(kind, scales):
     if kind in ("ideal", "equivariant"):
         return None, None
@@ -342,7 +209,7 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
     """Builds an analytic machine as a sampler model.
 
     Args:
-      kind: "ideal", "equivariant", "local", "els", or one of SPEC §7's families "gaussian",
+      kind: "ideal", "equivariant", "local", "els", or one of docs/theory.md §7's families "gaussian",
         "nearest", "pca_locality" (like "ideal" they ignore ``scales``; they take no mesh).
       images: training set [N, H, W, C] in [−1, 1].
       scales: local/els only: an odd patch size, or one per step (index 0 = last step).
@@ -361,16 +228,17 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
         "native" or "window_native"; local (and the zero-padded ELS's LS sizes): "kernel" or "xla".
         ``Machine.explain()`` says which engine runs each patch size and why.
       block: logits per streamed chunk (memory knob).
-      bank_bytes: largest bank to precompute (per patch size); larger data sets are streamed
-        straight from the images instead (memory independent of N, slower for the window
-        engine, which then extracts k×k windows at every call).
+      bank_bytes: the most memory the candidate banks of ALL patch sizes may take together
+        (estimated before anything is built; sizes are banked smallest k first while they
+        fit); the other sizes are streamed straight from the images (memory independent of
+        N, slower for the window engine, which then extracts k×k windows at every call).
       compile_for: optional queries [B, H, W, C] (or their shape): compile every patch size
         for this query shape while the banks are built (on a second thread; the first sampler
         call per patch size then only traces). Same result as ``Machine.compile`` afterwards,
         in less time.
       rank: gaussian only: keep the top ``rank`` principal components (default all).
       tau: pca_locality only: the mask threshold (default 0.02; see ``pca_locality_x0``).
-      sigmas, k_max: "els_soft" only (SPEC §7, ``els_jax.soft``): the Gaussian window's width,
+      sigmas, k_max: "els_soft" only (docs/theory.md §7, ``els_jax.soft``): the Gaussian window's width,
         one per step (index 0 = last step, as ``scales``) or one for all, on a k_max × k_max
         support; also boundary, wrap_patches, mask, dedup, block, bank_bytes, compile_for.
     Returns:
@@ -389,7 +257,7 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
         raise ValueError(f"tau is a parameter of the pca_locality machine, not of {kind!r}")
     if kind in FAMILIES and mesh is not None:
         raise ValueError(f"the {kind!r} machine runs on one device; it takes no mesh")
-    if kind == "els_soft":               # SPEC §7: ELS with a Gaussian window, σ per step
+    if kind == "els_soft":               # docs/theory.md §7: ELS with a Gaussian window, σ per step
         if scales is not None:
             raise ValueError("the 'els_soft' machine takes sigmas (one per step) and k_max, "
                              "not scales")
@@ -419,7 +287,7 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
     if kind in FAMILIES:                  # built once: fit, flat images, masks per t
         start = time.perf_counter()
         with _BackgroundCompiler(compile_for, (h, w, c)) as background:
-            fn = _family_fn(kind, jnp.asarray(images), rank=rank, tau=tau, block=block,
+            fn = families.family_fn(kind, jnp.asarray(images), rank=rank, tau=tau, block=block,
                             chunk=chunk)
             background.submit(fn)
         machine = Machine(kind, {None: fn}, None, schedule, None)
@@ -441,8 +309,8 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
             if mesh is not None:    # split over the devices once, here, not at every call
                 bank = jax.device_put(bank, _named(mesh, passes.bank_partition_specs(bank)))
             return bank, spec
-        bank, spec = _BANKS.get((images_key(), tuple(sorted(settings.items())),
-                                 _mesh_key(mesh)), build)
+        bank, spec = bank_cache.BANKS.get((images_key(), tuple(sorted(settings.items())),
+                                 bank_cache.mesh_key(mesh)), build)
 
         def fn(x, coeffs):
             return passes.bank_x0(*inputs(x, coeffs, mesh), bank, spec=spec, mesh=mesh,
@@ -458,7 +326,7 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
 
     def images_key():                     # the images' content, hashed once per machine
         if "key" not in cache:
-            cache["key"] = _content_key(images)
+            cache["key"] = bank_cache.content_key(images)
         return cache["key"]
 
     def images_t():                       # the LS layout, transposed once per machine
@@ -479,9 +347,10 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
     batch = background.batch
     ls_engine = method if method in select.LOCAL_ENGINES else "auto"
     plan = []                             # (k, "local" | "bank" | "stream", Choice, unique)
+    spent = 0                             # bytes of the banks planned so far (smallest k first)
     for k in (sizes if kind in ("local", "els") else ()):
         if kind == "local" or (boundary == "zeros" and k >= min(h, w)):
-            k = check_local_k(k, h, w)           # SPEC: zero-padded ELS with k ≥ H is LS
+            k = check_local_k(k, h, w)    # docs/theory.md §2: zero-padded ELS, k ≥ H, is LS
             plan.append((k, "local", select.resolve_local_engine(
                 ls_engine, k=k, c=c, h=h, w=w, n=-(-n // n_shards), batch=batch, block=block),
                 None))
@@ -504,7 +373,8 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
             # (zeros: the interior windows; border.py's bank of the border is small)
             n_cand = n * (h * w if wrap_patches else (h - k + 1) * (w - k + 1))
             size = merged * n_cand * (k * k * c + 2 + c)
-        if size * 4 <= bank_bytes:
+        if spent + size * 4 <= bank_bytes:     # the budget holds every size's bank at once
+            spent += size * 4
             plan.append((k, "bank", choice, unique))
         else:
             plan.append((k, "stream",

@@ -1,4 +1,4 @@
-"""The Gaussian (Wiener) machine (SPEC §7): the exact denoiser of the training set's Gaussian.
+"""The Gaussian (Wiener) machine (docs/theory.md §7): the exact denoiser of the training set's Gaussian.
 
 Flatten the images in (H, W, C) order (D = H·W·C); μ and Σ are their mean and covariance with
 1/N (the maximum-likelihood Gaussian), Σ = U diag(λ) Uᵀ. If x_0 ~ N(μ, Σ) then

@@ -1,4 +1,4 @@
-"""The ideal score machine (IS, SPEC §2): the exact score of the training-set mixture.
+"""The ideal score machine (IS, docs/theory.md §2): the exact score of the training-set mixture.
 
 p_t(x) = (1/N) Σ_n N(x; a·c_n, b² I), so with w_n = softmax_n(−‖x − a·c_n‖² / (2b²)):
 

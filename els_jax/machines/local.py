@@ -1,4 +1,4 @@
-"""The local score machine (LS, SPEC §2): locality without equivariance.
+"""The local score machine (LS, docs/theory.md §2): locality without equivariance.
 
 Pixel i is denoised using only the k×k window around i, compared with the window at the SAME
 location in each training image; windows are cut at the border (outside pixels do not count):

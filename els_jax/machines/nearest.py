@@ -1,4 +1,4 @@
-"""The nearest-image machine (SPEC §7): the memorisation baseline.
+"""The nearest-image machine (docs/theory.md §7): the memorisation baseline.
 
     x̂_0(x) = x_{i*},   i* = argmin_i ‖x − a·x_i‖²        (first such i on ties)
 

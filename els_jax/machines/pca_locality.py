@@ -1,4 +1,4 @@
-"""The PCA-locality machine (SPEC §7; Lukoianov et al., NeurIPS 2025, "Locality in image
+"""The PCA-locality machine (docs/theory.md §7; Lukoianov et al., NeurIPS 2025, "Locality in image
 diffusion models emerges from data statistics", as analytic-diffusion-studio computes it).
 
 The locality of each output pixel comes from the data's Gaussian (els_jax.gaussian): with
@@ -51,7 +51,7 @@ __all__ = ["pca_locality_x0", "pca_locality_score", "pca_locality_mask", "locali
            "DEFAULT_TAU", "DIAG_FLOOR"]
 
 DEFAULT_TAU = 0.02
-DIAG_FLOOR = 1e-6      # |W_t[n, n]| below this counts as 1 (SPEC §7)
+DIAG_FLOOR = 1e-6      # |W_t[n, n]| below this counts as 1 (docs/theory.md §7)
 BLOCK = 1 << 20        # default logits per streamed chunk: B·chunk·D ≈ BLOCK
 _HIGHEST = jax.lax.Precision.HIGHEST
 

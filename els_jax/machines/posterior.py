@@ -1,6 +1,6 @@
 """Where each pixel of a machine's output comes from: the patch mosaic made visible.
 
-For every output pixel i the machine's posterior over candidates (SPEC §2) is
+For every output pixel i the machine's posterior over candidates (docs/theory.md §2) is
 
     w_{i,c} = softmax_c(ℓ_{i,c}),   ℓ_{i,c} = −‖q_i − a·c‖² / (2b²) + log(multiplicity).
 

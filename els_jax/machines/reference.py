@@ -1,4 +1,4 @@
-"""The reference path: every patch machine of SPEC §2 as one obvious jnp function.
+"""The reference path: every patch machine of docs/theory.md §2 as one obvious jnp function.
 
 One query image at a time (``jax.vmap`` over the batch), every candidate compared by its
 literal squared distance, the training images streamed one at a time through the shared
@@ -16,9 +16,9 @@ What differs between the machines is only which vectors are compared and which p
                                                                                    any (wrap_patches)
   els zeros (k)      k×k window, zero padded   k×k windows, zero padded            per axis: a query
       coordinate within k//2 of a border pairs with exactly that coordinate, an interior one
-      with any interior coordinate; k ≥ min(H, W) is the local machine (SPEC §2 notes).
+      with any interior coordinate; k ≥ min(H, W) is the local machine (docs/theory.md §2 notes).
 
-(Zero padding on both sides equals SPEC's "cut at the border" for LS: the pixels outside are
+(Zero padding on both sides equals docs/theory.md's "cut at the border" for LS: the pixels outside are
 0 in the query and in the same-position candidate, so they add nothing to the distance.)
 
 It is exact in float32 where the engines' expanded form a·q·c − a²‖c‖²/2 loses digits, costs
@@ -66,7 +66,7 @@ def _axis_class(n: int, m: int) -> np.ndarray:
 def allowed_pairs(kind: str, k: int, h: int, w: int, boundary: str = "circular",
                   wrap_patches: bool = False) -> np.ndarray:
     """Which (query pixel, candidate centre) pairs count, [H·W, H·W] bool (row-major pixels),
-    straight from SPEC §2's table for the patch machines."""
+    straight from docs/theory.md §2's table for the patch machines."""
     rows, cols = np.divmod(np.arange(h * w), w)
     m = k // 2
     if kind == "local" or (kind == "els" and boundary == "zeros" and k >= min(h, w)):

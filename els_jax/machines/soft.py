@@ -1,4 +1,4 @@
-"""The "els_soft" machine: ELS with a learned soft locality (SPEC §7).
+"""The "els_soft" machine: ELS with a learned soft locality (docs/theory.md §7).
 
 The ELS machine (``els.py``) compares the k×k window of x around each pixel with every
 candidate window. Here the hard window is replaced by a Gaussian window of width σ on a
@@ -90,7 +90,7 @@ def soft_groups(k_max: int, boundary: str, wrap_patches: bool, h: int, w: int):
 
     "circular" and "zeros" with k_max < min(H, W): every pass of ``els_layout.layout`` (for "zeros"
     the interior and the edge/corner groups). "zeros" with k_max ≥ min(H, W): the local
-    machine's layout (SPEC §2 notes), each pixel matched only with its own location."""
+    machine's layout (docs/theory.md §2 notes), each pixel matched only with its own location."""
     if boundary == "zeros" and k_max >= min(h, w):
         pix = np.arange(h * w)
         passes = [els_layout.Pass(pix, "zeros", pix, "zeros", pix, pix)]

@@ -1,4 +1,4 @@
-"""The convolutional denoisers of the paper (SPEC §5), as pure Flax Linen modules.
+"""The convolutional denoisers of the paper (docs/theory.md §5), as pure Flax Linen modules.
 
 Every network predicts the noise of the variance-preserving forward process,
 
@@ -6,7 +6,7 @@ Every network predicts the noise of the variance-preserving forward process,
 
 with x [B, H, W, C] float32 (NHWC), t [B] or a scalar in [0, 1], label [B] int or None, so
 that, through ``make_network``, a trained network is one more ``eps_fn(x, t, i)`` for the
-single sampler ``els_jax.sample`` that also drives the analytic machines (SPEC §3).
+single sampler ``els_jax.sample`` that also drives the analytic machines (docs/theory.md §3).
 
 Networks:
   - ``ResNet``: 3×3 conv up-projection to ``channels``, ``depth`` residual layers
@@ -22,7 +22,7 @@ border, which is what makes the boundary-broken ELS machine the right model) or 
 
 The embedding e(t, y) = MLP(sinusoid(t) + E[y]) is the sinusoidal time embedding plus, for a
 class-conditional network (``num_classes`` set), a learned class embedding E[y] of the same
-width (SPEC §5).
+width (docs/theory.md §5).
 
     >>> model = ResNet(channels=64, depth=6)
     >>> params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,)))

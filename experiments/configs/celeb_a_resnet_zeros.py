@@ -1,5 +1,5 @@
 """CelebA (centre-cropped to 32×32), ResNet, zero padding.
-Paper (SPEC §4): ELS vs network median r² .96 (IS .47).
+Paper (docs/theory.md §4): ELS vs network median r² .96 (IS .47).
 
     els-jax train --config experiments/configs/celeb_a_resnet_zeros.py --workdir runs/celeb_a_resnet_zeros --data-dir $TFDS_DATA_DIR
 """

@@ -1,5 +1,5 @@
 """CelebA (centre-cropped to 32×32), UNet, zero padding.
-Paper (SPEC §4): ELS vs network median r² .85.
+Paper (docs/theory.md §4): ELS vs network median r² .85.
 
     els-jax train --config experiments/configs/celeb_a_unet_zeros.py --workdir runs/celeb_a_unet_zeros --data-dir $TFDS_DATA_DIR
 """

@@ -1,5 +1,5 @@
 """CIFAR10, ResNet, circular padding, class-conditional.
-Paper (SPEC §4): ELS vs network median r² .94.
+Paper (docs/theory.md §4): ELS vs network median r² .94.
 
     els-jax train --config experiments/configs/cifar10_resnet_circular.py --workdir runs/cifar10_resnet_circular --data-dir $TFDS_DATA_DIR
 """

@@ -1,5 +1,5 @@
 """CIFAR10, ResNet, zero padding, class-conditional.
-Paper (SPEC §4): ELS vs network median r² .95 (IS .42); calibrated ELS scales in SPEC §5.
+Paper (docs/theory.md §4): ELS vs network median r² .95 (IS .42); calibrated ELS scales in docs/theory.md §5.
 
     els-jax train --config experiments/configs/cifar10_resnet_zeros.py --workdir runs/cifar10_resnet_zeros --data-dir $TFDS_DATA_DIR
 """

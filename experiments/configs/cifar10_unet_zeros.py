@@ -1,5 +1,5 @@
 """CIFAR10, UNet, zero padding, class-conditional.
-Paper (SPEC §4): ELS vs network median r² .90.
+Paper (docs/theory.md §4): ELS vs network median r² .90.
 
     els-jax train --config experiments/configs/cifar10_unet_zeros.py --workdir runs/cifar10_unet_zeros --data-dir $TFDS_DATA_DIR
 """

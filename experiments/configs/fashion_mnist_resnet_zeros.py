@@ -1,5 +1,5 @@
 """FashionMNIST, ResNet, zero padding, class-conditional.
-Paper (SPEC §4): ELS vs network median r² .94 (IS .68).
+Paper (docs/theory.md §4): ELS vs network median r² .94 (IS .68).
 
     els-jax train --config experiments/configs/fashion_mnist_resnet_zeros.py --workdir runs/fashion_mnist_resnet_zeros --data-dir $TFDS_DATA_DIR
 """

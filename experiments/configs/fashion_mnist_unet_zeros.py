@@ -1,5 +1,5 @@
 """FashionMNIST, UNet, zero padding, class-conditional.
-Paper (SPEC §4): ELS vs network median r² .93.
+Paper (docs/theory.md §4): ELS vs network median r² .93.
 
     els-jax train --config experiments/configs/fashion_mnist_unet_zeros.py --workdir runs/fashion_mnist_unet_zeros --data-dir $TFDS_DATA_DIR
 """

@@ -1,5 +1,5 @@
 """mnist5k, ResNet, circular padding: the CPU-sized version of the paper's circular network
-(ELS with a circular boundary vs network r = .77 on MNIST, SPEC §4); the trained network
+(ELS with a circular boundary vs network r = .77 on MNIST, docs/theory.md §4); the trained network
 ships in experiments/checkpoints/mnist5k_resnet_circular/.
 
     els-jax train --config experiments/configs/mnist5k_resnet_circular.py \

@@ -1,4 +1,4 @@
-"""MNIST, ResNet, circular padding. Paper (SPEC §4): ELS (circular) vs network r = .77.
+"""MNIST, ResNet, circular padding. Paper (docs/theory.md §4): ELS (circular) vs network r = .77.
 
     els-jax train --config experiments/configs/mnist_resnet_circular.py --workdir runs/mnist_resnet_circular --data-dir $TFDS_DATA_DIR
 """

@@ -1,5 +1,5 @@
-"""MNIST, ResNet, zero padding. Paper (SPEC §4): ELS vs network median r² .94 (IS .61).
-Its calibrated ELS scales are in SPEC §5.
+"""MNIST, ResNet, zero padding. Paper (docs/theory.md §4): ELS vs network median r² .94 (IS .61).
+Its calibrated ELS scales are in docs/theory.md §5.
 
     els-jax train --config experiments/configs/mnist_resnet_zeros.py --workdir runs/mnist_resnet_zeros --data-dir $TFDS_DATA_DIR
 """

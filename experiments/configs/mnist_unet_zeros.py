@@ -1,5 +1,5 @@
-"""MNIST, UNet, zero padding. Paper (SPEC §4): ELS vs network median r² .89.
-Its calibrated ELS scales are in SPEC §5.
+"""MNIST, UNet, zero padding. Paper (docs/theory.md §4): ELS vs network median r² .89.
+Its calibrated ELS scales are in docs/theory.md §5.
 
     els-jax train --config experiments/configs/mnist_unet_zeros.py --workdir runs/mnist_unet_zeros --data-dir $TFDS_DATA_DIR
 """
