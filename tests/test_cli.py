@@ -41,6 +41,7 @@ def test_data_not_prepared_offline(capsys, tmp_path):
         line = _user_error(capsys, argv)
         assert "'cifar10'" in line and "not prepared" in line
         assert "tfds build cifar10" in line and "--data-dir" in line    # what to do
+    assert not (tmp_path / "run").exists()                # nothing written before the check
 
 
 def test_even_patch_size_and_flags_of_other_machines(capsys, tmp_path):

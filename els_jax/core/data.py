@@ -22,6 +22,7 @@ Sources:
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import jax
@@ -131,6 +132,11 @@ def load_tfds(name: str, split: str = "train", *, data_dir: str | None = None,
     import tensorflow_datasets as tfds
 
     data_dir = data_dir or os.environ.get("TFDS_DATA_DIR")
+    # tfds logs a warning (absl) about the missing folder before it raises: our error below
+    # says the same with what to do, so its log is held back while it looks.
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
     try:
         source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
         n = len(source)
@@ -144,6 +150,8 @@ def load_tfds(name: str, split: str = "train", *, data_dir: str | None = None,
             "Or use the embedded data set: --dataset digits. "
             f"(tfds said: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
         ) from err
+    finally:
+        logger.setLevel(level)
     image_key, label_key = TFDS_DATASETS[name]
     n = n if max_examples is None else min(n, int(max_examples))
     images, labels = [], []

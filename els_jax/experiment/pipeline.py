@@ -92,6 +92,9 @@ def reproduce(cfg: ReproduceConfig, out: str, *, progress: bool = True) -> dict:
     cfg = cfg.resolved()
     cfg.validate()
     t_start = time.perf_counter()
+    if cfg.checkpoint is None and cfg.dataset in data_lib.TFDS_DATASETS:
+        # Data that is not prepared here fails now, before the run folder is written.
+        data_lib.load_dataset(cfg.dataset, data_dir=cfg.data_dir, max_examples=1)
     os.makedirs(out, exist_ok=True)
     _check_config(out, cfg)
     timer = Timer(out)
