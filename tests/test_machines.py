@@ -610,3 +610,15 @@ def test_bank_budget_counts_every_patch_size_at_once():
     for i, k in ((0, 5), (1, 3)):
         np.testing.assert_allclose(np.asarray(m.x0(x, jnp.float32(0.5), i)),
                                    np.asarray(ej.els_x0(x, 0.5, images, k=k)), atol=2e-5)
+
+
+def test_a_data_set_that_cannot_fit_is_refused_before_anything_is_built(monkeypatch):
+    from els_jax.core import validation
+    _, images = _setup(0.5)
+    monkeypatch.setattr(validation, "visible_memory", lambda device=None: 1000)
+    with pytest.raises(ValueError, match=r"training images .* GiB, more than .* fewer images"):
+        ej.make_machine("els", images, scales=3)
+    monkeypatch.undo()
+    free = validation.visible_memory()               # this machine's: read, and plausible
+    assert free is None or 2**20 < free < 2**50
+    ej.make_machine("els", images, scales=3)         # fits here

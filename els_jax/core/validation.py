@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["check_query_and_images", "mask_log_weights", "check_patch_size"]
+__all__ = ["check_query_and_images", "mask_log_weights", "check_patch_size", "visible_memory",
+           "check_fits"]
 
 
 def check_query_and_images(x, images):
@@ -43,3 +44,35 @@ def check_patch_size(k, height: int, width: int):
         raise ValueError(f"patch size k must be odd and positive (a window centred on its "
                          f"pixel); got {k}")
     return int(k)
+
+
+def visible_memory(device=None) -> int | None:
+    """Bytes a computation on ``device`` (default: the first) can still use: an accelerator's
+    free memory (``memory_stats``), or on a CPU the host's available memory (MemAvailable of
+    /proc/meminfo). None when neither can be read."""
+    device = device or jax.devices()[0]
+    if device.platform != "cpu":
+        try:
+            stats = device.memory_stats() or {}
+            if "bytes_limit" in stats:
+                return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+        except Exception:  # noqa: BLE001 - a backend without memory statistics
+            return None
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_fits(nbytes: int, what: str, knob: str, device=None):
+    """Raises a ValueError naming ``what``, its size and the ``knob`` that changes it, before
+    anything is allocated, when ``nbytes`` exceed ``visible_memory``."""
+    free = visible_memory(device)
+    if free is not None and nbytes > free:
+        raise ValueError(f"{what} need {nbytes / 2**30:.1f} GiB, more than the "
+                         f"{free / 2**30:.1f} GiB this machine can use now; {knob}")

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from els_jax.core import patches
+from els_jax.core import patches, validation
 from els_jax.core import schedules as schedules_lib
 from els_jax.engines import layout as els_layout
 from els_jax.engines import local as local_engine
@@ -272,6 +272,12 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
     if boundary not in patches.BOUNDARIES:
         raise ValueError(f"unknown boundary {boundary!r}; choose one of {patches.BOUNDARIES}")
     schedule = schedules_lib.get(schedule)
+    shape = np.shape(images)
+    if len(shape) == 4:      # a host copy in float32 and one on the device, before any bank
+        validation.check_fits(
+            2 * 4 * int(np.prod(shape)), f"the {shape[0]} training images {shape[1:]} as "
+            "float32, on the host and on the device,", "pass fewer images (a subset or a "
+            "class mask), or run where more memory is free")
     images = np.asarray(images, np.float32)
     if images.ndim != 4:
         raise ValueError(f"images must be [N, H, W, C]; got shape {images.shape}")
