@@ -176,3 +176,23 @@ def test_time_from_els_score_reaches_few_modules():
     assert calls_with_t <= {"schedules_lib", "els_x0"}, calls_with_t
     modules = {"els_jax.machines.els", "els_jax.core.schedules"}
     assert len(modules) <= 4
+
+
+def test_every_ej_name_in_the_readme_and_docs_exists():
+    """``import els_jax as ej`` keeps every name the README and docs/theory.md use."""
+    import re
+
+    import els_jax as ej
+    root = PKG.parent
+    text = (root / "README.md").read_text() + (root / "docs" / "theory.md").read_text()
+    names = set(re.findall(r"\bej\.([A-Za-z_][A-Za-z_0-9]*(?:\.[A-Za-z_][A-Za-z_0-9]*)*)", text))
+    assert len(names) > 20
+    missing = []
+    for dotted in sorted(names):
+        obj = ej
+        for part in dotted.split("."):
+            if not hasattr(obj, part):
+                missing.append(dotted)
+                break
+            obj = getattr(obj, part)
+    assert not missing, missing
