@@ -135,21 +135,22 @@ def _fixed_times(times, ran):
     return fake
 
 
-@pytest.mark.parametrize("winner", ["row", "native", "window_native"] if native.available()
-                         else ["window", "row"])
+@pytest.mark.parametrize("winner", ["row", "native", "window_native", "shiftmap"]
+                         if native.available() else ["window", "row", "shiftmap"])
 def test_machine_runs_the_measured_engine_and_explains_it(tuner, monkeypatch, winner):
     """The real probes run (every applicable engine on synthetic images); whichever engine
     wins, the machine computes the oracle's x̂_0 and explain() says what decided. (Two
     winners: every probe runs for each, and each engine meets the oracle elsewhere.)"""
-    times = {"window": 3.0, "row": 3.0, "native": 3.0, "window_native": 3.0, winner: 1.0}
+    times = {"window": 3.0, "row": 3.0, "native": 3.0, "window_native": 3.0, "shiftmap": 3.0,
+             winner: 1.0}
     ran = []
     monkeypatch.setattr(autotune, "measure", _fixed_times(times, ran))
     rng = np.random.default_rng(0)
     images = rng.uniform(-1, 1, (6, 9, 8, 1)).astype(np.float32)
     x = jnp.asarray(0.8 * images[:2] + 0.6 * rng.normal(size=(2, 9, 8, 1)), jnp.float32)
     m = ej.make_machine("els", images, scales=[3, 5], boundary="zeros", dedup=False)
-    want_engines = {"window", "row"} | ({"native", "window_native"} if native.available()
-                                        else set())
+    want_engines = {"window", "row", "shiftmap"} | (
+        {"native", "window_native"} if native.available() else set())
     assert set(ran) == want_engines                      # both sizes: same applicable set
     info = m.explain()
     assert set(info) == {3, 5}

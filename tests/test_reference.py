@@ -98,11 +98,12 @@ def _engines(name):
         out["machine"] = lambda im: machine(im, scales=k)
     else:
         boundary, wrap = kw.get("boundary", "circular"), kw.get("wrap_patches", False)
-        for method in ("window", "row"):
+        for method in ("window", "row", "shiftmap"):
             out[f"els_x0 {method}"] = (lambda method: lambda im: lambda x, t: ej.els_x0(
                 x, t, im, k=k, boundary=boundary, wrap_patches=wrap, mask=mask,
                 method=method))(method)
-        methods = ["window", "row"] + (["window_native"] if native.available() else [])
+        methods = (["window", "row", "shiftmap"]
+                   + (["window_native"] if native.available() else []))
         if boundary == "zeros" and k < H and native.available():
             methods.append("native")
         if k < H or boundary == "circular":

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["available", "local_softmax_state", "interior_softmax_state",
-           "window_softmax_state", "with_reference_derivatives"]
+           "window_softmax_state", "shiftmap_softmax_state", "with_reference_derivatives"]
 
 _SOURCE = Path(__file__).with_name("native_local.cc")
 # No -ffast-math: the kernel's exp rounds with a magic-number add that reassociation would
@@ -48,7 +48,8 @@ def _flags() -> tuple[str, ...]:
     return _FLAGS + (f"-march={os.environ.get('ELS_JAX_NATIVE_ARCH', 'native')}",)
 _TARGETS = {"els_local_softmax": "ElsLocalSoftmax",
             "els_interior_softmax": "ElsInteriorSoftmax",
-            "els_window_softmax": "ElsWindowSoftmax"}
+            "els_window_softmax": "ElsWindowSoftmax",
+            "els_shiftmap_softmax": "ElsShiftMapSoftmax"}
 
 
 def _cpu_signature() -> str:
@@ -185,7 +186,7 @@ def local_softmax_state(q, a, b2, centred_and_ones, half_sq, log_w, k: int):
 
 
 def interior_softmax_state(q, a, b2, centred, half_sq, log_w, k: int):
-    """The zero-padded ELS machine's interior pass (SPEC §2) in one fused pass: for every
+    """The zero-padded ELS machine's interior pass (docs/theory.md §2) in one fused pass: for every
     interior query pixel i and every interior position i' of every image n,
 
         logit = (a·⟨W_i(q), W_i'(c_n)⟩ − a²·half_sq[i', n]) / b² + log_w[n],   value c_n[i'],
@@ -223,3 +224,27 @@ def window_softmax_state(q, a, b2, keys, values):
     return jax.ffi.ffi_call("els_window_softmax", out, vmap_method="sequential")(
         q.astype(jnp.float32), coef.astype(jnp.float32), keys.astype(jnp.float32),
         values.astype(jnp.float32))
+
+
+def shiftmap_softmax_state(x, a, b2, images, log_w, k: int, mode: int):
+    """The shift-map engine (``shiftmap.py``, docs/theory.md §9) in one fused pass: for every query
+    pixel i of x and every existing candidate (image n, centre j = i + d) of pair rule
+    ``mode`` (0 LS, 1 ELS zeros, 2 ELS circular, 3 ELS circular with wrap_patches;
+    ``shiftmap.MODES``),
+
+        logit = −(box_k f_d)(i) / (2b²) + log_w[n],   f_d(p) = Σ_c (x(p) − a·y_n(p + d))²,
+
+    value y_n(j). x [B, H, W, C] (raw, not centred); a, b² [B]; images [N, H, W, C]; log_w
+    [N] (−inf = absent). Returns (max, total, acc): [B, H, W], [B, H, W], [B, H, W, C]
+    (acc of the raw values). CPU only.
+    """
+    if not available():
+        raise RuntimeError("the fused CPU kernels are not available (see the warning above)")
+    bsz, h, w, c = x.shape
+    out = (jax.ShapeDtypeStruct((bsz, h, w), jnp.float32),
+           jax.ShapeDtypeStruct((bsz, h, w), jnp.float32),
+           jax.ShapeDtypeStruct((bsz, h, w, c), jnp.float32))
+    coef = jnp.stack([jnp.broadcast_to(a, (bsz,)), jnp.broadcast_to(b2, (bsz,))], axis=1)
+    return jax.ffi.ffi_call("els_shiftmap_softmax", out, vmap_method="sequential")(
+        x.astype(jnp.float32), coef.astype(jnp.float32), images.astype(jnp.float32),
+        log_w.astype(jnp.float32), k=np.int64(k), mode=np.int64(mode))

@@ -769,3 +769,496 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ElsWindowSoftmax, WindowImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>() /* max */
                                   .Ret<ffi::Buffer<ffi::F32>>() /* total */
                                   .Ret<ffi::Buffer<ffi::F32>>() /* acc */);
+
+// ----------------------------------------------------------------------------------------
+// Shift-map engine (docs/theory.md §9, els_jax/engines/shiftmap.py): the patch machines'
+// logits from one map per (training image, shift d = j − i),
+//
+//   f_d(p) = Σ_c (x(p) − a·y(p + d))²,     ‖q_i − a·c_j‖² = (box_k f_d)(i),
+//
+// logit = −(box_k f_d)(i)/(2b²) + log w, value y(i + d): O(C) work per term of the map and
+// O(1) per pair for the box sums, whatever k. The pairs are the product of per-axis lists of
+// (shift d, query range [i0, i0 + len)) (``axis_shifts``; shiftmap.axis_plan's rule):
+//
+//   mode 0 "local"     d = 0 for every i, x and y zero-extended (LS's cut windows).
+//   mode 1 "zeros"     d = 0 for every i (zero padded); d ≠ 0 for interior i with i + d interior.
+//   mode 2 "circular"  d = 0 … n−1 (mod n): i with (i + d) mod n interior; x and y periodic.
+//   mode 3 "wrap"      d = 0 … n−1 (mod n): every i; x and y periodic.
+//
+// One item (query image, range of images) packs NB images at a time pixel-major (a register
+// holds one pixel of kLanes images) and, for every shift: the row box sums of the map's rows
+// over the query range ± m (``row_box``, straight from the map's terms), the column box sums
+// fused with the logits, and a row of pairs at a time into the pixels' online softmax states
+// (``RowStates``: PixelStates' partial sums and skip of negligible weights, fed a row at a
+// time). Box sums add nonnegative terms only (no prefix sums, no subtraction, so no float32
+// cancellation at small t): k ≤ kShiftDirectK by k direct additions, larger k by van Herk /
+// Gil-Werman partial sums (in-segment suffix and prefix sums, restarted every k terms: about
+// three additions per output whatever k).
+//
+// Cost: a shift's map covers its query range ± m along each axis, so the terms per pair are
+// ((len + 2m)/len)² on average: ~1 for LS and for wrap_patches (len = n), but (n/(n − 2m))²
+// for the circular windows inside the image and the zero-padded interior at large k (28 at
+// k = 27 on 32×32: only 6×6 candidate positions per image, each needing the whole map).
+
+namespace {
+
+constexpr int64_t kShiftBlock = 64;     // images per block (four AVX-512 registers)
+constexpr int64_t kShiftDirectK = 5;    // up to this k, box sums by direct additions
+static_assert(kItemImages % kShiftBlock == 0, "items are whole blocks");
+static_assert(kShiftBlock % kSums == 0, "whole partial-sum groups per block");
+
+struct AxisShift {
+  int64_t d, i0, len;  // shift; query coordinates i0 … i0 + len − 1 (mod n when periodic)
+};
+
+std::vector<AxisShift> axis_shifts(int64_t n, int64_t k, int64_t mode) {
+  const int64_t m = k / 2, inner = n - 2 * m;
+  std::vector<AxisShift> out;
+  if (mode == 0) {
+    out.push_back({0, 0, n});
+  } else if (mode == 1) {
+    for (int64_t d = -(inner - 1); d <= inner - 1; ++d) {
+      if (d == 0) out.push_back({0, 0, n});
+      else out.push_back({d, std::max(m, m - d), inner - std::abs(d)});
+    }
+  } else {
+    for (int64_t d = 0; d < n; ++d) {
+      if (mode == 3) out.push_back({d, 0, n});
+      else out.push_back({d, ((m - d) % n + n) % n, inner});
+    }
+  }
+  return out;
+}
+
+// For the T = len + 2m map coordinates t of one axis shift: the query coordinate p (−1
+// outside a zero-extended image, where the term is 0) and the candidate coordinate q = p + d;
+// on a periodic axis only the first min(T, n) are distinct (t ≥ n repeats t − n).
+struct AxisMap {
+  std::vector<int64_t> p, q;
+  int64_t T, distinct;
+};
+
+AxisMap axis_map(const AxisShift& s, int64_t n, int64_t k, bool periodic) {
+  const int64_t m = k / 2, T = s.len + 2 * m;
+  AxisMap am;
+  am.T = T;
+  am.distinct = periodic ? std::min(T, n) : T;
+  am.p.resize(T), am.q.resize(T);
+  for (int64_t t = 0; t < T; ++t) {
+    int64_t p = s.i0 - m + t;
+    if (periodic) {
+      p = ((p % n) + n) % n;
+      am.p[t] = p, am.q[t] = (p + s.d) % n;
+    } else {
+      const bool in = p >= 0 && p < n;     // outside only for d = 0, where q = p is outside too
+      am.p[t] = in ? p : -1, am.q[t] = in ? p + s.d : -1;
+    }
+  }
+  return am;
+}
+
+// One row of the map against NB images: ``term`` sets out[e] = f(t) (register e), ``add``
+// adds f(t) to run[e] (a fused multiply-add per channel); f(t) = Σ_c (x[p(t), c] −
+// a·y[q(t), c])², 0 where p(t) < 0. xrow: the query's row (pixel-major, C per pixel); yrow:
+// the packed block's row (NB per pixel, channels `plane` floats apart).
+template <int64_t NB, int64_t CC>
+struct MapRow {
+  static constexpr int64_t V = NB / kLanes;
+  const float* xrow;
+  const float* yrow;
+  int64_t plane, c;
+  vf av;
+  const AxisMap& tx;
+
+  int64_t channels() const { return CC > 0 ? CC : c; }
+
+  void term(int64_t t, vf* out) const {
+#pragma GCC unroll 16
+    for (int64_t e = 0; e < V; ++e) out[e] = vf{};
+    add(t, out);
+  }
+
+  void add(int64_t t, vf* run) const {
+    const int64_t px = tx.p[t];
+    if (px < 0) return;
+    const int64_t nc = channels();
+    const float* xp = xrow + px * nc;
+    const float* yp = yrow + tx.q[t] * NB;
+    for (int64_t ch = 0; ch < nc; ++ch) {
+      const float xc = xp[ch];
+#pragma GCC unroll 16
+      for (int64_t e = 0; e < V; ++e) {
+        const vf d = xc - av * load(yp + ch * plane + e * kLanes);
+        run[e] = d * d + run[e];
+      }
+    }
+  }
+};
+
+// Row box sums of one row of the map: out[u] = Σ_{t=u}^{u+k−1} f(t), u in [0, L) (NB floats
+// each). k ≤ kShiftDirectK: the row's terms into f, then k direct additions per output.
+// Larger k, van Herk straight from the terms, the running sums in registers: backwards over
+// the k-segments (from t = 0) that hold outputs, g[t] = Σ from t to the end of t's segment,
+// written to out for t < L; then forwards from t = k, pre[t] = Σ from the start of t's
+// segment to t, added to out[t − k + 1] unless that starts a segment (the window [u, u + k)
+// is g[u] + pre[u + k − 1], or g[u] alone). Terms read by both passes (L > k) go through f.
+template <int64_t NB, int64_t CC>
+void row_box(const MapRow<NB, CC>& row, int64_t L, int64_t k, float* f, float* out) {
+  constexpr int64_t V = NB / kLanes;
+  const int64_t T = L + k - 1;
+  vf run[V];
+  if (k <= kShiftDirectK) {
+    for (int64_t t = 0; t < T; ++t) {
+      row.term(t, run);
+#pragma GCC unroll 16
+      for (int64_t e = 0; e < V; ++e) store(f + t * NB + e * kLanes, run[e]);
+    }
+    for (int64_t u = 0; u < L; ++u) {
+      const float* fu = f + u * NB;
+#pragma GCC unroll 16
+      for (int64_t e = 0; e < V; ++e) {
+        vf sum = load(fu + e * kLanes);
+        for (int64_t r = 1; r < k; ++r) sum += load(fu + r * NB + e * kLanes);
+        store(out + u * NB + e * kLanes, sum);
+      }
+    }
+    return;
+  }
+  const int64_t Lg = std::min(T, (L + k - 1) / k * k);
+  vf term[V];
+  for (int64_t s0 = (Lg - 1) / k * k; s0 >= 0; s0 -= k) {
+#pragma GCC unroll 16
+    for (int64_t e = 0; e < V; ++e) run[e] = vf{};
+    for (int64_t t = std::min(s0 + k, Lg) - 1; t >= s0; --t) {
+      if (t >= k) {                         // read again by the forward pass
+        row.term(t, term);
+#pragma GCC unroll 16
+        for (int64_t e = 0; e < V; ++e) {
+          store(f + t * NB + e * kLanes, term[e]);
+          run[e] += term[e];
+        }
+      } else {
+        row.add(t, run);
+      }
+      if (t < L) {
+#pragma GCC unroll 16
+        for (int64_t e = 0; e < V; ++e) store(out + t * NB + e * kLanes, run[e]);
+      }
+    }
+  }
+  for (int64_t t = k; t < T; ++t) {
+    if (t % k == 0) {
+#pragma GCC unroll 16
+      for (int64_t e = 0; e < V; ++e) run[e] = vf{};
+    }
+    if (t < Lg) {
+#pragma GCC unroll 16
+      for (int64_t e = 0; e < V; ++e) run[e] += load(f + t * NB + e * kLanes);
+    } else {
+      row.add(t, run);
+    }
+    const int64_t u = t - k + 1;
+    if (u % k != 0) {
+#pragma GCC unroll 16
+      for (int64_t e = 0; e < V; ++e) {
+        float* o = out + u * NB + e * kLanes;
+        store(o, load(o) + run[e]);
+      }
+    }
+  }
+}
+
+// Van Herk's partial sums down a column of rows (E floats each, rows[t] for t < T = L + k − 1;
+// segments of k from t = 0): g[t] = Σ from t to the end of t's segment, for t < L_g =
+// min(T, ⌈L/k⌉k); pre[t] = Σ from the start of t's segment to t, for t in [k, T).
+inline void segment_sums(const float* const* rows, int64_t L, int64_t k, int64_t E, float* g,
+                         float* pre) {
+  const int64_t T = L + k - 1, Lg = std::min(T, (L + k - 1) / k * k);
+  for (int64_t t = Lg - 1; t >= 0; --t) {
+    const bool last = t + 1 == Lg || (t + 1) % k == 0;
+    float* gt = g + t * E;
+    if (last) {
+      for (int64_t e = 0; e < E; e += kLanes) store(gt + e, load(rows[t] + e));
+    } else {
+      for (int64_t e = 0; e < E; e += kLanes) store(gt + e, load(rows[t] + e) + load(gt + E + e));
+    }
+  }
+  for (int64_t t = k; t < T; ++t) {
+    float* pt = pre + t * E;
+    if (t % k == 0) {
+      for (int64_t e = 0; e < E; e += kLanes) store(pt + e, load(rows[t] + e));
+    } else {
+      for (int64_t e = 0; e < E; e += kLanes) store(pt + e, load(rows[t] + e) + load(pt - E + e));
+    }
+  }
+}
+
+// The online softmax state of every query pixel: PixelStates' kSums partial sums per pixel
+// and its skip of weights below e^−kNegligible of the running maximum, fed a row of pixels at
+// a time: first each pixel's maximum (and the rare rescale), then every exponential of the
+// row in one loop, whose iterations are independent (one pixel's exps alone leave the core
+// waiting on their dependency chain).
+class RowStates {
+ public:
+  static constexpr int64_t kRegC = 4;   // channels whose sums are kept in registers
+
+  RowStates(int64_t pixels, int64_t c)
+      : c_(c), mx_(pixels, kNegInf), lanes_(pixels * (c + 1) * kSums, 0.0f) {}
+
+  // Pixel pix[r] (r < count) gets the NB logits logit + r·NB, whose maximum is bmax[r], with
+  // values vals[r] + ch·ch_stride + j. CC: the channels if at most kRegC, else 0.
+  template <int64_t NB, int64_t CC>
+  void add_row(int64_t count, const int64_t* pix, const float* logit, const float* bmax,
+               const float* const* vals, int64_t ch_stride) {
+    constexpr int64_t R = kSums / kLanes;
+    const int64_t S = (c_ + 1) * kSums;
+    if (static_cast<int64_t>(live_.size()) < count) live_.resize(count);
+    for (int64_t r = 0; r < count; ++r) {
+      const float block_max = bmax[r];
+      float& mx = mx_[pix[r]];
+      if (block_max > mx) {                   // a new maximum: rescale (rare after a few blocks)
+        float* ln = lanes_.data() + pix[r] * S;
+        const float f = mx == kNegInf ? 0.0f : std::exp(mx - block_max);
+        for (int64_t l = 0; l < S; ++l) ln[l] *= f;
+        mx = block_max;
+      }
+      // Skipped: every candidate so far absent, or every logit below the floor (≥, not >:
+      // when mx − kNegligible rounds to mx, the maximum itself must stay).
+      live_[r] = mx != kNegInf && block_max >= mx - kNegligible;
+    }
+    for (int64_t r = 0; r < count; ++r) {
+      if (!live_[r]) continue;
+      const float m = mx_[pix[r]], floor = m - kNegligible;
+      float* ln = lanes_.data() + pix[r] * S;
+      const float* lg = logit + r * NB;
+      const float* v = vals[r];
+      if constexpr (CC > 0) {
+        vf total[R], acc[CC][R];
+        for (int64_t q = 0; q < R; ++q) {
+          total[q] = load(ln + q * kLanes);
+          for (int64_t ch = 0; ch < CC; ++ch) acc[ch][q] = load(ln + (ch + 1) * kSums + q * kLanes);
+        }
+        for (int64_t j = 0; j < NB; j += kLanes) {
+          const int64_t q = (j % kSums) / kLanes;
+          const vf l = load(lg + j);
+          if (!any_at_least(l, floor)) continue;
+          const vf p = exp_nonpositive(l - m);
+          total[q] += p;
+          for (int64_t ch = 0; ch < CC; ++ch) acc[ch][q] += p * load(v + ch * ch_stride + j);
+        }
+        for (int64_t q = 0; q < R; ++q) {
+          store(ln + q * kLanes, total[q]);
+          for (int64_t ch = 0; ch < CC; ++ch) store(ln + (ch + 1) * kSums + q * kLanes, acc[ch][q]);
+        }
+      } else {                                // any C: the sums in memory
+        for (int64_t j = 0; j < NB; j += kLanes) {
+          float* lq = ln + j % kSums;
+          const vf l = load(lg + j);
+          if (!any_at_least(l, floor)) continue;
+          const vf p = exp_nonpositive(l - m);
+          store(lq, load(lq) + p);
+          for (int64_t ch = 0; ch < c_; ++ch) {
+            float* la = lq + (ch + 1) * kSums;
+            store(la, load(la) + p * load(v + ch * ch_stride + j));
+          }
+        }
+      }
+    }
+  }
+
+  // The state (max, total, acc) of every pixel, as PixelStates::write.
+  void write(float* mx, float* tot, float* acc) const {
+    const int64_t pixels = static_cast<int64_t>(mx_.size());
+    for (int64_t i = 0; i < pixels; ++i) {
+      const float* ln = lanes_.data() + i * (c_ + 1) * kSums;
+      mx[i] = mx_[i];
+      float t = 0.0f;
+      for (int64_t l = 0; l < kSums; ++l) t += ln[l];
+      tot[i] = t;
+      for (int64_t ch = 0; ch < c_; ++ch) {
+        float a = 0.0f;
+        for (int64_t l = 0; l < kSums; ++l) a += ln[(ch + 1) * kSums + l];
+        acc[i * c_ + ch] = a;
+      }
+    }
+  }
+
+  static float hmax(vf v) {
+#if defined(__AVX512F__)
+    return _mm512_reduce_max_ps(reinterpret_cast<__m512>(v));
+#else
+    float m = v[0];
+    for (int64_t l = 1; l < kLanes; ++l) m = std::max(m, v[l]);
+    return m;
+#endif
+  }
+
+ private:
+  int64_t c_;
+  std::vector<float> mx_, lanes_;
+  std::vector<char> live_;
+};
+
+struct ShiftShape {
+  int64_t b, h, w, c, n, k, mode;
+};
+
+// One item: query image b against images [n0, n1), every shift; state over all H·W pixels.
+// CC: the number of channels when at most RowStates::kRegC, else 0 (any C).
+template <int64_t NB, int64_t CC>
+void shift_item(const ShiftShape& s, const float* x, const float* coef, const float* images,
+                const float* log_w, int64_t b, int64_t n0, int64_t n1, float* mx, float* tot,
+                float* acc) {
+  const int64_t H = s.h, W = s.w, C = CC > 0 ? CC : s.c, k = s.k, m = k / 2, HW = H * W;
+  const bool periodic = s.mode >= 2;
+  const float a = coef[2 * b], b2 = coef[2 * b + 1];
+  const float scale = -0.5f / b2;                       // the jnp form's logit scale
+  const float* xb = x + b * HW * C;
+  const std::vector<AxisShift> sy = axis_shifts(H, k, s.mode), sx = axis_shifts(W, k, s.mode);
+  std::vector<AxisMap> my, mxs;
+  for (const AxisShift& v : sy) my.push_back(axis_map(v, H, k, periodic));
+  for (const AxisShift& v : sx) mxs.push_back(axis_map(v, W, k, periodic));
+  int64_t max_lx = 0, max_ly = 0;
+  for (const AxisShift& v : sx) max_lx = std::max(max_lx, v.len);
+  for (const AxisShift& v : sy) max_ly = std::max(max_ly, v.len);
+  const int64_t max_tx = max_lx + 2 * m, max_ty = max_ly + 2 * m;
+  const int64_t RE = max_lx * NB;                       // floats per row-box row
+  // The packed block: pixel-major, NB images per pixel, one plane per channel; log w.
+  std::vector<float> pack(C * HW * NB), lw(NB);
+  // A row of map terms; the row box sums of every distinct map row (R), a zero row; the
+  // column's van Herk sums; a row of pairs' logits, their maxima, pixels and values.
+  std::vector<float> frow(max_tx * NB), R(max_ty * RE), zero_row(RE, 0.0f);
+  std::vector<float> gcol(max_ty * RE), pcol(max_ty * RE), logit(RE), bmax(max_lx);
+  std::vector<const float*> rptr(max_ty), vptr(max_lx);
+  std::vector<int64_t> pix(max_lx);
+  RowStates states(HW, C);
+  const vf av = vf{} + a, sv = vf{} + scale;
+  const bool direct = k <= kShiftDirectK;
+  for (int64_t nb0 = n0; nb0 < n1; nb0 += NB) {
+    const int64_t nb = std::min(NB, n1 - nb0);
+    for (int64_t j = 0; j < nb; ++j) {
+      const float* img = images + (nb0 + j) * HW * C;
+      for (int64_t px = 0; px < HW; ++px)
+        for (int64_t ch = 0; ch < C; ++ch) pack[(ch * HW + px) * NB + j] = img[px * C + ch];
+      lw[j] = log_w[nb0 + j];
+    }
+    for (int64_t j = nb; j < NB; ++j) {                 // absent images: weight exactly 0
+      for (int64_t r = 0; r < C * HW; ++r) pack[r * NB + j] = 0.0f;
+      lw[j] = kNegInf;
+    }
+    for (size_t iy = 0; iy < sy.size(); ++iy) {
+      const AxisShift& ay = sy[iy];
+      const AxisMap& ty = my[iy];
+      for (size_t ix = 0; ix < sx.size(); ++ix) {
+        const AxisShift& ax = sx[ix];
+        const int64_t Lx = ax.len, E = Lx * NB;
+        // Row box sums of the map's distinct rows (later rows of a periodic axis repeat).
+        for (int64_t t = 0; t < ty.distinct; ++t) {
+          const int64_t py = ty.p[t];
+          if (py < 0) {
+            rptr[t] = zero_row.data();
+            continue;
+          }
+          const MapRow<NB, CC> row{xb + py * W * C, pack.data() + ty.q[t] * W * NB, HW * NB,
+                                   C, av, mxs[ix]};
+          rptr[t] = R.data() + t * RE;
+          row_box<NB, CC>(row, Lx, k, frow.data(), R.data() + t * RE);
+        }
+        for (int64_t t = ty.distinct; t < ty.T; ++t) rptr[t] = rptr[t - H];
+        // Column box sums fused with the logits and their maxima, a row of pairs at a time,
+        // each row then added to the pixels' states.
+        if (!direct) segment_sums(rptr.data(), ay.len, k, E, gcol.data(), pcol.data());
+        for (int64_t u = 0; u < ay.len; ++u) {
+          int64_t yi = ay.i0 + u, yj = yi + ay.d;
+          if (periodic) yi %= H, yj %= H;
+          const float* const* rows = rptr.data() + u;
+          const float* g = gcol.data() + u * E;
+          const float* pr = u % k == 0 ? nullptr : pcol.data() + (u + k - 1) * E;
+          for (int64_t v = 0; v < Lx; ++v) {
+            int64_t xi = ax.i0 + v, xj = xi + ax.d;
+            if (periodic) xi %= W, xj %= W;
+            pix[v] = yi * W + xi;
+            vptr[v] = pack.data() + (yj * W + xj) * NB;
+            const int64_t o = v * NB;
+            vf vmax = vf{} + kNegInf;
+            for (int64_t e = 0; e < NB; e += kLanes) {
+              vf sum;
+              if (direct) {
+                sum = load(rows[0] + o + e);
+                for (int64_t r = 1; r < k; ++r) sum += load(rows[r] + o + e);
+              } else {
+                sum = load(g + o + e);
+                if (pr != nullptr) sum += load(pr + o + e);
+              }
+              const vf lg = sum * sv + load(lw.data() + e);
+              store(logit.data() + o + e, lg);
+              vmax = lg > vmax ? lg : vmax;
+            }
+            bmax[v] = RowStates::hmax(vmax);
+          }
+          states.add_row<NB, CC>(Lx, pix.data(), logit.data(), bmax.data(), vptr.data(),
+                                 HW * NB);
+        }
+      }
+    }
+  }
+  states.write(mx, tot, acc);
+}
+
+// x [B, H, W, C], coef [B, 2] = (a, b²), images [N, H, W, C], log_w [N]; attributes k (odd)
+// and mode (0 local, 1 zeros, 2 circular, 3 wrap) → max [B, H, W], total [B, H, W],
+// acc [B, H, W, C].
+ffi::Error ShiftMapImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                        ffi::Buffer<ffi::F32> coef, ffi::Buffer<ffi::F32> images,
+                        ffi::Buffer<ffi::F32> log_w, int64_t k, int64_t mode,
+                        ffi::ResultBuffer<ffi::F32> out_max, ffi::ResultBuffer<ffi::F32> out_total,
+                        ffi::ResultBuffer<ffi::F32> out_acc) {
+  const auto xd = x.dimensions(), fd = coef.dimensions(), id = images.dimensions();
+  const auto ld = log_w.dimensions();
+  if (xd.size() != 4 || fd.size() != 2 || id.size() != 4 || ld.size() != 1) {
+    return ffi::Error::InvalidArgument(
+        "expected x [B, H, W, C], coef [B, 2], images [N, H, W, C], log_w [N]");
+  }
+  const ShiftShape ss{xd[0], xd[1], xd[2], xd[3], id[0], k, mode};
+  if (fd[0] != ss.b || fd[1] != 2 || id[1] != ss.h || id[2] != ss.w || id[3] != ss.c ||
+      ld[0] != ss.n || ss.n < 1) {
+    return ffi::Error::InvalidArgument("image shapes do not match the queries");
+  }
+  if (k < 1 || k % 2 == 0) return ffi::Error::InvalidArgument("k must be odd and positive");
+  if (mode < 0 || mode > 3) return ffi::Error::InvalidArgument("mode must be 0 … 3");
+  if (mode >= 1 && (k > std::min(ss.h, ss.w) || (mode == 1 && k == std::min(ss.h, ss.w)))) {
+    return ffi::Error::InvalidArgument("k too large for this mode (zeros with k ≥ min(H, W) "
+                                       "is mode 0)");
+  }
+  const Shape s{ss.b, ss.h, ss.w, ss.c, ss.n, k};
+  const float *xp = x.typed_data(), *cp = coef.typed_data(), *ip = images.typed_data();
+  const float* lp = log_w.typed_data();
+  run_items(pool, s, ss.h * ss.w, kShiftBlock,
+            [&](int64_t b, int64_t n0, int64_t n1, float* mx, float* tot, float* acc) {
+              constexpr int64_t NB = kShiftBlock;
+              switch (ss.c) {
+                case 1: return shift_item<NB, 1>(ss, xp, cp, ip, lp, b, n0, n1, mx, tot, acc);
+                case 2: return shift_item<NB, 2>(ss, xp, cp, ip, lp, b, n0, n1, mx, tot, acc);
+                case 3: return shift_item<NB, 3>(ss, xp, cp, ip, lp, b, n0, n1, mx, tot, acc);
+                case 4: return shift_item<NB, 4>(ss, xp, cp, ip, lp, b, n0, n1, mx, tot, acc);
+                default: return shift_item<NB, 0>(ss, xp, cp, ip, lp, b, n0, n1, mx, tot, acc);
+              }
+            },
+            out_max->typed_data(), out_total->typed_data(), out_acc->typed_data());
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ElsShiftMapSoftmax, ShiftMapImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>() /* x */
+                                  .Arg<ffi::Buffer<ffi::F32>>() /* coef */
+                                  .Arg<ffi::Buffer<ffi::F32>>() /* images */
+                                  .Arg<ffi::Buffer<ffi::F32>>() /* log_w */
+                                  .Attr<int64_t>("k")
+                                  .Attr<int64_t>("mode")
+                                  .Ret<ffi::Buffer<ffi::F32>>() /* max */
+                                  .Ret<ffi::Buffer<ffi::F32>>() /* total */
+                                  .Ret<ffi::Buffer<ffi::F32>>() /* acc */);

@@ -15,6 +15,10 @@ module each (two share one):
   "window_native"             the window engine's bank (merged or not) run by the fused C++
               (``window.py``) kernel of ``native.py`` (banked, CPU only); derivatives from
                               the "window" engine.
+  "shiftmap" (``shiftmap.py``) every pixel (border included) from the shift maps
+                              f_d = Σ_c (x − a·y(·+d))² and their k×k box sums: O(C) per
+                              pair whatever k, straight from the images (no bank); the
+                              fused CPU kernel, or its jnp form off the CPU.
 
 The zero-padded border (edges and corners) is always ``border.py``'s. Which engine runs is
 decided above this module (``select.resolve_els_engine``, called by the machines): here it
@@ -34,7 +38,9 @@ from els_jax.core import softmax
 from els_jax.engines import border as border_lib
 from els_jax.engines import interior as interior_lib
 from els_jax.engines import layout as geo
+from els_jax.engines import native
 from els_jax.engines import row as row_lib
+from els_jax.engines import shiftmap as shiftmap_lib
 from els_jax.engines import window as window_lib
 from els_jax.engines.interior import InteriorBank
 from els_jax.engines.layout import DEFAULT_BLOCK
@@ -53,7 +59,8 @@ ENGINES = ("window", "row", "native", "window_native")
 def stream_x0(x, a, b2, images, log_w, mu=None, *, k, boundary, wrap_patches, block,
               ideal=False, method="window", mesh=None):
     """x̂_0 [B, H, W, C] with candidates extracted from the images chunk by chunk (no bank);
-    a, b2: [B]; ``method`` the main pass's engine ("window" | "row"), already resolved.
+    a, b2: [B]; ``method`` the main pass's engine ("window" | "row"), or "shiftmap" (every
+    pixel by ``shiftmap.py``: no window is extracted, no border pass), already resolved.
 
     mu: the per-channel data mean [C] (default: of ``images``). With a ``mesh`` (one axis,
     "cands"; N divisible by its size) each device streams its share of the images and
@@ -61,6 +68,26 @@ def stream_x0(x, a, b2, images, log_w, mu=None, *, k, boundary, wrap_patches, bl
     the whole data set (it fixes the constant dropped from every logit, so it must be the same
     on every device)."""
     bsz, h, w, c = x.shape
+    if method == "shiftmap":              # every pixel, border included, in one engine
+        def state_of(x, a, b2, images, log_w):
+            return shiftmap_lib.shiftmap_state(x, a, b2, images, log_w, k=k, boundary=boundary,
+                                               wrap_patches=wrap_patches, block=block)
+
+        def shift_path(x, a, b2, images, log_w, mu):
+            if mesh is None:
+                return softmax.finalize(state_of(x, a, b2, images, log_w))
+            from jax.sharding import PartitionSpec as P
+            return softmax.finalize(softmax.sharded(
+                state_of, mesh, (P(), P(), P(), P("cands"), P("cands")))(x, a, b2, images, log_w))
+
+        def window_path(x, a, b2, images, log_w, mu):
+            return stream_x0(x, a, b2, images, log_w, mu, k=k, boundary=boundary,
+                             wrap_patches=wrap_patches, block=block, method="window", mesh=mesh)
+        # Values from the shift maps, derivatives from the window engine (tested against the
+        # reference's): the shift-map form's own forward mode gave NaN tangents under jit.
+        mu = jnp.mean(images, axis=(0, 1, 2)) if mu is None else mu
+        return native.with_reference_derivatives(shift_path, window_path)(
+            x, a, b2, images, log_w, mu)
     if mu is None:
         mu = jnp.mean(images, axis=(0, 1, 2))
     lay = row_lib.row_layout(k, boundary, wrap_patches, h, w) if method == "row" else None

@@ -5,7 +5,9 @@ the probes that time them (the measuring and its cache are ``autotune.py``).
       (XLA) | "native" (``interior.py``: the fused CPU kernel of the zero-padded interior,
       ``native.py``: banked machines without merged windows, k < H, W) | "window_native"
       (``window.py`` with the fused CPU kernel of a window bank, merged or not: banked
-      machines, any boundary)
+      machines, any boundary) | "shiftmap" (``shiftmap.py``: every pixel from shift maps
+      and box sums, O(C) per pair at every k, straight from the images; its fused CPU kernel,
+      or its jnp form elsewhere)
   LS (``local.py``): "kernel" (``native.py``) | "xla" (local.py's passes)
 
 A static rule tuned on one CPU picked, on another (AVX2 instead of AVX-512), an engine 6×
@@ -44,7 +46,7 @@ _PROBE_A, _PROBE_B2 = 0.5 ** 0.5, 0.5
 # ----------------------------------------------------------------------------------------
 # The ELS main pass: which engines apply, the static rule, and the choice.
 
-METHODS = ("auto", "window", "row", "native", "window_native")
+METHODS = ("auto", "window", "row", "native", "window_native", "shiftmap")
 
 # The static rule's cost per computed pair (relative units, fitted once on a 2-core CPU with
 # experiments/bench_machines.py): window ≈ W0 + W1·C^0.63·(k²C + 2), the matmul of length
@@ -86,7 +88,8 @@ def resolve_els_engine(method, k, c, h, boundary, unique_fraction=1.0, banked=Fa
     """The engine of the ELS main pass and why: the one place that decides.
 
     An explicit ``method`` wins ("native" and "window_native" raise where their kernel cannot
-    run). "auto": the applicable engines are "window" and "row"; for a banked machine on a CPU
+    run). "auto": the applicable engines are "window", "row" and "shiftmap" (which needs no
+    bank, so a machine that picks it streams from the images); for a banked machine on a CPU
     with the kernels built, "window_native" (the window bank run by the fused kernel), and
     "native" (the fused interior kernel, which does not merge windows) when the machine is
     zero-padded. ``els_engine`` times them on a probe (n = the number of training images,
@@ -112,7 +115,7 @@ def resolve_els_engine(method, k, c, h, boundary, unique_fraction=1.0, banked=Fa
         return Choice(method, "method='window_native' (explicit)")
     if method != "auto":
         return Choice(method, f"method={method!r} (explicit)")
-    applicable = ("window", "row")
+    applicable = ("window", "row", "shiftmap")      # shiftmap: no bank, streamed or not
     window_kernel = banked and native_window_ok()
     if window_kernel:
         applicable += ("window_native",)
@@ -171,7 +174,7 @@ def _els_probe_calls(k, c, h, w, boundary, wrap_patches, n, batch, engines, bank
     mu = images.mean(axis=(0, 1, 2))
     calls = {}
     for engine in engines:
-        if not banked:
+        if not banked and engine != "shiftmap":
             lay = row_lib.row_layout(k, boundary, wrap_patches, h, w) if engine == "row" else None
             groups = geo.grouped_passes(k, boundary, wrap_patches, h, w, False, engine)
             fn = jax.jit(functools.partial(passes.stream_states, k=k, block=block, lay=lay,
@@ -182,6 +185,14 @@ def _els_probe_calls(k, c, h, w, boundary, wrap_patches, n, batch, engines, bank
                                               fn, args)
             continue
         row, windows, interior, chunks, row_images = None, (), None, (), 0
+        if engine == "shiftmap":                  # no bank: the whole x̂_0 from the images
+            fn = jax.jit(functools.partial(passes.stream_x0, k=k, boundary=boundary,
+                                           wrap_patches=bool(wrap_patches), block=block,
+                                           method="shiftmap"))
+            args = (x, a, b2, jnp.asarray(images), jnp.zeros((n_probe,), jnp.float32))
+            calls[engine] = functools.partial(lambda fn, args: jax.block_until_ready(fn(*args)),
+                                              fn, args)
+            continue
         if engine in ("window", "window_native"):  # build_bank's main pass, not merged
             gp = geo.grouped_passes(k, boundary, wrap_patches, h, w, False, "window")[0]
             bank, ch = window_lib.build_window_bank(images, k, gp, mu, dedup=False, block=block)

@@ -370,6 +370,9 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
                      block=block)
         choice = select.resolve_els_engine(method, k, c, h, boundary, merged, banked=True,
                                            **shape)
+        if choice.engine == "shiftmap":   # no bank: the images are all it reads
+            plan.append((k, "stream", choice, unique))
+            continue
         if choice.engine == "native":     # the centred images and their window norms
             size = n * h * w * (c + 2)
         elif choice.engine == "row":
