@@ -167,7 +167,7 @@ def cases(args):
     for name in args.shapes:
         shape = SHAPES[name]
         shape = (args.n or (2000 if args.quick else shape[0]),) + shape[1:]
-        for boundary in args.boundaries:
+        for boundary in ([] if args.no_calls else args.boundaries):
             for k in args.ks:
                 for batch in args.batches:
                     yield {"kind": "call", "shape": shape, "data": name, "k": k,
@@ -205,6 +205,7 @@ def main(argv=None):
     p.add_argument("--boundaries", type=lambda s: s.split(","), default=["zeros", "circular"])
     p.add_argument("--batches", type=lambda s: [int(v) for v in s.split(",")], default=[1, 16])
     p.add_argument("--no-sample", action="store_true", help="skip the 20-step samples")
+    p.add_argument("--no-calls", action="store_true", help="only the 20-step samples")
     p.add_argument("--out", help="also append the JSON lines to this file")
     p.add_argument("--case", help=argparse.SUPPRESS)            # one case, in a child process
     p.add_argument("--table", help="print a Markdown table of a JSON-lines file and exit")
