@@ -497,7 +497,10 @@ _SHARDED = textwrap.dedent("""
                      ("equivariant", dict(block=128)),
                      # banks over bank_bytes: streamed from the images, split over devices
                      ("els", dict(scales=3, boundary="zeros", bank_bytes=0)),
-                     ("els", dict(scales=5, method="row", bank_bytes=0))]:
+                     ("els", dict(scales=5, method="row", bank_bytes=0)),
+                     # the shift-map engine reads only the images: split over the devices
+                     ("els", dict(scales=5, boundary="zeros", method="shiftmap")),
+                     ("els", dict(scales=3, method="shiftmap", wrap_patches=True))]:
         one = ej.make_machine(kind, images, chunk=16, **kw).x0(x, jnp.float32(0.3), 0)
         m4 = ej.make_machine(kind, images, chunk=16, mesh=mesh, **kw)
         four = m4.x0(x, jnp.float32(0.3), 0)

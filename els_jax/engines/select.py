@@ -39,6 +39,8 @@ __all__ = ["resolve_els_engine", "resolve_local_engine", "els_engine", "local_en
            "choose_method", "native_interior_ok", "native_window_ok", "METHODS",
            "LOCAL_ENGINES", "Choice", "autotune_enabled"]
 
+PROBE_BANK_BYTES = 256 << 20    # the most memory one engine's probe bank may take
+
 # Probe queries sit on the noisy manifold of their images at a = b² = 0.5 (t ≈ 0.5): weights
 # neither uniform nor one-hot.
 _PROBE_A, _PROBE_B2 = 0.5 ** 0.5, 0.5
@@ -170,6 +172,11 @@ def _els_probe_calls(k, c, h, w, boundary, wrap_patches, n, batch, engines, bank
     main = geo.layout(k, boundary, wrap_patches, h, w)[0]
     per_image = batch * main.query_pixels.size * main.cand_pixels.size
     n_probe = _probe_images(n, per_image)
+    # A probe's banks stay small: its window bank (the largest: k²C + C + 2 floats per
+    # candidate) within PROBE_BANK_BYTES. At k = 27 on 32×32 a probe of 2·10⁷ pairs would
+    # otherwise take all 50 000 CIFAR-sized images and a 16 GB bank.
+    per_image_bytes = 4 * main.cand_pixels.size * (k * k * c + c + 2)
+    n_probe = int(min(n_probe, max(32, PROBE_BANK_BYTES // per_image_bytes)))
     images, x, a, b2 = _probe_inputs(n_probe, batch, h, w, c)
     mu = images.mean(axis=(0, 1, 2))
     calls = {}
