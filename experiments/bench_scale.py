@@ -89,7 +89,6 @@ def run_case(case: dict) -> dict:
     """One case, in this process (the parent starts one process per case)."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     import els_jax as ej
     from els_jax.engines import select

@@ -11,7 +11,7 @@ boundary "zeros" and "circular" (and "circular" with wrap_patches, ``--wrap``). 
 
   pairs         existing (query pixel, candidate) pairs, counted from docs/theory.md §2's pair rule
                 (``count_pairs``, independent of the engine's own plan): B × N × Σ per axis.
-  seconds       median wall time of each engine, timed in alternation (``time_calls``);
+  seconds       median wall time of each engine, timed in alternation (``bench_machines.time_engines``);
                 seconds_min the fastest call.
   ns_per_pair   seconds / pairs (the jnp form runs on --xla-n images, default 200, and is
                 normalised by its own pair count: its cost is linear in N).
@@ -29,11 +29,15 @@ import argparse
 import json
 import os
 import platform
-import time
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# Engines timed in alternation, after an untimed call each: the machines' benchmark's method.
+from bench_machines import time_engines as time_calls  # noqa: E402
 
 import els_jax as ej
 from els_jax.core import schedules
@@ -79,30 +83,6 @@ def cpu_row():
             "kernel_built": native.available(),
             "kernel_arch": os.environ.get("ELS_JAX_NATIVE_ARCH", "native"),
             "loadavg": round(os.getloadavg()[0], 2)}
-
-
-def time_calls(calls, budget: float, max_reps: int):
-    """{name: (median, min, reps)} of blocking zero-argument calls, one untimed call each
-    (compilation), then timed in alternation (a change of the machine's load hits every
-    engine alike): at least two rounds (one if a call takes over ``budget`` s), then rounds
-    until ``max_reps`` or ``budget`` seconds per engine."""
-    first = {}
-    for name, call in calls.items():
-        t0 = time.perf_counter()
-        jax.block_until_ready(call())
-        first[name] = time.perf_counter() - t0
-    slow = max(first.values()) > budget
-    times = {name: [] for name in calls}
-    while True:
-        for name, call in calls.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(call())
-            times[name].append(time.perf_counter() - t0)
-        reps = len(next(iter(times.values())))
-        spent = max(sum(v) for v in times.values())
-        if reps >= max_reps or (reps >= (1 if slow else 2) and spent >= budget):
-            break
-    return {name: (float(np.median(v)), float(np.min(v)), len(v)) for name, v in times.items()}
 
 
 def main(argv=None):

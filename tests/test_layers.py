@@ -38,9 +38,7 @@ MODULES = _modules()
 
 def _layer(module: str) -> str:
     parts = module.split(".")
-    if len(parts) == 1:
-        return "__init__"
-    return parts[1] if parts[1] in RANK else parts[1]
+    return "__init__" if len(parts) == 1 else parts[1]
 
 
 def _imports(module: str, path: pathlib.Path) -> set[str]:
@@ -172,10 +170,10 @@ def test_time_from_els_score_reaches_few_modules():
                 calls_with_t.add(node.func.value.id)
             elif uses_t and isinstance(node.func, ast.Name):
                 calls_with_t.add(node.func.id)
-    # t goes to schedules_lib.query_coefficients and to els_x0 (this module) only
+    # t goes to schedules_lib.query_coefficients and to els_x0 (this module) only: the
+    # modules it reaches are machines/els.py and core/schedules.py.
     assert calls_with_t <= {"schedules_lib", "els_x0"}, calls_with_t
-    modules = {"els_jax.machines.els", "els_jax.core.schedules"}
-    assert len(modules) <= 4
+    assert "schedules_lib" in calls_with_t          # and the call chain was read at all
 
 
 def test_every_ej_name_in_the_readme_and_docs_exists():

@@ -30,8 +30,6 @@ def _subjaxprs(params):
                 yield u.jaxpr
             elif isinstance(u, jax.extend.core.Jaxpr):
                 yield u
-            elif callable(u) and hasattr(u, "__name__") and u.__name__ == "jvp_jaxpr_thunk":
-                continue
 
 
 def low_precision_dots(jaxpr) -> list[str]:

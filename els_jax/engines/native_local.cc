@@ -172,6 +172,34 @@ class BlockView {
 
 // Per state pixel: the running max and kSums partial sums of Σ p (entries 0 … 15) and Σ p·c_ch
 // (entries 16·(ch+1) …), relative to the max; reduced once, at the end of an item.
+// A pixel's state: its running maximum and its kSums partial sums of Σ p and of Σ p·c per
+// channel ((C + 1)·kSums floats). A new maximum rescales the sums (rare after a few blocks).
+inline void RescaleTo(float block_max, float& mx, float* ln, int64_t size) {
+  if (block_max > mx) {
+    const float f = mx == kNegInf ? 0.0f : std::exp(mx - block_max);
+    for (int64_t l = 0; l < size; ++l) ln[l] *= f;
+    mx = block_max;
+  }
+}
+
+// The (max, total, acc) of every pixel from its maximum and partial sums.
+inline void WriteLaneStates(const std::vector<float>& mx_in, const std::vector<float>& lanes,
+                            int64_t c, float* mx, float* tot, float* acc) {
+  const int64_t pixels = static_cast<int64_t>(mx_in.size());
+  for (int64_t i = 0; i < pixels; ++i) {
+    const float* ln = lanes.data() + i * (c + 1) * kSums;
+    mx[i] = mx_in[i];
+    float t = 0.0f;
+    for (int64_t l = 0; l < kSums; ++l) t += ln[l];
+    tot[i] = t;
+    for (int64_t ch = 0; ch < c; ++ch) {
+      float a = 0.0f;
+      for (int64_t l = 0; l < kSums; ++l) a += ln[(ch + 1) * kSums + l];
+      acc[i * c + ch] = a;
+    }
+  }
+}
+
 class PixelStates {
  public:
   PixelStates(int64_t pixels, int64_t c)
@@ -185,11 +213,7 @@ class PixelStates {
     for (int64_t l = 0; l < kLanes; ++l) block_max = std::max(block_max, block_max_lanes[l]);
     float& mx = mx_[i];
     float* ln = lanes_.data() + i * (c_ + 1) * kSums;
-    if (block_max > mx) {                     // a new maximum: rescale (rare after a few blocks)
-      const float f = mx == kNegInf ? 0.0f : std::exp(mx - block_max);
-      for (int64_t l = 0; l < (c_ + 1) * kSums; ++l) ln[l] *= f;
-      mx = block_max;
-    }
+    RescaleTo(block_max, mx, ln, (c_ + 1) * kSums);
     if (mx == kNegInf) return;                // every candidate so far is absent
     // A block, or a register of it, whose logits are all below max − kNegligible adds
     // nothing that float32 could hold: skipped (most of them at small t and large k). (≥, not
@@ -250,19 +274,7 @@ class PixelStates {
 
   // The state (max, total, acc) of every pixel.
   void write(float* mx, float* tot, float* acc) const {
-    const int64_t pixels = static_cast<int64_t>(mx_.size());
-    for (int64_t i = 0; i < pixels; ++i) {
-      const float* ln = lanes_.data() + i * (c_ + 1) * kSums;
-      mx[i] = mx_[i];
-      float t = 0.0f;
-      for (int64_t l = 0; l < kSums; ++l) t += ln[l];
-      tot[i] = t;
-      for (int64_t ch = 0; ch < c_; ++ch) {
-        float a = 0.0f;
-        for (int64_t l = 0; l < kSums; ++l) a += ln[(ch + 1) * kSums + l];
-        acc[i * c_ + ch] = a;
-      }
-    }
+    WriteLaneStates(mx_, lanes_, c_, mx, tot, acc);
   }
 
  private:
@@ -1016,12 +1028,7 @@ class RowStates {
     for (int64_t r = 0; r < count; ++r) {
       const float block_max = bmax[r];
       float& mx = mx_[pix[r]];
-      if (block_max > mx) {                   // a new maximum: rescale (rare after a few blocks)
-        float* ln = lanes_.data() + pix[r] * S;
-        const float f = mx == kNegInf ? 0.0f : std::exp(mx - block_max);
-        for (int64_t l = 0; l < S; ++l) ln[l] *= f;
-        mx = block_max;
-      }
+      RescaleTo(block_max, mx, lanes_.data() + pix[r] * S, S);
       // Skipped: every candidate so far absent, or every logit below the floor (≥, not >:
       // when mx − kNegligible rounds to mx, the maximum itself must stay).
       live_[r] = mx != kNegInf && block_max >= mx - kNegligible;
@@ -1068,19 +1075,7 @@ class RowStates {
 
   // The state (max, total, acc) of every pixel, as PixelStates::write.
   void write(float* mx, float* tot, float* acc) const {
-    const int64_t pixels = static_cast<int64_t>(mx_.size());
-    for (int64_t i = 0; i < pixels; ++i) {
-      const float* ln = lanes_.data() + i * (c_ + 1) * kSums;
-      mx[i] = mx_[i];
-      float t = 0.0f;
-      for (int64_t l = 0; l < kSums; ++l) t += ln[l];
-      tot[i] = t;
-      for (int64_t ch = 0; ch < c_; ++ch) {
-        float a = 0.0f;
-        for (int64_t l = 0; l < kSums; ++l) a += ln[(ch + 1) * kSums + l];
-        acc[i * c_ + ch] = a;
-      }
-    }
+    WriteLaneStates(mx_, lanes_, c_, mx, tot, acc);
   }
 
   static float hmax(vf v) {
