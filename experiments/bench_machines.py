@@ -69,8 +69,7 @@ import numpy as np
 
 import els_jax as ej
 from els_jax.engines import layout as els_layout, select as engines, native
-from els_jax.engines import select as engines_lib
-from els_jax.machines import local as local_lib
+from els_jax.engines import autotune as engines_lib
 
 H = W = 32
 SAMPLE_SCALES = [3, 3, 5, 5, 5, 7, 7, 7, 9, 9, 11, 11, 11, 11, 13, 15, 15, 15, 15, 15]
@@ -213,7 +212,7 @@ def _other_engines(kind, k, boundary, n, c, default):
         return ["kernel", "xla"]            # (LS picks its engine per batch)
     if kind != "els" or _MESH is not None:
         return []
-    out = ["window", "row"]
+    out = ["window", "row", "shiftmap"]
     if engines.native_window_ok():
         out.append("window_native")
     if engines.native_interior_ok(k, H, W, boundary):
@@ -260,7 +259,7 @@ def bench_machine(kind, images, *, k, boundary, batches, times, out, label):
             other.compile(x, times[0])
         default = why["engine"]
         if kind == "local":                 # LS picks its engine per batch when traced
-            default = local_lib.resolve_engine("auto", k=k, c=c, h=H, w=W, n=n, batch=b).engine
+            default = engines.resolve_local_engine("auto", k=k, c=c, h=H, w=W, n=n, batch=b).engine
         others_b = {e: m for e, m in others.items() if e != default}
         if kind in ("ideal", "local", "pca_locality"):
             pairs = b * H * W * n

@@ -11,7 +11,7 @@ x_t = a·x_0 + b·ε (x_0 training digits), identical windows merged (what ``mak
 builds for digits). Per row:
 
   pairs            B × interior query pixels × bank rows (merged windows).
-  time_s           median call of each engine (``els.bank_x0`` of the same machine built with
+  time_s           median call of each engine (``passes.bank_x0`` of the same machine built with
                    ``method=``), timed in alternation; ns_per_pair = time / pairs.
   matmul_s         a bare jitted ``jnp.matmul`` [B·P, k² + 2] × [k² + 2, rows] of the same
                    shape (the logits alone; the XLA engine also takes their exp and a
