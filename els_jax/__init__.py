@@ -15,7 +15,8 @@ from els_jax.core.conversions import (eps_to_score, eps_to_x0, score_to_eps, sco
                                       x0_to_eps, x0_to_score)
 from els_jax.core.data import load_dataset
 from els_jax.core.forward import add_noise
-from els_jax.core.sampler import SampleResult, ddim_step, sample, uniform_times
+from els_jax.core.sampler import (Churn, SampleResult, ddim_step, heun_step, karras_times,
+                                  sample, sigma_of_time, time_of_sigma, uniform_times)
 from els_jax.machines import reference, soft
 from els_jax.machines.ideal import ideal_score, ideal_x0
 from els_jax.machines.equivariant import equivariant_score, equivariant_x0
@@ -25,6 +26,7 @@ from els_jax.machines.gaussian import gaussian_score, gaussian_x0
 from els_jax.machines.nearest import nearest_score, nearest_x0
 from els_jax.machines.pca_locality import pca_locality_score, pca_locality_x0
 from els_jax.machines.soft import els_soft_score, els_soft_x0
+from els_jax.machines.scfdm import scfdm_score, scfdm_x0
 from els_jax.machines.reference import reference_score, reference_x0
 from els_jax.machines.posterior import Provenance, creativity, mosaic_image, provenance
 from els_jax.machines.factory import Machine, candidate_mesh, make_machine
@@ -47,9 +49,10 @@ __all__ = [
     "ideal_score", "ideal_x0",
     "local_score", "local_x0", "equivariant_score", "equivariant_x0", "els_score", "els_x0",
     "gaussian_score", "gaussian_x0", "nearest_score", "nearest_x0",
-    "pca_locality_score", "pca_locality_x0",
+    "pca_locality_score", "pca_locality_x0", "scfdm_score", "scfdm_x0",
     "make_machine", "Machine", "candidate_mesh",
-    "uniform_times", "ddim_step", "sample", "SampleResult",
+    "uniform_times", "karras_times", "ddim_step", "heun_step", "sample", "SampleResult",
+    "Churn", "sigma_of_time", "time_of_sigma",
     "load_dataset",
     "networks", "ResNet", "UNet", "make_network", "receptive_field",
     "TrainConfig", "create_train_state", "train_step", "train_and_evaluate", "load_trained",

@@ -51,13 +51,17 @@ def _cmd_sample(args) -> int:
             raise ValueError(f"--label {args.label}: no training image of {args.dataset!r} has "
                              f"this label; its labels are {sorted(set(labels.tolist()))}")
     schedule = ej.schedules.get(args.schedule)
+    key = jax.random.PRNGKey(args.seed)
+    if args.machine == "scfdm":           # its perturbations come from the run's seed
+        options["key"] = jax.random.fold_in(key, 2)
     eps_fn = ej.make_machine(args.machine, images, boundary=args.boundary, schedule=schedule,
                              mask=mask, **options)
-    key = jax.random.PRNGKey(args.seed)
     x_T = jax.random.normal(key, (args.num,) + images.shape[1:], jnp.float32)
+    times = (ej.uniform_times(args.steps) if args.grid == "uniform"
+             else ej.karras_times(args.steps, schedule=schedule))
     t0 = time.perf_counter()
-    x0 = ej.sample(eps_fn, x_T, ej.uniform_times(args.steps), schedule=schedule, eta=args.eta,
-                   key=jax.random.fold_in(key, 1), progress=True)
+    x0 = ej.sample(eps_fn, x_T, times, schedule=schedule, eta=args.eta,
+                   key=jax.random.fold_in(key, 1), progress=True, solver=args.solver)
     x0 = np.asarray(jax.block_until_ready(x0))
     elapsed = time.perf_counter() - t0
     out = args.out or _new_run_dir(f"sample-{args.machine}")
@@ -65,12 +69,14 @@ def _cmd_sample(args) -> int:
     # Nearest training image per sample: "is it new or memorised?" at a glance.
     d2 = ((x0.reshape(len(x0), -1)[:, None] - images.reshape(len(images), -1)[None]) ** 2).sum(-1)
     np.savez(os.path.join(out, "samples.npz"), samples=x0, x_T=np.asarray(x_T),
-             times=np.asarray(ej.uniform_times(args.steps)), nearest_index=d2.argmin(1),
+             times=np.asarray(times), nearest_index=d2.argmin(1),
              nearest_dist=np.sqrt(d2.min(1)))
     save_image_grid(os.path.join(out, "samples.png"), x0,
                     title=f"{args.machine} machine, {args.dataset}, {args.steps} steps")
+    options.pop("key", None)
     summary = {"machine": args.machine, "dataset": args.dataset, "n_train": int(len(images)),
-               "num": args.num, "steps": args.steps, "elapsed_s": round(elapsed, 3),
+               "num": args.num, "steps": args.steps, "solver": args.solver, "grid": args.grid,
+               "elapsed_s": round(elapsed, 3),
                "median_nearest_train_dist": float(np.median(np.sqrt(d2.min(1)))), "out": out}
     summary.update({k: list(v) if isinstance(v, tuple) else v for k, v in options.items()})
     with open(os.path.join(out, "summary.json"), "w") as f:
@@ -87,6 +93,10 @@ _MACHINE_FLAGS = {
     "tau": ("tau", ("pca_locality",)),
     "sigma": ("sigmas", ("els_soft",)),
     "k_max": ("k_max", ("els_soft",)),
+    "temperature": ("temperature", ("scfdm",)),
+    "perturbations": ("num_perturb", ("scfdm",)),
+    "noise_scale": ("noise_scale", ("scfdm",)),
+    "top_k": ("top_k", ("scfdm",)),
 }
 DEFAULT_K = 3          # patch size of local / els without --k
 DEFAULT_K_MAX = 5      # els_soft's window support without --k-max
@@ -139,11 +149,23 @@ def _add_sample_subcommand(sub):
                         f"a {DEFAULT_K}×{DEFAULT_K} box)")
     p.add_argument("--k-max", type=int, default=None,
                    help=f"els_soft: the window's support, odd (default {DEFAULT_K_MAX})")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="scfdm: the softmax temperature τ > 0 (default 1)")
+    p.add_argument("--perturbations", type=int, default=None,
+                   help="scfdm: M, the perturbed copies averaged (default 10)")
+    p.add_argument("--noise-scale", type=float, default=None,
+                   help="scfdm: s, the perturbations' scale (default 0.1)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="scfdm: restrict the softmax to the k nearest images (default all)")
     p.add_argument("--boundary", default="zeros", choices=["zeros", "circular"])
     p.add_argument("--label", type=int, default=None, help="class-conditional: training label")
     p.add_argument("--num", type=int, default=16, help="number of samples")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--eta", type=float, default=0.0, help="0 = DDIM, 1 = DDPM")
+    p.add_argument("--eta", type=float, default=0.0, help="0 = DDIM, 1 = DDPM (ddim only)")
+    p.add_argument("--solver", default="ddim", choices=["ddim", "heun"],
+                   help="ddim (default) or heun (EDM's second order, 2·steps − 1 model calls)")
+    p.add_argument("--grid", default="uniform", choices=["uniform", "karras"],
+                   help="time grid: uniform in t (default) or Karras et al.'s σ grid (ρ = 7)")
     p.add_argument("--schedule", default="cosine")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default: a new one under ./runs)")
@@ -302,8 +324,22 @@ def _add_reproduce_subcommand(sub):
                    help="after the first step, calibrate only the sizes within this many "
                         "places of the last step's best ('all' = every size; default 1)")
     p.add_argument("--families", type=_names, default=None,
-                   help="families compared, e.g. els,ls,is,gaussian (default: all, but "
-                        "els_soft not on mnist5k; els and is always run)")
+                   help="families compared, e.g. els,ls,is,gaussian (default: all; els and is "
+                        "always run)")
+    p.add_argument("--soft-steps", type=int, default=None,
+                   help="els_soft: gradient steps per sampler step of the width fit (default "
+                        "25; 6 on mnist5k)")
+    p.add_argument("--soft-lr", type=float, default=None,
+                   help="els_soft: the width fit's learning rate on log σ (default 0.1; 0.25 on "
+                        "mnist5k)")
+    p.add_argument("--soft-fit-images", type=int, default=None,
+                   help="els_soft: fit the widths on this many training images, a fixed random "
+                        "subset (default all)")
+    p.add_argument("--soft-fit-pixels", type=int, default=None,
+                   help="els_soft: fit the widths on the cosine over this many query pixels, a "
+                        "fixed random subset (default all; 128 on mnist5k)")
+    p.add_argument("--solver", default="ddim", choices=["ddim", "heun"],
+                   help="the sampler's solver for the network and every machine (default ddim)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="run folder (default: a new one under ./runs); "
                    "an existing one is resumed")
@@ -328,7 +364,9 @@ def _cmd_reproduce(args) -> int:
         n_seeds=args.seeds, calib_seeds=args.calib_seeds, machine_steps=args.machine_steps,
         network_steps=args.network_steps, candidates=args.candidates, seed=args.seed,
         t_max=args.t_max, compare_t_max=args.compare_t_max, retrain=args.retrain,
-        families=args.families, calib_neighbours=args.calib_neighbours)
+        families=args.families, calib_neighbours=args.calib_neighbours,
+        soft_steps=args.soft_steps, soft_fit_images=args.soft_fit_images,
+        soft_fit_pixels=args.soft_fit_pixels, soft_lr=args.soft_lr, solver=args.solver)
     out = args.out or _new_run_dir(f"reproduce-{args.dataset}-{args.arch}-{args.padding}")
     print(f"els-jax reproduce → {out}", flush=True)
     report = reproduce(cfg, out, progress=not args.no_progress)

@@ -237,15 +237,18 @@ def nearest_x0(x, t, images, mask=None, schedule="cosine"):
 
 def pca_locality_mask(t, images, tau, mask=None, schedule="cosine"):
     """(M̃, M) [D, D] of docs/theory.md §7: W_t = a²Σ(a²Σ + b²I)⁻¹ by a linear solve, M̃[n,m] =
-    W[n,m]/W[n,n] (|W[n,n]| < 1e-6 counts as 1), M = |M̃| ≥ τ·max|M̃|."""
+    W[n,m]/W[n,n] (a W[n,n] with |W[n,n]| < 1e-3·max|diag W| counts as 1, in the divisor and
+    as M̃[n,n]), M = |M̃| ≥ τ·max|M̃|."""
     a, b2 = _coeffs(t, schedule)
     _, cov = gaussian_moments(images, mask)
     d = cov.shape[0]
     # W = a²Σ A⁻¹ with A = a²Σ + b²I symmetric: W = (A⁻¹ a²Σ)ᵀ.
     w = np.linalg.solve(a * a * cov + b2 * np.eye(d), a * a * cov).T
     diag = np.diag(w).copy()
-    diag[np.abs(diag) < 1e-6] = 1.0
+    floored = np.abs(diag) < 1e-3 * np.abs(diag).max()
+    diag[floored] = 1.0
     m_tilde = w / diag[:, None]
+    m_tilde[np.diag_indices(d)] = 1.0           # the floored entry counts as 1 where it stands
     return m_tilde, np.abs(m_tilde) >= tau * np.abs(m_tilde).max()
 
 
@@ -281,3 +284,26 @@ def pca_locality_jacobian(xq, t, images, tau, mask=None, schedule="cosine"):
         cov_m = (w * (flat[:, px] - mean[px])) @ (flat - mean)           # [D]: Cov(x_m, x_n)
         jac[px] = a * m[:, px] * cov_m / b2
     return jac
+
+
+# --- docs/theory.md §7.6: scfdm (smoothed closed-form diffusion model) ----------------------------
+
+def scfdm_x0(x, t, images, eps, temperature, noise_scale, top_k=None, mask=None,
+             schedule="cosine"):
+    """(1/M) Σ_m Σ_i softmax_i(−‖x + s·ε_m − a·x_i‖²/(2b²τ)) x_i, literally: one query and one
+    perturbation at a time; with top_k, the softmax runs over the k smallest ‖x + s·ε_m − a·x_i‖
+    (a stable sort: ties keep the earlier image). eps [M, H, W, C]."""
+    a, b2 = _coeffs(t, schedule)
+    flat = _flat_selected(images, mask)
+    eps = np.asarray(eps, np.float64).reshape(np.shape(eps)[0], -1)
+    x = np.asarray(x, np.float64)
+    out = []
+    for xq in x.reshape(x.shape[0], -1):
+        per_copy = []
+        for e in eps:
+            xp = xq + noise_scale * e
+            d2 = np.array([np.sum((xp - a * c) ** 2) for c in flat])
+            keep = np.argsort(d2, kind="stable")[:top_k]           # (all of them for None)
+            per_copy.append(softmax_mean(-d2[keep] / (2 * b2 * temperature), flat[keep]))
+        out.append(np.mean(per_copy, axis=0))
+    return np.stack(out).reshape(x.shape)

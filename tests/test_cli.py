@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 
+import els_jax as ej
 from els_jax import cli
 
 
@@ -113,11 +114,34 @@ def test_sample_offers_every_machine_of_the_library():
             ("gaussian", ["--rank", "8"], {"rank": 8}),
             ("pca_locality", ["--tau", "0.1"], {"tau": 0.1}),
             ("nearest", [], {}), ("ideal", [], {}),
-            ("els_soft", ["--sigma", "1,2", "--k-max", "7"], {"sigmas": (1.0, 2.0), "k_max": 7})):
+            ("els_soft", ["--sigma", "1,2", "--k-max", "7"], {"sigmas": (1.0, 2.0), "k_max": 7}),
+            ("scfdm", ["--temperature", "0.5", "--perturbations", "4", "--noise-scale", "0.2",
+                       "--top-k", "50"],
+             {"temperature": 0.5, "num_perturb": 4, "noise_scale": 0.2, "top_k": 50})):
         args = cli.build_parser().parse_args(["sample", "--machine", kind] + argv)
         assert cli._machine_options(args) == expected, kind
     args = cli.build_parser().parse_args(["sample", "--machine", "els_soft"])
     assert set(cli._machine_options(args)) == {"sigmas", "k_max"}
+    args = cli.build_parser().parse_args(["sample", "--machine", "ideal", "--top-k", "3"])
+    with pytest.raises(ValueError, match="--top-k is an option of --machine scfdm"):
+        cli._machine_options(args)
+
+
+def test_sample_scfdm_under_heun_on_a_karras_grid(tmp_path, capsys):
+    """The family and the solver of issue 21 from the command line: the machine gets its key
+    from --seed, the run is deterministic, and the grid written is Karras's."""
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert cli.main(["sample", "--machine", "scfdm", "--solver", "heun", "--grid", "karras",
+                         "--steps", "3", "--num", "2", "--out", str(out)]) == 0
+        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert summary["solver"] == "heun" and summary["grid"] == "karras"
+        with np.load(out / "samples.npz") as f:
+            runs.append((f["samples"], f["times"]))
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    np.testing.assert_allclose(runs[0][1], np.asarray(ej.karras_times(3)))
+    assert np.all(np.isfinite(runs[0][0])) and np.abs(runs[0][0]).max() < 2.0
 
 
 @pytest.mark.parametrize("machine", ["gaussian", "nearest"])

@@ -200,6 +200,17 @@ def test_reproduce_end_to_end_and_resume(tmp_path):
     assert saved["by_t_max"]["1"]["median_r2"]["els"] == pytest.approx(
         float(np.median(metrics.r_squared(side["network"]["x0"], side["els"]["x0"]))))
     assert saved["by_t_max"]["0.75"]["median_r2"] == saved["median_r2"]
+    # PCA-locality's masks: their median size per step, each mask at least its own pixel, at
+    # most every pixel, recomputed here from the machine's own masks at the last step.
+    sizes = saved["pca_locality_mask_median"]
+    assert sizes["times"] == saved["single_step"]["times"] and len(sizes["median"]) == 4
+    assert all(1 <= v <= 8 * 8 for v in sizes["median"])
+    from els_jax.machines import gaussian as gaussian_lib, pca_locality as pca_lib
+    imgs, _ = ej.load_dataset("digits", max_examples=256)
+    c = ej.schedules.query_coefficients(saved["single_step"]["times"][-1], 1, "cosine")
+    m_t = pca_lib.locality_mask_at(gaussian_lib.fit_gaussian(jnp.asarray(imgs)), c.a[0], c.b2[0],
+                                   jnp.float32(pca_lib.DEFAULT_TAU))
+    assert sizes["median"][-1] == float(np.median(pca_lib.mask_sizes(m_t)))
     # Single-step agreement: one value per step and family, R² ≤ 1, MSE ≥ 0.
     for name in conf.MACHINE_NAMES:
         assert len(saved["single_step"]["R2"][name]) == 4
@@ -337,12 +348,16 @@ def test_cli_parses_families_and_calibration_search():
 def test_dataset_defaults_fill_only_what_is_left_open(tmp_path):
     import dataclasses
     big = conf.ReproduceConfig(dataset="mnist5k").resolved()
-    assert big.calib_seeds == 4 and "els_soft" not in big.family_names()
-    assert set(big.family_names()) == set(conf.MACHINE_NAMES) - {"els_soft"}
+    assert big.calib_seeds == 4 and big.family_names() == conf.MACHINE_NAMES
+    assert (big.soft_steps, big.soft_lr, big.soft_fit_pixels, big.soft_fit_images) == (
+        6, 0.25, 128, None)
     small = conf.ReproduceConfig().resolved()
     assert small.calib_seeds == 8 and small.family_names() == conf.MACHINE_NAMES
-    asked = dataclasses.replace(big, calib_seeds=None, families=("els_soft",)).resolved()
+    assert (small.soft_steps, small.soft_lr, small.soft_fit_pixels) == (25, 0.1, None)
+    asked = dataclasses.replace(big, calib_seeds=None, soft_steps=3, soft_fit_pixels=None,
+                                families=("els_soft",)).resolved()
     assert asked.family_names() == ("els", "is", "els_soft") and asked.calib_seeds == 4
+    assert (asked.soft_steps, asked.soft_fit_pixels) == (3, 128)
     # With a checkpoint, the network's own data set decides (read from its config.json).
     ckpt = tmp_path / "net"
     ckpt.mkdir()

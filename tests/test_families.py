@@ -251,6 +251,47 @@ def test_pca_locality_output_pixel_ignores_inputs_outside_its_mask(rng):
     assert changed > 0
 
 
+def _near_constant_border(rng, n=60, inner=3, pad=2):
+    """Digit-like images: an inner×inner block of real variation inside a border of pixels
+    near −1 (variance ~5e-8) that weakly copy the nearest inner pixel (3e-4 of it, plus noise),
+    as MNIST's borders after resizing 28×28 to 32×32."""
+    core = rng.uniform(-1, 1, (n, inner, inner))
+    near = np.pad(core, ((0, 0), (pad, pad), (pad, pad)), mode="edge")
+    imgs = -1.0 + 3e-4 * (near + 1) + 1.3e-4 * rng.standard_normal(near.shape)
+    imgs[:, pad:pad + inner, pad:pad + inner] = core
+    return jnp.asarray(imgs[..., None].astype(np.float32))
+
+
+@pytest.mark.parametrize("t", [0.05, 0.2, 0.6])
+def test_pca_locality_relative_floor_keeps_masks_on_near_constant_pixels(rng, t):
+    """docs/theory.md §7.3: with the relative floor no mask is empty on near-constant pixels;
+    every mask holds its own output pixel (max|M̃| ≤ 31.6 < 1/τ); the masks are the oracle's;
+    τ = 0 is still IS. At t = 0.05 the studio's absolute 1e-6 floor empties most of them."""
+    images = _near_constant_border(rng)
+    d = int(np.prod(images.shape[1:]))
+    assert float(np.var(np.asarray(images)[:, 0], axis=0).max()) < 1e-7
+    for tau in (0.02, 0.005):
+        got = np.asarray(pca_locality.pca_locality_mask(t, images, tau=tau))      # [n, m]
+        np.testing.assert_array_equal(got, oracles.pca_locality_mask(t, images, tau)[1])
+        assert np.all(np.diag(got)), "an output pixel missing from its own mask"
+        assert got.sum() < d * d
+        np.testing.assert_array_equal(pca_locality.mask_sizes(got.T), got.sum(axis=0))
+    if t == 0.05:   # the absolute floor, by hand in float64: border rows of M̃ reach ~10²
+        a, b2 = math.sqrt(oracles.alpha_bar(t)), 1 - oracles.alpha_bar(t)
+        _, cov = oracles.gaussian_moments(images)
+        w = np.linalg.solve(a * a * cov + b2 * np.eye(d), a * a * cov).T
+        diag = np.diag(w).copy()
+        diag[np.abs(diag) < 1e-6] = 1.0
+        mag = np.abs(w / diag[:, None])
+        assert mag.max() > 100
+        assert ((mag >= 0.02 * mag.max()).sum(axis=0) == 0).mean() > 0.5
+    x = _noisy(rng, images, t)
+    _close(ej.pca_locality_x0(x, t, images, tau=0.0, chunk_size=7), ej.ideal_x0(x, t, images),
+           rtol=1e-4, atol=1e-4)
+    _close(ej.pca_locality_x0(x, t, images, tau=0.02, chunk_size=7),
+           oracles.pca_locality_x0(x, t, images, 0.02), rtol=2e-4, atol=2e-4)
+
+
 def test_pca_locality_is_one_global_softmax_whatever_the_chunking(rng):
     images = _images(rng)
     t = 0.4

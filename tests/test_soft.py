@@ -171,3 +171,71 @@ def test_calibration_recovers_known_sigmas():
     assert np.all(cal.cosine_after >= cal.cosine_before - 1e-6)
     assert np.all(cal.cosine_after > 1 - 1e-5) and np.all(cal.cosine_before < 1 - 1e-5)
     assert cal.loss.shape == (3, 50)
+
+
+def test_forward_mode_fit_derivative_is_the_gradient_and_subset_fit_recovers_sigmas():
+    """calibrate_sigma takes d loss / d log σ by one jax.jvp: for the scalar it equals
+    jax.grad's. Fitting on the cosine over a fixed subset of the pixels (fit_pixels) of a
+    "network" that is an els_soft machine still finds its widths (the candidates are all
+    there). A subset of the images (fit_images) is what fit_subset says, and it biases σ
+    down: fewer candidates match wide windows less well."""
+    from els_jax.experiment.calibration import fit_subset
+    rng = np.random.default_rng(3)
+    images = rng.uniform(-1, 1, (24, 8, 8, 1)).astype(np.float32)
+    machine = soft.make_soft_machine(images, sigmas=1.0, k_max=5, boundary="zeros")
+    x = jax.random.normal(jax.random.PRNGKey(2), (2, 8, 8, 1))
+
+    def loss(log_sigma):
+        return jnp.sum(jnp.sin(3 * machine.x0_sigma(x, 0.4, jnp.exp(log_sigma))))
+    p = jnp.float32(np.log(1.3))
+    _, forward = jax.jvp(loss, (p,), (jnp.ones_like(p),))
+    np.testing.assert_allclose(float(forward), float(jax.grad(loss)(p)), rtol=1e-4)
+
+    sub = fit_subset(images, None, 10, seed=0)
+    assert sub.shape == (10, 8, 8, 1)
+    rows = [int(np.flatnonzero((images == s).all(axis=(1, 2, 3)))[0]) for s in sub]
+    assert rows == sorted(rows) and len(set(rows)) == 10          # distinct, in order
+    np.testing.assert_array_equal(fit_subset(images, None, 10, seed=0), sub)   # fixed
+    mask = np.arange(24) % 2 == 0
+    np.testing.assert_array_equal(fit_subset(images, mask, 100), images[mask])
+    with pytest.raises(ValueError, match="fit_images"):
+        fit_subset(images, None, 0)
+
+    true = [0.9, 1.6]                                     # index 0 = last step
+    network = ej.make_machine("els_soft", images, sigmas=true, k_max=5, boundary="zeros")
+    x_T = jax.random.normal(jax.random.PRNGKey(1), (4, 8, 8, 1))
+    times = ej.uniform_times(2, t_max=0.7, t_min=0.2)
+    cal = ej.calibrate_sigma(network, images, x_T, times, k_max=5, boundary="zeros",
+                             init_scales=[3, 3], steps=30, fit_pixels=20)
+    np.testing.assert_allclose(cal.sigmas, true, rtol=0.05)
+    fewer = ej.calibrate_sigma(network, images, x_T, times, k_max=5, boundary="zeros",
+                               init_scales=[3, 3], steps=30, fit_images=12)
+    assert np.all(np.asarray(fewer.sigmas) < 0.9 * np.asarray(true))
+    with pytest.raises(ValueError, match="fit_pixels"):
+        ej.calibrate_sigma(network, images, x_T, times, k_max=5, fit_pixels=0)
+
+
+@pytest.mark.parametrize("boundary,k_max,bank", [("zeros", 5, True), ("zeros", 5, False),
+                                                 ("circular", 3, True), ("zeros", 9, True)])
+def test_x0_at_a_subset_of_pixels_is_the_full_x0_there(boundary, k_max, bank):
+    """SoftMachine.x0_sigma(pixels=...) (what the width fit uses) computes x̂_0 exactly at
+    computed_pixels ⊇ the given ones (zero padding: whole edge groups) and 0 elsewhere, from a
+    bank and when streaming, and its σ-derivative there is the full machine's."""
+    rng = np.random.default_rng(5)
+    images = rng.uniform(-1, 1, (9, 8, 8, 1)).astype(np.float32)
+    machine = soft.make_soft_machine(images, sigmas=1.0, k_max=k_max, boundary=boundary,
+                                     bank_bytes=(2 << 30) if bank else 0)
+    assert machine.engine(0)["bank"] is bank
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 1))
+    pixels = np.sort(rng.choice(64, 11, replace=False))
+    done = machine.computed_pixels(pixels, x.shape)
+    assert set(pixels) <= set(done.tolist()) and len(done) < 64
+    full = np.asarray(machine.x0_sigma(x, 0.4, 1.3)).reshape(2, 64)
+    part = np.asarray(machine.x0_sigma(x, 0.4, 1.3, pixels)).reshape(2, 64)
+    np.testing.assert_allclose(part[:, done], full[:, done], rtol=1e-5, atol=1e-6)
+    rest = np.setdiff1d(np.arange(64), done)
+    assert np.all(part[:, rest] == 0.0)
+    d_full = jax.jacfwd(lambda s: machine.x0_sigma(x, 0.4, s))(1.3)
+    d_part = jax.jacfwd(lambda s: machine.x0_sigma(x, 0.4, s, pixels))(1.3)
+    np.testing.assert_allclose(np.asarray(d_part).reshape(2, 64)[:, done],
+                               np.asarray(d_full).reshape(2, 64)[:, done], rtol=1e-4, atol=1e-5)

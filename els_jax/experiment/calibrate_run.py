@@ -102,12 +102,17 @@ def calibrate_soft(cfg, out, scales, model, params, images, train_labels, num_cl
         net = networks.make_network(model, params, label=label)
         fits.append(calibrate_lib.calibrate_sigma(
             net, images, x_T[sel], times, k_max=k_max, boundary=boundary, mask=mask,
-            init_scales=scales["els"]["scales"], steps=cfg.soft_steps, schedule=schedule,
+            init_scales=scales["els"]["scales"], steps=cfg.soft_steps, lr=cfg.soft_lr,
+            schedule=schedule,
+            fit_images=cfg.soft_fit_images, fit_pixels=cfg.soft_fit_pixels,
             progress=progress))
     # One width per step for all labels: the geometric mean of the per-label fits.
     per_step = np.exp(np.mean([np.log(f.per_step) for f in fits], axis=0))
     scales = dict(scales, els_soft={
         "k_max": k_max, "sigmas": [float(v) for v in per_step[::-1]],
+        "fit": {"images": cfg.soft_fit_images or int(len(images)),
+                "pixels": cfg.soft_fit_pixels or int(np.prod(images.shape[1:3])),
+                "steps": cfg.soft_steps, "lr": cfg.soft_lr},
         "per_step": per_step.tolist(),
         "cosine_before": np.mean([f.cosine_before for f in fits], axis=0).tolist(),
         "cosine_after": np.mean([f.cosine_after for f in fits], axis=0).tolist()})

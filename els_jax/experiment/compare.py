@@ -15,23 +15,27 @@ import hashlib
 import os
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from els_jax.core import conversions, sampler
+from els_jax.core import schedules as schedules_lib
 from els_jax.experiment import metrics
 from els_jax.experiment.config import FAMILIES
 from els_jax.experiment.files import atomic_npz
 from els_jax.experiment.seeds import by_label, seed_labels, seed_noise
 from els_jax.machines import factory as machine_lib
+from els_jax.machines import gaussian as gaussian_lib
+from els_jax.machines import pca_locality as pca_lib
 from els_jax.nets import networks
 
 __all__ = ["sample_machine", "sample_network", "compare_models", "check_same_inputs",
-           "align_steps"]
+           "align_steps", "pca_mask_sizes"]
 
 
 def sample_machine(kind: str, images, train_labels, x_T, labels, times, *, scales=None,
-                   boundary="zeros", schedule, network=None, **machine_kwargs
+                   boundary="zeros", schedule, network=None, solver="ddim", **machine_kwargs
                    ) -> tuple[sampler.SampleResult, dict | None]:
     """Samples machine ``kind`` from x_T; for conditional runs one machine per label (mask).
 
@@ -56,7 +60,7 @@ def sample_machine(kind: str, images, train_labels, x_T, labels, times, *, scale
                                           schedule=schedule, mask=mask, compile_for=x_T[sel],
                                           **machine_kwargs)
         res = sampler.sample(eps_fn, x_T[sel], times, schedule=schedule,
-                             return_trajectory=True)
+                             return_trajectory=True, solver=solver)
         x0[sel] = np.asarray(res.x0)
         x0_hat[:, sel] = np.asarray(res.x0_hat)
         if network is not None:
@@ -73,9 +77,29 @@ def sample_machine(kind: str, images, train_labels, x_T, labels, times, *, scale
                                  times=np.asarray(times)), single)
 
 
-def sample_network(model, params, x_T, labels, times, *, schedule) -> sampler.SampleResult:
+def pca_mask_sizes(images, train_labels, labels, times, *, schedule, tau=None) -> np.ndarray:
+    """The PCA-locality masks' median size per step (input pixels per output pixel, the
+    median over output pixels and, for conditional runs, over the seeds' labels): [m]. The
+    masks are those the machine uses (``pca_locality.locality_mask_at`` at each step's a, b²)."""
+    tau = pca_lib.DEFAULT_TAU if tau is None else tau
+    sizes = []
+    for _, label in by_label(labels):
+        sel = np.ones(len(images), bool) if label is None else np.asarray(train_labels) == label
+        fit = gaussian_lib.fit_gaussian(jnp.asarray(np.asarray(images)[sel]))
+        per_step = []
+        for t in np.asarray(times)[:-1]:
+            c = schedules_lib.query_coefficients(jnp.float32(t), 1, schedule)
+            per_step.append(pca_lib.mask_sizes(
+                pca_lib.locality_mask_at(fit, c.a[0], c.b2[0], jnp.float32(tau))))
+        sizes.append(np.stack(per_step))                    # [m, D]
+    return np.median(np.concatenate(sizes, axis=1), axis=1)
+
+
+def sample_network(model, params, x_T, labels, times, *, schedule, solver="ddim"
+                   ) -> sampler.SampleResult:
     eps_fn = networks.make_network(model, params, label=None if labels is None else labels)
-    res = sampler.sample(eps_fn, x_T, times, schedule=schedule, return_trajectory=True)
+    res = sampler.sample(eps_fn, x_T, times, schedule=schedule, return_trajectory=True,
+                         solver=solver)
     return sampler.SampleResult(x0=np.asarray(res.x0), trajectory=None,
                                 x0_hat=np.asarray(res.x0_hat), times=np.asarray(times))
 
@@ -95,7 +119,7 @@ def _digest(*arrays) -> str:
     return h.hexdigest()[:16]
 
 
-def _family_kwargs(name: str, scales: dict, boundary: str) -> dict:
+def _family_kwargs(name: str, scales: dict, boundary: str, seed: int = 0) -> dict:
     """make_machine arguments of a family beyond the shared ones (its calibrated scales)."""
     if name == "els":
         return {"scales": scales["els"]["scales"], "boundary": boundary}
@@ -104,6 +128,8 @@ def _family_kwargs(name: str, scales: dict, boundary: str) -> dict:
     if name == "els_soft":
         return {"sigmas": scales["els_soft"]["sigmas"], "k_max": scales["els_soft"]["k_max"],
                 "boundary": boundary}
+    if name == "scfdm":           # the peer's setting (τ = 1, M = 10, s = 0.1), exact over N
+        return {"key": jax.random.PRNGKey(seed)}
     return {}
 
 
@@ -130,16 +156,20 @@ def compare_models(cfg, out, model, params, images, train_labels, num_classes, b
         t0 = time.perf_counter()
         single = None
         if kind is None:
-            res = sample_network(model, params, x_T, labels, t_net, schedule=schedule)
+            res = sample_network(model, params, x_T, labels, t_net, schedule=schedule,
+                                 solver=cfg.solver)
         else:
             res, single = sample_machine(kind, images, train_labels, x_T, labels, t_machine,
-                                         schedule=schedule,
+                                         schedule=schedule, solver=cfg.solver,
                                          network=lambda y: networks.make_network(
                                              model, params, label=y),
-                                         **_family_kwargs(name, scales, boundary))
+                                         **_family_kwargs(name, scales, boundary, cfg.seed))
         # What this model was actually started from, recorded with its result: checked below.
         extra = {} if single is None else {"single_step_R2": single["R2"],
                                            "single_step_mse": single["mse"]}
+        if kind == "pca_locality":
+            extra["mask_median"] = pca_mask_sizes(images, train_labels, labels, t_machine,
+                                                  schedule=schedule)
         atomic_npz(path, x0=res.x0, x0_hat=res.x0_hat, times=np.asarray(res.times),
                     x_T=np.asarray(x_T), seeds=np.asarray(seeds),
                     labels=np.asarray([] if labels is None else labels), **extra)

@@ -18,6 +18,7 @@ import os
 import warnings
 from pathlib import Path
 
+from els_jax.core import sampler as sampler_lib
 from els_jax.experiment.files import read_json
 from els_jax.nets import config as net_config
 
@@ -29,16 +30,20 @@ __all__ = ["ReproduceConfig", "default_train_config", "paper_train_config",
 # no registry). ELS and LS take the calibrated patch sizes, els_soft the fitted window widths
 # (docs/theory.md §4, §7); the paper's three first, then the other analytic families (docs/theory.md §7).
 FAMILIES = {"els": "els", "ls": "local", "is": "ideal", "gaussian": "gaussian",
-            "nearest": "nearest", "pca_locality": "pca_locality", "els_soft": "els_soft"}
+            "nearest": "nearest", "pca_locality": "pca_locality", "els_soft": "els_soft",
+            "scfdm": "scfdm"}
 MACHINE_NAMES = tuple(FAMILIES)
 
-# What `reproduce` runs on a data set when the config leaves calib_seeds / families as None.
-# mnist5k (N = 5000 at 32×32): one exact ELS call on 16 queries costs 10⁴–10⁵× one on 8×8
-# digits, so the calibration uses 4 seeds, and els_soft, whose width fit differentiates
-# through ELS 25 times per step, is left out (ask for it with families=(..., "els_soft")).
+# What `reproduce` runs on a data set for the fields the config leaves as None (else the
+# defaults in ``ReproduceConfig.resolved``). mnist5k (N = 5000 at 32×32): one exact ELS call on
+# 16 queries costs 10⁴–10⁵× one on 8×8 digits, so the calibration uses 4 seeds, and the
+# els_soft width fit, which runs the exact machine at every iteration, takes the cosine over
+# 128 of the 1024 pixels (exact candidates, x̂_0 computed only there) with 6 iterations per
+# step at learning rate 0.25, each started from the Gaussian of that step's calibrated ELS
+# size (the widths then drive the machine at every pixel; experiments/check_soft_fit.py
+# compares the recipe with the full fit on digits).
 DATASET_DEFAULTS = {
-    "mnist5k": {"calib_seeds": 4,
-                "families": tuple(n for n in MACHINE_NAMES if n != "els_soft")},
+    "mnist5k": {"calib_seeds": 4, "soft_steps": 6, "soft_lr": 0.25, "soft_fit_pixels": 128},
 }
 
 # Trained networks shipped with the repository (made by `els-jax train` with the configs in
@@ -146,7 +151,19 @@ class ReproduceConfig:
       ``by_t_max``.
     retrain: train the network even when the repository ships one for this configuration
       (``experiments/checkpoints/``; used by default for the embedded data sets).
-    soft_steps: gradient steps per sampler step when fitting the els_soft widths.
+    soft_steps: gradient steps per sampler step when fitting the els_soft widths; None = the
+      data set's default (``DATASET_DEFAULTS``, else 25).
+    soft_lr: the width fit's initial learning rate on log σ; None = the data set's default
+      (``DATASET_DEFAULTS``), else 0.1.
+    soft_fit_images: fit the els_soft widths on this many training images (a fixed random
+      subset; the machine that samples holds all of them); None = the data set's default
+      (``DATASET_DEFAULTS``), else all.
+    soft_fit_pixels: fit the els_soft widths on the cosine over this many query pixels (a
+      fixed random subset; the machine computes x̂_0 only there); None = the data set's
+      default (``DATASET_DEFAULTS``: 128 on mnist5k), else all.
+    solver: the sampler's solver for the network and every machine of the comparison, "ddim"
+      (the paper's) or "heun" (EDM's second order, 2n − 1 model calls; docs/theory.md §3),
+      on the same grids. The calibration follows the network's DDIM trajectory either way.
     families: the analytic families compared (names of ``FAMILIES``); None = the data set's
       default (``DATASET_DEFAULTS``, else all). ELS and IS are always included (the headline:
       ELS vs IS).
@@ -173,7 +190,11 @@ class ReproduceConfig:
     t_max: float | None = None
     compare_t_max: tuple[float, ...] = (1.0,)
     retrain: bool = False
-    soft_steps: int = 25
+    soft_steps: int | None = None
+    soft_fit_images: int | None = None
+    soft_fit_pixels: int | None = None
+    soft_lr: float | None = None
+    solver: str = "ddim"
     families: tuple[str, ...] | None = None
     calib_neighbours: int | None = 1
 
@@ -201,7 +222,11 @@ class ReproduceConfig:
             dataset = read_json(saved).get("dataset", dataset)
         preset = DATASET_DEFAULTS.get(dataset, {})
         fill = {"calib_seeds": preset.get("calib_seeds", 8),
-                "families": preset.get("families", MACHINE_NAMES)}
+                "families": preset.get("families", MACHINE_NAMES),
+                "soft_steps": preset.get("soft_steps", 25),
+                "soft_lr": preset.get("soft_lr", 0.1),
+                "soft_fit_images": preset.get("soft_fit_images"),
+                "soft_fit_pixels": preset.get("soft_fit_pixels")}
         return dataclasses.replace(self, **{k: v for k, v in fill.items()
                                             if getattr(self, k) is None})
 
@@ -218,6 +243,17 @@ class ReproduceConfig:
             raise ValueError(f"calib_neighbours must be None or ≥ 0; got {self.calib_neighbours}")
         if self.n_seeds < 2:
             raise ValueError(f"n_seeds must be at least 2 (medians over seeds); got {self.n_seeds}")
+        if self.soft_steps is not None and self.soft_steps < 1:
+            raise ValueError(f"soft_steps must be at least 1; got {self.soft_steps}")
+        if self.solver not in sampler_lib.SOLVERS:
+            raise ValueError(f"unknown solver {self.solver!r}; choose one of "
+                             f"{sampler_lib.SOLVERS}")
+        if self.soft_lr is not None and not self.soft_lr > 0:
+            raise ValueError(f"soft_lr must be > 0; got {self.soft_lr}")
+        if self.soft_fit_pixels is not None and self.soft_fit_pixels < 1:
+            raise ValueError(f"soft_fit_pixels must be at least 1; got {self.soft_fit_pixels}")
+        if self.soft_fit_images is not None and self.soft_fit_images < 1:
+            raise ValueError(f"soft_fit_images must be at least 1; got {self.soft_fit_images}")
         if self.calib_seeds is not None and self.calib_seeds < 1:
             raise ValueError(f"calib_seeds must be at least 1; got {self.calib_seeds}")
         for t in ([] if self.t_max is None else [self.t_max]) + list(self.compare_t_max):

@@ -65,7 +65,7 @@ def write_report(cfg, tcfg, out, by_start, scales, timer, t_start, network_sourc
         "families": list(names),
         "scales": {n: scales[n]["scales"] for n in ("els", "ls") if n in scales},
         "els_soft": scales.get("els_soft"),
-        "n_seeds": cfg.n_seeds, "calib_seeds": cfg.calib_seeds,
+        "n_seeds": cfg.n_seeds, "calib_seeds": cfg.calib_seeds, "solver": cfg.solver,
         "machine_steps": cfg.machine_steps, "network_steps": cfg.network_steps,
         "t_max": start, "t_max_protocol": "given" if cfg.t_max is not None else
         "authors' effective start (n − 1)/n (docs/theory.md §8)",
@@ -78,6 +78,10 @@ def write_report(cfg, tcfg, out, by_start, scales, timer, t_start, network_sourc
         "agreement_x0_r2": {"times": steps["times"], **steps["trajectory_x0_r2"]},
         "single_step": {"times": steps["times"], "R2": steps["single_step_R2"],
                         "mse": steps["single_step_mse"]},
+        # docs/theory.md §7.3: input pixels per output pixel of the PCA-locality masks.
+        "pca_locality_mask_median": None if "mask_median" not in results.get(
+            "pca_locality", {}) else {"times": steps["times"],
+                                      "median": results["pca_locality"]["mask_median"].tolist()},
         "per_seed": {name: {m: v.tolist() for m, v in per_seed[name].items()}
                      for name in names},
         "timings_s": timer.times,
@@ -94,15 +98,18 @@ def _markdown(report, figs) -> str:
     starts = list(report["by_t_max"])
     primary = f"{report['t_max']:g}"
     lines = [f"# ELS vs network: {report['dataset']}, {report['arch']}, {report['boundary']} "
-             f"padding{', conditional' if report['conditional'] else ''}", "",
+             f"padding{', conditional' if report['conditional'] else ''}"
+             f"{', ' + report['solver'] + ' solver' if report.get('solver', 'ddim') != 'ddim' else ''}",
+             "",
              f"Network: {report['network']}. {report['n_seeds']} seeds; machines "
              f"{report['machine_steps']} DDIM steps, network {report['network_steps']}, both "
              f"from t_max = {primary} ({report['t_max_protocol']}); calibration on "
              f"{report['calib_seeds']} other seeds. Total time {report['elapsed_s']:.0f} s.", "",
              "| " + " | ".join(["family", "median r", "median r² (95% CI)", "median R²"]
-                               + [f"r² from t_max = {t}" for t in starts if t != primary])
+                               + [f"r² from t_max = {t}" for t in starts if t != primary]
+                               + ["single-step R² (mean over steps)"])
              + " |",
-             "|---|---|---|---|" + "---|" * (len(starts) - 1)]
+             "|---|---|---|---|" + "---|" * len(starts)]
     for name in report["families"]:
         lo, hi = report["ci_r2"][name]
         cells = [name.upper(), f"{report['median_r'][name]:.3f}",
@@ -110,12 +117,17 @@ def _markdown(report, figs) -> str:
                  f"{report['median_R2'][name]:.3f}"]
         cells += [f"{report['by_t_max'][t]['median_r2'][name]:.3f}"
                   for t in starts if t != primary]
+        cells.append(f"{np.mean(report['single_step']['R2'][name]):.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"ELS beats IS (higher r²) on {100 * report['frac_els_beats_is']:.0f}% of "
               "the seeds" + "".join(f"; from t_max = {t}: "
                                     f"{100 * report['by_t_max'][t]['frac_els_beats_is']:.0f}%"
                                     for t in starts if t != primary) + ".", "",
               f"Calibrated ELS scales (index 0 = last step): {report['scales']['els']}", ""]
+    if report.get("pca_locality_mask_median"):
+        sizes = report["pca_locality_mask_median"]["median"]
+        lines += [f"PCA-locality median mask size (input pixels per output pixel) from the "
+                  f"first to the last step: {[round(v, 1) for v in sizes]}", ""]
     if report.get("els_soft"):
         soft = report["els_soft"]
         lines += [f"els_soft window widths σ on a {soft['k_max']}×{soft['k_max']} support "

@@ -41,7 +41,8 @@ __all__ = ["Machine", "make_machine", "MACHINES", "candidate_mesh", "clear_bank_
 
 clear_bank_cache = bank_cache.clear_bank_cache
 
-MACHINES = ("ideal", "equivariant", "local", "els", "gaussian", "nearest", "pca_locality")
+MACHINES = ("ideal", "equivariant", "local", "els", "gaussian", "nearest", "pca_locality",
+            "scfdm")
 # docs/theory.md §7's analytic families: no patch size (no ``scales``), one device (no ``mesh``).
 FAMILIES = families.FAMILIES
 # docs/theory.md §7's learned soft locality: ELS with a Gaussian window, one width σ per step (soft.py).
@@ -205,12 +206,15 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
                  block: int = els_layout.DEFAULT_BLOCK, bank_bytes: int = 2 << 30,
                  dedup_threshold: float = 0.9, compile_for=None, rank: int | None = None,
                  tau: float | None = None, sigmas: float | Sequence[float] | None = None,
-                 k_max: int | None = None) -> Machine:
+                 k_max: int | None = None, temperature: float | None = None,
+                 num_perturb: int | None = None, noise_scale: float | None = None,
+                 top_k: int | None = None, key=None) -> Machine:
     """Builds an analytic machine as a sampler model.
 
     Args:
       kind: "ideal", "equivariant", "local", "els", or one of docs/theory.md §7's families "gaussian",
-        "nearest", "pca_locality" (like "ideal" they ignore ``scales``; they take no mesh).
+        "nearest", "pca_locality", "scfdm" (like "ideal" they ignore ``scales``; they take no
+        mesh).
       images: training set [N, H, W, C] in [−1, 1].
       scales: local/els only: an odd patch size, or one per step (index 0 = last step).
       boundary, wrap_patches: els only (see ``els_score``).
@@ -238,6 +242,10 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
         in less time.
       rank: gaussian only: keep the top ``rank`` principal components (default all).
       tau: pca_locality only: the mask threshold (default 0.02; see ``pca_locality_x0``).
+      temperature, num_perturb, noise_scale, top_k, key: scfdm only (docs/theory.md §7.6,
+        ``scfdm_x0``): τ (default 1), M (10), s (0.1), the k nearest (default None: all
+        images) and the PRNG key the ε_m are drawn from, once, at build time (the same ε_m
+        at every step; required when s > 0).
       sigmas, k_max: "els_soft" only (docs/theory.md §7, ``els_jax.soft``): the Gaussian window's width,
         one per step (index 0 = last step, as ``scales``) or one for all, on a k_max × k_max
         support; also boundary, wrap_patches, mask, dedup, block, bank_bytes, compile_for.
@@ -255,6 +263,11 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
         raise ValueError(f"rank is a parameter of the gaussian machine, not of {kind!r}")
     if tau is not None and kind != "pca_locality":
         raise ValueError(f"tau is a parameter of the pca_locality machine, not of {kind!r}")
+    scfdm_kw = dict(temperature=temperature, num_perturb=num_perturb, noise_scale=noise_scale,
+                    top_k=top_k, key=key)
+    for name, value in scfdm_kw.items():
+        if value is not None and kind != "scfdm":
+            raise ValueError(f"{name} is a parameter of the scfdm machine, not of {kind!r}")
     if kind in FAMILIES and mesh is not None:
         raise ValueError(f"the {kind!r} machine runs on one device; it takes no mesh")
     if kind == "els_soft":               # docs/theory.md §7: ELS with a Gaussian window, σ per step
@@ -294,7 +307,7 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
         start = time.perf_counter()
         with _BackgroundCompiler(compile_for, (h, w, c)) as background:
             fn = families.family_fn(kind, jnp.asarray(images), rank=rank, tau=tau, block=block,
-                            chunk=chunk)
+                            chunk=chunk, **scfdm_kw)
             background.submit(fn)
         machine = Machine(kind, {None: fn}, None, schedule, None)
         machine.build_seconds = time.perf_counter() - start

@@ -1,5 +1,6 @@
-"""The families of docs/theory.md §7 without a patch size (gaussian, nearest, pca_locality) as
-``make_machine`` builds them: everything that does not depend on x is computed once, here."""
+"""The families of docs/theory.md §7 without a patch size (gaussian, nearest, pca_locality,
+scfdm) as ``make_machine`` builds them: everything that does not depend on x is computed once,
+here."""
 
 from __future__ import annotations
 
@@ -10,17 +11,23 @@ import numpy as np
 from els_jax.machines import gaussian as gaussian_lib
 from els_jax.machines import nearest as nearest_lib
 from els_jax.machines import pca_locality as pca_lib
+from els_jax.machines import scfdm as scfdm_lib
 from els_jax.machines.base import inputs
 
 __all__ = ["family_fn", "FAMILIES"]
 
-FAMILIES = ("gaussian", "nearest", "pca_locality")
+FAMILIES = ("gaussian", "nearest", "pca_locality", "scfdm")
 
 
-def family_fn(kind, images_j, *, rank, tau, block, chunk, max_masks=64):
+def family_fn(kind, images_j, *, rank, tau, block, chunk, max_masks=64, temperature=None,
+              num_perturb=None, noise_scale=None, top_k=None, key=None):
     """x̂_0 of a docs/theory.md §7 family with everything that does not depend on x built once, here:
     the Gaussian fit (gaussian, pca_locality), the flattened images (and their mean, norms,
-    pixel ranges).
+    pixel ranges), scfdm's perturbations.
+    scfdm (temperature, num_perturb, noise_scale, top_k, key; None = its default): the ε_m
+    [M, H, W, C] are drawn from ``key`` once, here, and the same ε_m serve every call and
+    every sampler step (a fixed smoothing kernel; the function sees (x, coefficients), not
+    the step), exactly the ε a ``scfdm_x0`` call with the same key draws.
     pca_locality's mask depends on the time only, through a and b²: it is computed once per
     distinct (a, b²) (the exact float32 values, e.g. each time of a sampler grid; up to
     ``max_masks`` are kept) by the same function as at call time, so results do not depend on
@@ -49,6 +56,25 @@ def family_fn(kind, images_j, *, rank, tau, block, chunk, max_masks=64):
         fn.lower = lambda x, coeffs: nearest_lib.nearest_prepared_x0.lower(
             *inputs(x, coeffs, None), flat, mu, half_sq, log_w, chunk_size=size)
         fn.info = {"engine": "argmax", "bank": True}
+        return fn
+    if kind == "scfdm":
+        params = scfdm_lib.check_params(temperature=temperature, num_perturb=num_perturb,
+                                        noise_scale=noise_scale, top_k=top_k, key=key, n=n)
+        eps = jax.block_until_ready(scfdm_lib.perturbations(key, params, images_j.shape[1:]))
+        flat, mu, half_sq = jax.block_until_ready(scfdm_lib.prepare(images_j))
+        size = int(max(1, min(chunk or 256, n)))
+        kw = dict(temperature=jnp.float32(params.temperature),
+                  noise_scale=jnp.float32(params.noise_scale), top_k=params.top_k,
+                  chunk_size=size)
+
+        def fn(x, coeffs):
+            return scfdm_lib.scfdm_x0_at(*inputs(x, coeffs, None), eps, flat, mu, half_sq,
+                                         log_w, **kw)
+        fn.lower = lambda x, coeffs: scfdm_lib.scfdm_x0_at.lower(
+            *inputs(x, coeffs, None), eps, flat, mu, half_sq, log_w, **kw)
+        fn.info = {"engine": "softmax" if params.top_k is None else "top-k softmax",
+                   "bank": True}
+        fn.eps, fn.params = eps, params
         return fn
     tau = pca_lib.check_tau(pca_lib.DEFAULT_TAU if tau is None else tau)
     cands = pca_lib.prepare(images_j, log_w)

@@ -5,7 +5,8 @@ The locality of each output pixel comes from the data's Gaussian (els_jax.gaussi
 D = H·W·C, the images flattened in (H, W, C) order and Σ = U diag(λ) Uᵀ their covariance,
 
     W_t      = a²Σ(a²Σ + b²I)⁻¹ = U diag(a²λ/(a²λ + b²)) Uᵀ                      [D, D]
-    M̃[n, m] = W_t[n, m] / W_t[n, n]        (a diagonal entry below 1e-6 in magnitude counts as 1)
+    M̃[n, m] = W_t[n, m] / W_t[n, n]        (a diagonal entry below 1e-3·max_n |W_t[n, n]| in
+                                             magnitude counts as 1: the relative floor)
     M[n, m]  = 1 if |M̃[n, m]| ≥ τ·max|M̃| else 0                              (default τ = 0.02)
 
 and output pixel m is a softmax over ALL N training images with its own mask M[:, m]:
@@ -13,6 +14,14 @@ and output pixel m is a softmax over ALL N training images with its own mask M[:
     logit_i[m] = −Σ_n M[n, m]·(x_n − a·x_{i,n})² / (2b²),     x̂_0[m] = Σ_i w_i[m]·x_{i,m}.
 
 With τ = 0 every mask is full and this is the ideal machine.
+
+The floor. A floored entry counts as 1 wherever it enters M̃: as the divisor of its row and as
+its own numerator, so M̃[n, n] = 1 for every n. W_t is symmetric positive semi-definite, so
+|W_t[n, m]|² ≤ W_t[n, n]·W_t[m, m] and every unfloored row has |M̃[n, m]| ≤ sqrt(1/1e-3) ≈ 31.6,
+every floored one |M̃[n, m]| ≤ sqrt(1e-3) < 1: max|M̃| ≤ 31.6, so for τ ≤ 1/31.6 (the default
+0.02, their MNIST 0.005) every mask holds its own output pixel. The studio's absolute floor
+(1e-6) lets near-constant pixels (the borders of MNIST resized to 32×32, variance ~1e-7) keep
+a W_t[n, n] just above it: their rows of M̃ reach 10²–10³ and τ·max|M̃| empties the masks.
 
 Numerics: Σ_n M[n, m]·(x_n − a·r_n)² is the same for every image and is dropped, with r the
 query's own guess x/a clipped to each pixel's range over the training images, so each term
@@ -48,10 +57,10 @@ from els_jax.core.validation import check_query_and_images, mask_log_weights
 
 __all__ = ["pca_locality_x0", "pca_locality_score", "pca_locality_mask", "locality_mask_at",
            "Candidates", "prepare", "masked_x0", "fit_x0", "check_tau", "chunk_images",
-           "DEFAULT_TAU", "DIAG_FLOOR"]
+           "DEFAULT_TAU", "DIAG_FLOOR", "mask_sizes"]
 
 DEFAULT_TAU = 0.02
-DIAG_FLOOR = 1e-6      # |W_t[n, n]| below this counts as 1 (docs/theory.md §7)
+DIAG_FLOOR = 1e-3      # |W_t[n, n]| below this times max_n |W_t[n, n]| counts as 1 (§7.3)
 BLOCK = 1 << 20        # default logits per streamed chunk: B·chunk·D ≈ BLOCK
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -109,8 +118,11 @@ def _mask_t(fit: gaussian_lib.GaussianFit, a, b2, tau):
     gains = a * gaussian_lib.wiener_gains(fit.eigvals, a, b2)                # a²λ/(a²λ+b²)
     w = jnp.matmul(fit.eigvecs * gains[None], fit.eigvecs.T, precision=_HIGHEST)   # W_t
     diag = jnp.diagonal(w)
-    diag = jnp.where(jnp.abs(diag) < DIAG_FLOOR, 1.0, diag)
-    mag = jnp.abs(w / diag[:, None])                                         # |M̃[n, m]|
+    floored = jnp.abs(diag) < DIAG_FLOOR * jnp.max(jnp.abs(diag))
+    mag = jnp.abs(w / jnp.where(floored, 1.0, diag)[:, None])                # |M̃[n, m]|
+    # The floored entry counts as 1 as its own numerator too: M̃[n, n] = 1 for every n
+    # (W[n, n]/W[n, n] is exactly 1 in float32 for the others), see the module docstring.
+    mag = jnp.where(jnp.eye(w.shape[0], dtype=bool), 1.0, mag)
     return (mag >= tau * jnp.max(mag)).T
 
 
@@ -181,6 +193,12 @@ def fit_x0(x, a, b2, fit: gaussian_lib.GaussianFit, cands: Candidates, tau, *, c
     else:
         out = jax.vmap(lambda xb, ab, b2b: one_time(xb[None], ab, b2b)[0])(xf, a, b2)
     return out.reshape(x.shape)
+
+
+def mask_sizes(mask_t) -> np.ndarray:
+    """Input pixels per output pixel, [D] (int), of a transposed mask Mᵀ [D, D] (row m = the
+    footprint of output pixel m), e.g. ``locality_mask_at``'s."""
+    return np.asarray(jnp.sum(mask_t, axis=1))
 
 
 def pca_locality_mask(t, images: Float[Array, "n h w c"], *, tau=DEFAULT_TAU, mask=None,

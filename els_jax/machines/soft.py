@@ -99,6 +99,40 @@ def soft_groups(k_max: int, boundary: str, wrap_patches: bool, h: int, w: int):
     return [gp for ps in passes for gp in els_layout.group_pass(ps)]
 
 
+def restrict_groups(groups, pixels):
+    """The groups of ``soft_groups`` restricted to query pixels: for each batch of groups,
+    (Grouped, indices of the kept groups) or None when none is kept. ``pixels``: a tuple of
+    flat pixel indices, or None for all. A one-group batch keeps exactly the given pixels; in a
+    batch of several groups (each with its own candidates: zero padding's edge and corner
+    groups) a group is kept whole when one of its query pixels is given, so that every group
+    keeps its equal size. ``computed_pixels`` says which pixels that computes."""
+    if pixels is None:
+        return [(gp, None) for gp in groups]
+    chosen = np.zeros(max(int(gp.query_pixels.max()) for gp in groups) + 1, bool)
+    chosen[np.asarray(pixels, np.int64)] = True
+    out = []
+    for gp in groups:
+        qp = gp.query_pixels
+        if qp.shape[0] == 1:
+            keep = chosen[qp[0]]
+            out.append(None if not keep.any() else (els_layout.Grouped(
+                qp[0][keep][None], gp.query_mode, gp.cand_pixels, gp.cand_mode), np.arange(1)))
+            continue
+        sel = np.flatnonzero(chosen[qp].any(axis=1))
+        out.append(None if not sel.size else (els_layout.Grouped(
+            qp[sel], gp.query_mode, gp.cand_pixels[sel], gp.cand_mode), sel))
+    return out
+
+
+def computed_pixels(k_max: int, boundary: str, wrap_patches: bool, h: int, w: int,
+                    pixels) -> np.ndarray:
+    """The flat pixel indices (sorted) at which x̂_0 is computed when it is asked for at
+    ``pixels`` (``restrict_groups``): the given ones and the rest of their edge groups."""
+    groups = restrict_groups(soft_groups(k_max, boundary, wrap_patches, h, w), pixels)
+    return np.sort(np.concatenate([g.query_pixels.reshape(-1) for g, _ in
+                                   filter(None, groups)]))
+
+
 def _check_sigma(sigma):
     """σ as a float32 scalar; a concrete σ must be > 0 (inf allowed: the hard window)."""
     s = jnp.asarray(sigma, jnp.float32)
@@ -192,13 +226,20 @@ def _halve_to_block(chunk: int, per_candidate: int, block: int) -> int:
 # The functional API: candidates streamed straight from the images.
 
 
-@functools.partial(jax.jit, static_argnames=("k", "boundary", "wrap_patches", "block"))
-def _stream_x0(x, a, b2, sigma, images, log_w, mu, *, k, boundary, wrap_patches, block):
+@functools.partial(jax.jit, static_argnames=("k", "boundary", "wrap_patches", "block",
+                                             "pixels"))
+def _stream_x0(x, a, b2, sigma, images, log_w, mu, *, k, boundary, wrap_patches, block,
+               pixels=None):
+    """x̂_0 [B, H, W, C] with candidates streamed from the images; with ``pixels`` (a tuple of
+    flat indices) only at ``computed_pixels`` (0 elsewhere)."""
     bsz, h, w, c = x.shape
     n = images.shape[0]
     g = gaussian_window(sigma, k, c)
     results = []
-    for gp in soft_groups(k, boundary, wrap_patches, h, w):
+    for restricted in restrict_groups(soft_groups(k, boundary, wrap_patches, h, w), pixels):
+        if restricted is None:
+            continue
+        gp, _ = restricted
         q, coef = _queries(x, a, b2, g, k, gp, mu)
         shift = els_layout.shift_vector(mu, k, gp.cand_mode, h, w)
         n_groups, pq = gp.query_pixels.shape
@@ -352,18 +393,25 @@ def build_soft_bank(images, *, k_max: int, boundary: str = "circular",
                           round(kept / max(1, total), 4))
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "block"))
+@functools.partial(jax.jit, static_argnames=("spec", "block", "pixels"))
 def soft_bank_x0(x, a, b2, sigma, bank: SoftBank, *, spec: SoftSpec,
-                 block: int = els_layout.DEFAULT_BLOCK):
+                 block: int = els_layout.DEFAULT_BLOCK, pixels=None):
     """x̂_0 [B, H, W, C] of the els_soft machine from a ``build_soft_bank`` bank and the
     coefficients a, b² [B]; σ a traced scalar (one executable for every σ), differentiable in
-    x, a, b² and σ."""
+    x, a, b² and σ. With ``pixels`` (a tuple of flat indices) only at ``computed_pixels``
+    (0 elsewhere): the other query pixels cost nothing (what the width fit uses)."""
     bsz, h, w, c = x.shape
     g = gaussian_window(sigma, spec.k, c)
     results = []
-    groups = soft_groups(spec.k, spec.boundary, spec.wrap_patches, h, w)
-    for gp, keys, values, log_w, chunk in zip(groups, bank.keys, bank.values, bank.log_w,
-                                              spec.chunks):
+    groups = restrict_groups(soft_groups(spec.k, spec.boundary, spec.wrap_patches, h, w),
+                             pixels)
+    for restricted, keys, values, log_w, chunk in zip(groups, bank.keys, bank.values,
+                                                      bank.log_w, spec.chunks):
+        if restricted is None:
+            continue
+        gp, sel = restricted
+        if sel is not None and len(sel) != keys.shape[0]:     # the kept groups' candidates
+            keys, values, log_w = keys[sel], values[sel], log_w[sel]
         q, coef = _queries(x, a, b2, g, spec.k, gp, bank.mu)
         n_groups, pq = gp.query_pixels.shape
         ch = _halve_to_block(chunk, max(bsz * n_groups * pq,
@@ -411,8 +459,10 @@ class SoftMachine(Machine):
     Methods: sigma(i); x0(x, t, i); x0_sigma(x, t, sigma) (any σ, differentiable: what the
     calibration differentiates); score; __call__ (ε̂); lower; compile; engine."""
 
-    def __init__(self, fn, sigmas, sigma_const, k_max, schedule, info):
+    def __init__(self, fn, sigmas, sigma_const, k_max, schedule, info, boundary="circular",
+                 wrap_patches=False):
         super().__init__("els_soft", {int(k_max): fn}, None, schedule, int(k_max))
+        self._boundary, self._wrap = boundary, bool(wrap_patches)
         self._fn = fn
         self.sigmas = sigmas
         self._sigma_const = sigma_const
@@ -431,9 +481,24 @@ class SoftMachine(Machine):
         self.sigma(i)                             # checks i
         return self.k_max
 
-    def x0_sigma(self, x, t, sigma):
-        """x̂_0 at any width σ (a scalar > 0, or traced: differentiable in x and σ)."""
-        return self._fn(x, self.coefficients(x, t), _check_sigma(sigma))
+    def x0_sigma(self, x, t, sigma, pixels=None):
+        """x̂_0 at any width σ (a scalar > 0, or traced: differentiable in x and σ). With
+        ``pixels`` (flat indices) only at ``self.computed_pixels(pixels, x.shape)``, 0
+        elsewhere, at a cost in proportion (what the width fit uses)."""
+        pixels = None if pixels is None else tuple(int(p) for p in np.sort(pixels))
+        return self._fn(x, self.coefficients(x, t), _check_sigma(sigma), pixels)
+
+    def x0_sigma_parts(self):
+        """(pure, arrays): x̂_0 = pure(x, coeffs, sigma, arrays, pixels) with the machine's
+        arrays (its bank, or its images) an argument, so that a function jitted around it
+        (the width fit) takes them as inputs instead of baking GBs of constants into its
+        executable."""
+        return self._fn.pure, self._fn.arrays
+
+    def computed_pixels(self, pixels, shape) -> np.ndarray:
+        """Where ``x0_sigma(..., pixels=pixels)`` computes x̂_0 for queries of ``shape``."""
+        return computed_pixels(self.k_max, self._boundary, self._wrap, shape[1], shape[2],
+                               pixels)
 
     def x0_at(self, x, coeffs, i: int):
         return self._fn(x, coeffs, jnp.float32(self.sigma(i)))   # checked when built
@@ -502,9 +567,13 @@ def make_soft_machine(images, *, sigmas: float | Sequence[float], k_max: int,
                                      wrap_patches=wrap_patches, dedup=dedup,
                                      dedup_threshold=dedup_threshold, block=block)
 
-        def fn(x, coeffs, sigma):
-            return soft_bank_x0(jnp.asarray(x, jnp.float32), coeffs.a, coeffs.b2, sigma, bank,
-                                spec=spec, block=block)
+        def pure(x, coeffs, sigma, arrays, pixels=None):
+            return soft_bank_x0(jnp.asarray(x, jnp.float32), coeffs.a, coeffs.b2, sigma,
+                                arrays, spec=spec, block=block, pixels=pixels)
+
+        def fn(x, coeffs, sigma, pixels=None):
+            return pure(x, coeffs, sigma, bank, pixels)
+        fn.pure, fn.arrays = pure, bank
         fn.lower = lambda x, coeffs, sigma: soft_bank_x0.lower(
             jnp.asarray(x, jnp.float32), coeffs.a, coeffs.b2, jnp.float32(sigma), bank,
             spec=spec, block=block)
@@ -516,15 +585,19 @@ def make_soft_machine(images, *, sigmas: float | Sequence[float], k_max: int,
         log_w = jnp.zeros((n,), jnp.float32)
         kw = dict(k=k, boundary=boundary, wrap_patches=bool(wrap_patches), block=block)
 
-        def fn(x, coeffs, sigma):
+        def pure(x, coeffs, sigma, arrays, pixels=None):
             return _stream_x0(jnp.asarray(x, jnp.float32), coeffs.a, coeffs.b2, sigma,
-                              images_j, log_w, mu, **kw)
+                              *arrays, pixels=pixels, **kw)
+
+        def fn(x, coeffs, sigma, pixels=None):
+            return pure(x, coeffs, sigma, (images_j, log_w, mu), pixels)
+        fn.pure, fn.arrays = pure, (images_j, log_w, mu)
         fn.lower = lambda x, coeffs, sigma: _stream_x0.lower(
             jnp.asarray(x, jnp.float32), coeffs.a, coeffs.b2, jnp.float32(sigma), images_j,
             log_w, mu, **kw)
         info = {"engine": "soft", "bank": False, "unique_fraction": 1.0}
     fn.info = info
-    soft = SoftMachine(fn, sigma_list, sigma_const, k, schedule, info)
+    soft = SoftMachine(fn, sigma_list, sigma_const, k, schedule, info, boundary, wrap_patches)
     if compile_for is not None:
         soft.compile(jnp.zeros(np.shape(compile_for) if np.ndim(compile_for) == 4
                                else tuple(compile_for), jnp.float32))
