@@ -159,3 +159,27 @@ def test_sample_end_to_end(machine, tmp_path, capsys):
     assert np.abs(samples).max() < 2.0                    # images, not noise
     if machine == "nearest":                              # it returns training images
         assert nearest.max() < 1e-3
+
+
+def test_the_cli_keeps_compiled_programs_across_processes(tmp_path):
+    """enable_compilation_cache (what every els-jax command calls first) points JAX's
+    persistent cache at $ELS_JAX_CACHE/xla, and a program compiled in one process is written
+    there; ELS_JAX_COMPILE_CACHE=0 leaves it off. In subprocesses: it changes global config."""
+    import subprocess
+    import sys
+    code = ("import jax, jax.numpy as jnp\n"
+            "from els_jax import cli\n"
+            "d = cli.enable_compilation_cache()\n"
+            "print(d, jax.config.jax_compilation_cache_dir)\n"
+            "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)\n"
+            "f = jax.jit(lambda x: jnp.sin(x) @ x.T)\n"
+            "f(jnp.ones((64, 64))).block_until_ready()\n")
+    env = dict(os.environ, ELS_JAX_CACHE=str(tmp_path), ELS_JAX_COMPILE_CACHE="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out[0] == out[1] == str(tmp_path / "xla")
+    assert any((tmp_path / "xla").iterdir()), "nothing was written to the cache"
+    env["ELS_JAX_COMPILE_CACHE"] = "0"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out[0] == "None"

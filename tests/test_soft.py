@@ -239,3 +239,25 @@ def test_x0_at_a_subset_of_pixels_is_the_full_x0_there(boundary, k_max, bank):
     d_part = jax.jacfwd(lambda s: machine.x0_sigma(x, 0.4, s, pixels))(1.3)
     np.testing.assert_allclose(np.asarray(d_part).reshape(2, 64)[:, done],
                                np.asarray(d_full).reshape(2, 64)[:, done], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("boundary,k_max,size", [("zeros", 9, 32), ("zeros", 5, 8),
+                                                 ("circular", 5, 16)])
+def test_sample_pixels_counts_what_is_computed(boundary, k_max, size):
+    """fit_pixels is a cost: sample_pixels draws whole units (a pixel, or a zero-padded edge
+    group) until they cover the count, so the computed set has the count, plus at most one
+    unit, and no pixel twice; fixed by the seed, different for another."""
+    units = soft.pixel_units(k_max, boundary, False, size, size)
+    assert sorted(np.concatenate(units).tolist()) == list(range(size * size))   # a partition
+    biggest = max(len(u) for u in units)
+    for count in (1, 20, size * size // 3):
+        p = soft.sample_pixels(k_max, boundary, False, size, size, count, seed=0)
+        done = soft.computed_pixels(k_max, boundary, False, size, size, p)
+        assert len(np.unique(p)) == len(p)
+        np.testing.assert_array_equal(done, p)
+        assert count <= len(done) < count + biggest
+    first = soft.sample_pixels(k_max, boundary, False, size, size, 20, 0)
+    np.testing.assert_array_equal(soft.sample_pixels(k_max, boundary, False, size, size, 20, 0),
+                                  first)
+    assert not np.array_equal(soft.sample_pixels(k_max, boundary, False, size, size, 20, 0),
+                              soft.sample_pixels(k_max, boundary, False, size, size, 20, 1))

@@ -223,10 +223,11 @@ def calibrate_sigma(network_eps: Callable, images, x_T, times, *, k_max: int,
     fit at a step is kept only if it beats its starting point.
 
     Cost control (the fit runs the exact machine ``steps`` times per sampler step): with
-    ``fit_pixels`` the cosine is taken over a fixed random subset of that many query pixels
-    (``subset_seed``; with zero padding the whole edge group of a chosen edge pixel), and the
-    machine computes x̂_0 only there (``SoftMachine.x0_sigma(pixels=...)``): exact candidates,
-    cost in proportion to the pixels. With ``fit_images`` the machine of the fit holds a fixed
+    ``fit_pixels`` the cosine is taken over a fixed random subset of about that many query
+    pixels (``subset_seed``; ``soft.sample_pixels``: with zero padding an edge pixel brings
+    its whole edge group, and the count includes them), and the machine computes x̂_0 only
+    there (``SoftMachine.x0_sigma(pixels=...)``): exact candidates, cost in proportion to
+    the pixels. With ``fit_images`` the machine of the fit holds a fixed
     random subset of that many training images: cheaper still, but fewer candidates pull σ
     down (on digits, 10 % of the images: −10 % to −15 % per step). Either way the fitted σ is
     then used by the machine of all N images over all pixels.
@@ -244,7 +245,7 @@ def calibrate_sigma(network_eps: Callable, images, x_T, times, *, k_max: int,
       steps, lr: iterations per step and the initial learning rate (on log σ).
       optimizer: an optax GradientTransformation replacing the default (``lr`` unused).
       block: logits per streamed chunk of the machine (memory knob).
-      fit_pixels: fit on this many query pixels (a fixed random subset), or None = all.
+      fit_pixels: fit on about this many query pixels (a fixed random subset), or None = all.
       fit_images: fit on this many training images (a fixed random subset), or None = all.
     Returns:
       a SigmaCalibration (``.sigmas`` is what ``make_machine("els_soft", sigmas=...)`` takes).
@@ -275,8 +276,7 @@ def calibrate_sigma(network_eps: Callable, images, x_T, times, *, k_max: int,
             raise ValueError(f"fit_pixels must be a positive number of pixels or None; got "
                              f"{fit_pixels}")
         if int(fit_pixels) < h * w:
-            pixels = np.sort(np.random.default_rng(subset_seed).choice(
-                h * w, int(fit_pixels), replace=False))
+            pixels = machine.sample_pixels(int(fit_pixels), np.shape(x_T), subset_seed)
             on = np.zeros(h * w, bool)
             on[machine.computed_pixels(pixels, np.shape(x_T))] = True
             where = jnp.asarray(on.reshape(1, h, w, 1))

@@ -133,6 +133,32 @@ def computed_pixels(k_max: int, boundary: str, wrap_patches: bool, h: int, w: in
                                    filter(None, groups)]))
 
 
+def pixel_units(k_max: int, boundary: str, wrap_patches: bool, h: int, w: int):
+    """The query pixels in the units ``restrict_groups`` computes them: a list of int arrays,
+    one per pixel of a one-group batch, one per group of a several-group batch (zero
+    padding's edge and corner groups, computed whole)."""
+    units = []
+    for gp in soft_groups(k_max, boundary, wrap_patches, h, w):
+        qp = gp.query_pixels
+        units += [qp[0][j:j + 1] for j in range(qp.shape[1])] if qp.shape[0] == 1 else list(qp)
+    return units
+
+
+def sample_pixels(k_max: int, boundary: str, wrap_patches: bool, h: int, w: int, count: int,
+                  seed: int = 0) -> np.ndarray:
+    """A fixed random set of query pixels (sorted flat indices) whose computed set
+    (``computed_pixels``) holds about ``count`` pixels: units (``pixel_units``) are drawn in
+    a random order until they cover ``count`` pixels, so ``count`` is the cost."""
+    units = pixel_units(k_max, boundary, wrap_patches, h, w)
+    chosen, covered = [], 0
+    for j in np.random.default_rng(seed).permutation(len(units)):
+        if covered >= count:
+            break
+        chosen.append(units[j])
+        covered += len(units[j])
+    return np.sort(np.concatenate(chosen))
+
+
 def _check_sigma(sigma):
     """σ as a float32 scalar; a concrete σ must be > 0 (inf allowed: the hard window)."""
     s = jnp.asarray(sigma, jnp.float32)
@@ -494,6 +520,11 @@ class SoftMachine(Machine):
         (the width fit) takes them as inputs instead of baking GBs of constants into its
         executable."""
         return self._fn.pure, self._fn.arrays
+
+    def sample_pixels(self, count: int, shape, seed: int = 0) -> np.ndarray:
+        """``sample_pixels`` for this machine's layout and queries of ``shape``."""
+        return sample_pixels(self.k_max, self._boundary, self._wrap, shape[1], shape[2],
+                             count, seed)
 
     def computed_pixels(self, pixels, shape) -> np.ndarray:
         """Where ``x0_sigma(..., pixels=pixels)`` computes x̂_0 for queries of ``shape``."""
