@@ -398,12 +398,15 @@ def test_report_table_is_well_formed_with_and_without_other_starts(starts):
                   calib_seeds=2, elapsed_s=1.0, families=fam, ci_r2={n: (0.4, 0.6) for n in fam},
                   median_r=per, median_r2=per, median_R2=per, frac_els_beats_is=1.0,
                   scales={"els": [3, 3]}, els_soft=None,
+                  single_step={"R2": {"els": [0.5, 0.7], "is": [0.1, 0.2]}},
                   by_t_max={t: {"median_r2": per, "frac_els_beats_is": 1.0} for t in starts})
     figs = dict(grid="g.png", scatter="s.png", scales="c.png", agreement="a.png")
     rows = [ln for ln in _markdown(report, figs).splitlines() if ln.startswith("|")]
     cells = [ln.count("|") for ln in rows]
     assert len(rows) == 2 + len(fam) and len(set(cells)) == 1
-    assert cells[0] == 4 + len(starts) and "| |" not in rows[0]      # 3 + len(starts) columns
+    # family, r, r² (CI), R², r² per side start, the single-step R² averaged over steps
+    assert cells[0] == 5 + len(starts) and "| |" not in rows[0]
+    assert rows[2].endswith("| 0.600 |") and rows[3].endswith("| 0.150 |")
 
 
 # ------------------------------------------------------------------ experiments/configs/*.py
