@@ -315,6 +315,9 @@ def _add_reproduce_subcommand(sub):
     p.add_argument("--compare-t-max", type=_times, default=(1.0,),
                    help="further starts reported side by side, e.g. 1 or 1,0.9 ('' for none; "
                         "default 1)")
+    p.add_argument("--side-families", type=_names, default=None,
+                   help="families also sampled from the --compare-t-max starts, e.g. els,ls,is "
+                        "(default: every family; els, ls, is on mnist5k; els and is always)")
     p.add_argument("--retrain", action="store_true",
                    help="train the network even if the repository ships one for this run "
                         "(experiments/checkpoints/)")
@@ -326,12 +329,14 @@ def _add_reproduce_subcommand(sub):
     p.add_argument("--families", type=_names, default=None,
                    help="families compared, e.g. els,ls,is,gaussian (default: all; els and is "
                         "always run)")
+    p.add_argument("--soft-method", default=None, choices=["search", "adam"],
+                   help="els_soft: the width fit per sampler step, a parabolic search on log σ "
+                        "(forward passes only) or Adam through the machine (default search)")
     p.add_argument("--soft-steps", type=int, default=None,
-                   help="els_soft: gradient steps per sampler step of the width fit (default "
-                        "25; 6 on mnist5k)")
+                   help="els_soft: loss evaluations (search, default 5) or gradient steps "
+                        "(adam, default 25) per sampler step of the width fit")
     p.add_argument("--soft-lr", type=float, default=None,
-                   help="els_soft: the width fit's learning rate on log σ (default 0.1; 0.25 on "
-                        "mnist5k)")
+                   help="els_soft, adam: the width fit's learning rate on log σ (default 0.1)")
     p.add_argument("--soft-fit-images", type=int, default=None,
                    help="els_soft: fit the widths on this many training images, a fixed random "
                         "subset (default all)")
@@ -365,7 +370,9 @@ def _cmd_reproduce(args) -> int:
         network_steps=args.network_steps, candidates=args.candidates, seed=args.seed,
         t_max=args.t_max, compare_t_max=args.compare_t_max, retrain=args.retrain,
         families=args.families, calib_neighbours=args.calib_neighbours,
-        soft_steps=args.soft_steps, soft_fit_images=args.soft_fit_images,
+        side_families=args.side_families,
+        soft_steps=args.soft_steps, soft_method=args.soft_method,
+        soft_fit_images=args.soft_fit_images,
         soft_fit_pixels=args.soft_fit_pixels, soft_lr=args.soft_lr, solver=args.solver)
     out = args.out or _new_run_dir(f"reproduce-{args.dataset}-{args.arch}-{args.padding}")
     print(f"els-jax reproduce → {out}", flush=True)

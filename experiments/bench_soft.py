@@ -2,7 +2,11 @@
 
     python experiments/bench_soft.py            # N = 1000 random 32×32×1 images, B = 1, k_max = 11
     python experiments/bench_soft.py --n 250 --k-max 7
+    python experiments/bench_soft.py --data mnist5k --n 5000 --k-max 9 --b 2 --no-grad
 
+The functional rows use the default engine (``soft.resolve_engine("auto")``: the shift-map
+kernel on a CPU); the machine rows run both engines, the XLA bank first, with
+speedup_vs_xla_bank = its time / this one's.
 For each boundary: ``els_soft_x0`` (functional, candidates streamed from the images) and
 ``make_machine("els_soft", ...)`` (candidate windows precomputed once) at t = 0.05 and 0.5,
 compiled before timing, then the median of several calls (``bench_machines.time_calls``).
@@ -70,10 +74,17 @@ def main(argv=None):
     parser.add_argument("--sigma", type=float, default=2.0)
     parser.add_argument("--no-grad", action="store_true")
     parser.add_argument("--no-machine", action="store_true")
+    parser.add_argument("--data", choices=["random", "mnist5k"], default="random",
+                        help="random images, or the first N mnist5k digits (32×32×1)")
     args = parser.parse_args(argv)
     print(json.dumps(cpu_info()), flush=True)
     n, k, b = args.n, args.k_max, args.b
-    images = jnp.asarray(bm._images(n, 1))
+    if args.data == "mnist5k":
+        from els_jax.core import data
+        images = jnp.asarray(data.load_mnist5k()[0][:n], jnp.float32)
+        n = int(images.shape[0])
+    else:
+        images = jnp.asarray(bm._images(n, 1))
     x = bm._queries(b, 1)
     sigma = jnp.float32(args.sigma)
     for boundary in ("circular", "zeros"):
@@ -96,7 +107,8 @@ def main(argv=None):
             t_arr = jnp.float32(t)
             sec, best, reps = bm.time_calls(lambda: compiled(x, t_arr, sigma, images))
             print(json.dumps({
-                "machine": f"els_soft {boundary}", "path": "els_soft_x0 (streamed)", "N": n,
+                "machine": f"els_soft {boundary}",
+                "path": f"els_soft_x0 ({soft.resolve_engine('auto')})", "N": n,
                 "C": 1, "k_max": k, "B": b, "t": t, "sigma": args.sigma,
                 "time_s": round(sec, 5), "min_s": round(best, 5), "reps": reps,
                 "pairs": pairs, "ns_per_pair": round(sec / pairs * 1e9, 4),
@@ -109,23 +121,31 @@ def main(argv=None):
                 "compile_s": round(compile_s, 3)}), flush=True)
         if args.no_machine:
             continue
-        t0 = time.perf_counter()
-        machine = soft.make_soft_machine(np.asarray(images), sigmas=args.sigma, k_max=k,
-                                         boundary=boundary)
-        build_s = time.perf_counter() - t0
-        compile_s = machine.compile(x)
-        for t in (0.05, 0.5):
-            t_arr = jnp.float32(t)
-            sec, best, reps = bm.time_calls(lambda: machine.x0(x, t_arr, 0))
-            print(json.dumps({
-                "machine": f"els_soft {boundary}", "path": "make_machine (bank)", "N": n,
-                "C": 1, "k_max": k, "B": b, "t": t, "sigma": args.sigma,
-                "engine": machine.engine(0), "time_s": round(sec, 5), "min_s": round(best, 5),
-                "reps": reps, "pairs": pairs, "ns_per_pair": round(sec / pairs * 1e9, 4),
-                "ns_per_pair_min": round(best / pairs * 1e9, 4),
-                "matmul_s": round(mm_s, 5), "ratio_matmul": round(sec / mm_s, 2),
-                "build_s": round(build_s, 3), "compile_s": round(compile_s, 3)}), flush=True)
-        del machine
+        xla_s = {}
+        for engine in ("xla", "shiftmap"):      # the XLA bank first: the baseline of the ratio
+            if engine == "shiftmap" and soft.resolve_engine("auto") != "shiftmap":
+                continue
+            t0 = time.perf_counter()
+            machine = soft.make_soft_machine(np.asarray(images), sigmas=args.sigma, k_max=k,
+                                             boundary=boundary, engine=engine)
+            build_s = time.perf_counter() - t0
+            compile_s = machine.compile(x)
+            for t in (0.05, 0.5):
+                t_arr = jnp.float32(t)
+                sec, best, reps = bm.time_calls(lambda: machine.x0(x, t_arr, 0))
+                if engine == "xla":
+                    xla_s[t] = sec
+                print(json.dumps({
+                    "machine": f"els_soft {boundary}", "path": f"make_machine ({engine})",
+                    "N": n, "C": 1, "k_max": k, "B": b, "t": t, "sigma": args.sigma,
+                    "engine": machine.engine(0), "time_s": round(sec, 5),
+                    "min_s": round(best, 5), "reps": reps, "pairs": pairs,
+                    "ns_per_pair": round(sec / pairs * 1e9, 4),
+                    "ns_per_pair_min": round(best / pairs * 1e9, 4),
+                    "matmul_s": round(mm_s, 5), "ratio_matmul": round(sec / mm_s, 2),
+                    "speedup_vs_xla_bank": round(xla_s[t] / sec, 2),
+                    "build_s": round(build_s, 3), "compile_s": round(compile_s, 3)}), flush=True)
+            del machine
     return 0
 
 

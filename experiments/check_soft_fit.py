@@ -11,6 +11,7 @@ in σ (the first and the last steps) σ is not determined and the cosines say so
 
     python experiments/check_soft_fit.py                     # 32 pixels, 6 steps at 0.25
     python experiments/check_soft_fit.py --pixels 16 --steps 8 --lr 0.1
+    python experiments/check_soft_fit.py --method search --pixels 64 --steps 5
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ def main():
     p.add_argument("--full-steps", type=int, default=25)
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--lr", type=float, default=0.25, help="learning rate of the cheap fit")
+    p.add_argument("--method", choices=["adam", "search"], default="adam",
+                   help="the cheap fit: gradient steps, or a parabolic search with --steps "
+                        "loss evaluations (forward passes; --pixels 64 = every pixel)")
     p.add_argument("--start", choices=["scales", "previous"], default="scales",
                    help="the cheap fit's start per step: the Gaussian of the step's ELS size, "
                         "or the previous step's fit")
@@ -81,7 +85,8 @@ def main():
     if args.start == "previous":
         cheap_kw.pop("init_scales")
     cheap = calibration.calibrate_sigma(net, images, x_T, times, steps=args.steps,
-                                        fit_pixels=args.pixels, **cheap_kw)
+                                        fit_pixels=args.pixels if args.pixels < 64 else None,
+                                        method=args.method, **cheap_kw)
     t_cheap = time.perf_counter() - t0
     rel = cheap.per_step / full.per_step - 1
     cos_full = full_objective(net, images, x_T, times, full.per_step, k_max, "zeros")
@@ -91,7 +96,8 @@ def main():
                      "cpu": platform.processor() or platform.machine()},
         "workload": {"data": "digits 1797×8×8", "seeds": args.seeds, "steps": 20,
                      "k_max": k_max, "full": {"pixels": 64, "gradient_steps": args.full_steps},
-                     "cheap": {"pixels": args.pixels, "gradient_steps": args.steps,
+                     "cheap": {"pixels": args.pixels, "method": args.method,
+                               "steps_or_evaluations": args.steps,
                                "lr": args.lr, "start": args.start}},
         "seconds": {"full": round(t_full, 2), "cheap": round(t_cheap, 2)},
         "sigma_full": np.round(full.per_step, 3).tolist(),

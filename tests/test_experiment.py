@@ -257,14 +257,24 @@ def test_reproduce_end_to_end_and_resume(tmp_path):
     # A subset of the families (the cheap run at 32×32): ELS and IS always run, LS is neither
     # calibrated nor sampled, and the numbers are those of the full run (same network, seeds,
     # calibration).
-    sub = reproduce(dataclasses.replace(TINY, families=("gaussian",), compare_t_max=(),
-                                           checkpoint=os.path.join(out, "network")),
-                       str(tmp_path / "subset"), progress=False)
+    # The side start samples only ``side_families`` (els and is always); report.md marks the
+    # others' side column with a dash.
+    sub = reproduce(dataclasses.replace(TINY, families=("gaussian",), side_families=(),
+                                        checkpoint=os.path.join(out, "network")),
+                    str(tmp_path / "subset"), progress=False)
     assert sub["families"] == ["els", "is", "gaussian"] and set(sub["scales"]) == {"els"}
     assert set(os.listdir(tmp_path / "subset" / "parts")) == {
-        "network.npz", "els.npz", "is.npz", "gaussian.npz"}
+        "network.npz", "els.npz", "is.npz", "gaussian.npz", "t_max=1"}
+    assert set(os.listdir(tmp_path / "subset" / "parts" / "t_max=1")) == {
+        "network.npz", "els.npz", "is.npz"}
+    assert set(sub["by_t_max"]["1"]["median_r2"]) == {"els", "is"}
     for name in sub["families"]:
         assert sub["median_r2"][name] == pytest.approx(saved["median_r2"][name], abs=1e-5)
+    for name in ("els", "is"):
+        assert sub["by_t_max"]["1"]["median_r2"][name] == pytest.approx(
+            saved["by_t_max"]["1"]["median_r2"][name], abs=1e-5)
+    md = (tmp_path / "subset" / "report.md").read_text()
+    assert [ln for ln in md.splitlines() if ln.startswith("| GAUSSIAN")][0].count("| – |") == 1
     with pytest.raises(ValueError, match="unknown families"):
         dataclasses.replace(TINY, families=("wiener",)).validate()
 
@@ -349,11 +359,20 @@ def test_dataset_defaults_fill_only_what_is_left_open(tmp_path):
     import dataclasses
     big = conf.ReproduceConfig(dataset="mnist5k").resolved()
     assert big.calib_seeds == 4 and big.family_names() == conf.MACHINE_NAMES
-    assert (big.soft_steps, big.soft_lr, big.soft_fit_pixels, big.soft_fit_images) == (
-        6, 0.25, 128, None)
+    assert (big.soft_method, big.soft_steps, big.soft_fit_pixels, big.soft_fit_images) == (
+        "search", 5, 128, None)
     small = conf.ReproduceConfig().resolved()
     assert small.calib_seeds == 8 and small.family_names() == conf.MACHINE_NAMES
-    assert (small.soft_steps, small.soft_lr, small.soft_fit_pixels) == (25, 0.1, None)
+    assert (small.soft_method, small.soft_steps, small.soft_lr, small.soft_fit_pixels) == (
+        "search", 5, 0.1, None)
+    adam = conf.ReproduceConfig(soft_method="adam").resolved()
+    assert (adam.soft_method, adam.soft_steps) == ("adam", 25)
+    with pytest.raises(ValueError, match="soft_method"):
+        conf.ReproduceConfig(soft_method="lbfgs").validate()
+    assert big.side_family_names() == ("els", "ls", "is")
+    assert small.side_family_names() == small.family_names()
+    assert dataclasses.replace(small, families=("gaussian",), side_families=("ls",)
+                               ).side_family_names() == ("els", "is")
     asked = dataclasses.replace(big, calib_seeds=None, soft_steps=3, soft_fit_pixels=None,
                                 families=("els_soft",)).resolved()
     assert asked.family_names() == ("els", "is", "els_soft") and asked.calib_seeds == 4

@@ -73,6 +73,8 @@ FUNCTIONAL = {
     "nearest": lambda x, t, im: ej.nearest_score(x, t, im),
     "pca_locality": lambda x, t, im: ej.pca_locality_score(x, t, im),
     "els_soft": lambda x, t, im: ej.els_soft_score(x, t, im, sigma=1.0, k_max=3),
+    "els_soft xla": lambda x, t, im: ej.els_soft_score(x, t, im, sigma=1.0, k_max=3,
+                                                       boundary="zeros", engine="xla"),
     "scfdm": lambda x, t, im: ej.scfdm_score(x, t, im, key=jax.random.PRNGKey(0)),
     "scfdm top-k": lambda x, t, im: ej.scfdm_score(x, t, im, key=jax.random.PRNGKey(0),
                                                    top_k=3),
@@ -98,6 +100,7 @@ MACHINES = [("ideal", {}), ("equivariant", {}), ("local", {"scales": 3}),
             ("els", {"scales": 3, "boundary": "circular", "method": "window", "dedup": False}),
             ("gaussian", {}), ("nearest", {}), ("pca_locality", {}),
             ("els_soft", {"sigmas": 1.0, "k_max": 3}),
+            ("els_soft", {"sigmas": 1.0, "k_max": 3, "method": "xla"}),
             ("scfdm", {"key": jax.random.PRNGKey(0), "top_k": 4})]
 
 

@@ -33,10 +33,18 @@ def _close(got, want, tol=3e-4):
     np.testing.assert_allclose(np.asarray(got), want, atol=tol)
 
 
+def _engines():
+    """Both engines where the fused kernels build (the shift-map kernel is the default on a
+    CPU), else the XLA form alone."""
+    from els_jax.engines import native
+    return ["shiftmap", "xla"] if native.available() else ["xla"]
+
+
+@pytest.mark.parametrize("engine", _engines())
 @pytest.mark.parametrize("boundary,wrap,k", CONFIGS)
-def test_matches_oracle_and_els_at_infinite_sigma(boundary, wrap, k):
-    kw = dict(k_max=k, boundary=boundary, wrap_patches=wrap, block=50)
-    for t, sigma in [(0.02, 0.7), (0.5, 1.6), (0.95, 3.0)]:
+def test_matches_oracle_and_els_at_infinite_sigma(boundary, wrap, k, engine):
+    kw = dict(k_max=k, boundary=boundary, wrap_patches=wrap, block=50, engine=engine)
+    for t, sigma in [(0.01, 1.1), (0.02, 0.7), (0.5, 1.6), (0.95, 3.0)]:
         x, images = _setup(t)
         want = oracles.els_soft_x0(x, t, images, sigma, k, boundary, wrap)
         _close(soft.els_soft_x0(x, t, images, sigma=sigma, **kw), want)
@@ -68,12 +76,14 @@ def test_circular_commutes_with_translation_and_stays_in_the_data_range():
         assert np.all(np.isfinite(got)) and got.min() >= lo - 1e-5 and got.max() <= hi + 1e-5
 
 
-def test_gradients_in_x_and_sigma():
+@pytest.mark.parametrize("engine", _engines())
+def test_gradients_in_x_and_sigma(engine):
     """jax.grad (reverse, through the rematerialised scan) and jax.jvp (forward) agree with
     each other and with central differences; finite at t near 0 and 1. Zero padding: the
     interior, edge and corner groups (the circular machine's gradients drive
-    test_calibration_recovers_known_sigmas)."""
-    kw = dict(k_max=3, boundary="zeros", block=50)
+    test_calibration_recovers_known_sigmas). The shift-map kernel's values with the XLA
+    form's derivatives pass the same checks."""
+    kw = dict(k_max=3, boundary="zeros", block=50, engine=engine)
     x, images = _setup(0.5, shape=(6, 6, 2))
     rng = np.random.default_rng(3)
     weights = jnp.asarray(rng.normal(size=x.shape).astype(np.float32))
@@ -113,7 +123,7 @@ def test_machine_selects_sigma_by_step_and_merges_identical_windows():
     mask = np.array([True, False, True])
     sigmas = [0.6, 1.1, 2.5]                              # index 0 = last step
     machine = ej.make_machine("els_soft", images, sigmas=sigmas, k_max=3, boundary="zeros",
-                              mask=mask)
+                              mask=mask, method="xla")
     assert machine.num_steps == 3 and machine.engine(0)["bank"]
     assert machine.engine(0)["unique_fraction"] < 0.9     # windows were merged
     x = jnp.asarray(rng.normal(size=(2, H, W, C)).astype(np.float32))
@@ -122,6 +132,11 @@ def test_machine_selects_sigma_by_step_and_merges_identical_windows():
         want = soft.els_soft_x0(x, t, images, sigma=sigmas[2 - i], k_max=3, boundary="zeros",
                                 mask=jnp.asarray(mask), block=50)
         _close(machine.x0(x, jnp.float32(t), i), want, tol=2e-5)
+        if "shiftmap" in _engines():         # the default on a CPU: the images, no bank
+            fast = ej.make_machine("els_soft", images, sigmas=sigmas, k_max=3,
+                                   boundary="zeros", mask=mask)
+            assert fast.engine(i)["engine"] == "soft_shiftmap" and not fast.engine(i)["bank"]
+            _close(fast.x0(x, jnp.float32(t), i), want, tol=2e-5)
     out = ej.sample(machine, x, ej.uniform_times(3))
     assert np.all(np.isfinite(np.asarray(out)))
     with pytest.raises(ValueError, match="3 steps"):
@@ -216,16 +231,21 @@ def test_forward_mode_fit_derivative_is_the_gradient_and_subset_fit_recovers_sig
 
 
 @pytest.mark.parametrize("boundary,k_max,bank", [("zeros", 5, True), ("zeros", 5, False),
-                                                 ("circular", 3, True), ("zeros", 9, True)])
+                                                 ("circular", 3, True), ("zeros", 9, True),
+                                                 ("zeros", 5, "shiftmap")])
 def test_x0_at_a_subset_of_pixels_is_the_full_x0_there(boundary, k_max, bank):
     """SoftMachine.x0_sigma(pixels=...) (what the width fit uses) computes x̂_0 exactly at
     computed_pixels ⊇ the given ones (zero padding: whole edge groups) and 0 elsewhere, from a
-    bank and when streaming, and its σ-derivative there is the full machine's."""
+    bank, when streaming and by the shift-map kernel, and its σ-derivative there is the full
+    machine's."""
+    if bank == "shiftmap" and bank not in _engines():
+        pytest.skip("the fused kernels do not build here")
     rng = np.random.default_rng(5)
     images = rng.uniform(-1, 1, (9, 8, 8, 1)).astype(np.float32)
     machine = soft.make_soft_machine(images, sigmas=1.0, k_max=k_max, boundary=boundary,
-                                     bank_bytes=(2 << 30) if bank else 0)
-    assert machine.engine(0)["bank"] is bank
+                                     bank_bytes=(2 << 30) if bank is True else 0,
+                                     engine="shiftmap" if bank == "shiftmap" else "xla")
+    assert machine.engine(0)["bank"] is (bank is True)
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 1))
     pixels = np.sort(rng.choice(64, 11, replace=False))
     done = machine.computed_pixels(pixels, x.shape)
@@ -261,3 +281,46 @@ def test_sample_pixels_counts_what_is_computed(boundary, k_max, size):
                                   first)
     assert not np.array_equal(soft.sample_pixels(k_max, boundary, False, size, size, 20, 0),
                               soft.sample_pixels(k_max, boundary, False, size, size, 20, 1))
+
+
+def test_parabolic_search_finds_the_minimum_within_its_budget():
+    """On a quadratic the first parabola's vertex is the minimum; on a non-quadratic valley
+    (and from a start on its far, flat side) it gets close in a few evaluations more; it never
+    evaluates more than asked, never returns a point worse than its start, and keeps [lo, hi]."""
+    from els_jax.experiment.calibration import parabolic_search
+    calls = []
+
+    def quad(p):
+        calls.append(p)
+        return (p - 0.37) ** 2
+    p, f, f0, seen = parabolic_search(quad, 0.0, evals=5)
+    assert abs(p - 0.37) < 1e-9 and f < 1e-15 and f0 == pytest.approx(0.37 ** 2)
+    assert len(calls) == len(seen) == 4                       # stopped: the next is a repeat
+    p, _, _, seen = parabolic_search(lambda p: -np.exp(-(p + 0.8) ** 2), 0.0, evals=8)
+    assert abs(p + 0.8) < 0.02 and len(seen) <= 8
+    p, f, f0, _ = parabolic_search(lambda p: np.cosh(3 * (p - 2.0)), 0.0, evals=4, hi=1.0)
+    assert p <= 1.0 and f <= f0
+    p, _, _, seen = parabolic_search(lambda p: abs(p - 0.1), 0.0, evals=3)
+    assert len(seen) == 3 and p == 0.0
+    with pytest.raises(ValueError, match="at least 3"):
+        parabolic_search(quad, 0.0, evals=2)
+
+
+def test_search_calibration_recovers_known_sigmas():
+    """method="search" (forward passes only, the machine on its default engine) finds the
+    widths of a "network" that is an els_soft machine, from starts ~40 % off, with 8
+    evaluations per step; its loss history holds the evaluations."""
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (16, 8, 8, 1)).astype(np.float32)
+    true = [0.8, 1.3, 2.0]                                 # index 0 = last step
+    network = ej.make_machine("els_soft", images, sigmas=true, k_max=5, boundary="zeros")
+    x_T = jax.random.normal(jax.random.PRNGKey(1), (4, 8, 8, 1))
+    times = ej.uniform_times(3, t_max=0.8, t_min=0.2)
+    cal = ej.calibrate_sigma(network, images, x_T, times, k_max=5, boundary="zeros",
+                             init_sigmas=[1.2, 0.8, 1.4], steps=8, method="search")
+    np.testing.assert_allclose(cal.sigmas, true, rtol=0.03)
+    assert np.all(cal.cosine_after >= cal.cosine_before)
+    assert cal.loss.shape == (3, 8)
+    np.testing.assert_allclose(cal.loss.min(axis=1), -cal.cosine_after, rtol=1e-6)
+    with pytest.raises(ValueError, match="method"):
+        ej.calibrate_sigma(network, images, x_T, times, k_max=5, method="newton")

@@ -49,7 +49,8 @@ def _flags() -> tuple[str, ...]:
 _TARGETS = {"els_local_softmax": "ElsLocalSoftmax",
             "els_interior_softmax": "ElsInteriorSoftmax",
             "els_window_softmax": "ElsWindowSoftmax",
-            "els_shiftmap_softmax": "ElsShiftMapSoftmax"}
+            "els_shiftmap_softmax": "ElsShiftMapSoftmax",
+            "els_shiftmap_weighted_softmax": "ElsShiftMapWeightedSoftmax"}
 
 
 def _cpu_signature() -> str:
@@ -226,7 +227,7 @@ def window_softmax_state(q, a, b2, keys, values):
         values.astype(jnp.float32))
 
 
-def shiftmap_softmax_state(x, a, b2, images, log_w, k: int, mode: int):
+def shiftmap_softmax_state(x, a, b2, images, log_w, k: int, mode: int, weights=None):
     """The shift-map engine (``shiftmap.py``, docs/theory.md §9) in one fused pass: for every query
     pixel i of x and every existing candidate (image n, centre j = i + d) of pair rule
     ``mode`` (0 LS, 1 ELS zeros, 2 ELS circular, 3 ELS circular with wrap_patches;
@@ -235,8 +236,10 @@ def shiftmap_softmax_state(x, a, b2, images, log_w, k: int, mode: int):
         logit = −(box_k f_d)(i) / (2b²) + log_w[n],   f_d(p) = Σ_c (x(p) − a·y_n(p + d))²,
 
     value y_n(j). x [B, H, W, C] (raw, not centred); a, b² [B]; images [N, H, W, C]; log_w
-    [N] (−inf = absent). Returns (max, total, acc): [B, H, W], [B, H, W], [B, H, W, C]
-    (acc of the raw values). CPU only.
+    [N] (−inf = absent). ``weights`` [k], optional: the separable window
+    weights[δy]·weights[δx] in place of the k×k box (els_soft's Gaussian; direct sums, k
+    multiply-adds per output and axis). Returns (max, total, acc): [B, H, W], [B, H, W],
+    [B, H, W, C] (acc of the raw values). CPU only.
     """
     if not available():
         raise RuntimeError("the fused CPU kernels are not available (see the warning above)")
@@ -245,6 +248,11 @@ def shiftmap_softmax_state(x, a, b2, images, log_w, k: int, mode: int):
            jax.ShapeDtypeStruct((bsz, h, w), jnp.float32),
            jax.ShapeDtypeStruct((bsz, h, w, c), jnp.float32))
     coef = jnp.stack([jnp.broadcast_to(a, (bsz,)), jnp.broadcast_to(b2, (bsz,))], axis=1)
+    if weights is not None:
+        return jax.ffi.ffi_call("els_shiftmap_weighted_softmax", out, vmap_method="sequential")(
+            x.astype(jnp.float32), coef.astype(jnp.float32), images.astype(jnp.float32),
+            log_w.astype(jnp.float32), jnp.asarray(weights, jnp.float32), k=np.int64(k),
+            mode=np.int64(mode))
     return jax.ffi.ffi_call("els_shiftmap_softmax", out, vmap_method="sequential")(
         x.astype(jnp.float32), coef.astype(jnp.float32), images.astype(jnp.float32),
         log_w.astype(jnp.float32), k=np.int64(k), mode=np.int64(mode))

@@ -914,16 +914,63 @@ struct MapRow {
 // written to out for t < L; then forwards from t = k, pre[t] = Σ from the start of t's
 // segment to t, added to out[t − k + 1] unless that starts a segment (the window [u, u + k)
 // is g[u] + pre[u + k − 1], or g[u] alone). Terms read by both passes (L > k) go through f.
+//
+// wk (optional, k floats): a weighted window instead of the box, out[u] = Σ_r wk[r]·f(u + r)
+// (els_soft's separable Gaussian, g(δ) = g₁(δy)·g₁(δx)), always by direct sums: k fused
+// multiply-adds per output, positive weights on nonnegative terms (no cancellation).
 template <int64_t NB, int64_t CC>
-void row_box(const MapRow<NB, CC>& row, int64_t L, int64_t k, float* f, float* out) {
+void row_box(const MapRow<NB, CC>& row, int64_t L, int64_t k, float* f, float* out,
+             const float* wk = nullptr) {
   constexpr int64_t V = NB / kLanes;
   const int64_t T = L + k - 1;
   vf run[V];
-  if (k <= kShiftDirectK) {
+  if (k <= kShiftDirectK || wk != nullptr) {
     for (int64_t t = 0; t < T; ++t) {
       row.term(t, run);
 #pragma GCC unroll 16
       for (int64_t e = 0; e < V; ++e) store(f + t * NB + e * kLanes, run[e]);
+    }
+    if (wk != nullptr) {
+      // Two outputs at a time, the window's k terms outermost: 2·V independent sums (one
+      // sum over k terms alone is a chain of k dependent multiply-adds, latency-bound), and
+      // the k − 1 terms the two windows share loaded once.
+      int64_t u = 0;
+      for (; u + 1 < L; u += 2) {
+        const float* fu = f + u * NB;
+        vf s0[V], s1[V];
+#pragma GCC unroll 16
+        for (int64_t e = 0; e < V; ++e) {
+          s0[e] = wk[0] * load(fu + e * kLanes);
+          s1[e] = wk[0] * load(fu + NB + e * kLanes);
+        }
+        for (int64_t r = 1; r < k; ++r) {
+          const float wr = wk[r];
+#pragma GCC unroll 16
+          for (int64_t e = 0; e < V; ++e) {
+            s0[e] += wr * load(fu + r * NB + e * kLanes);
+            s1[e] += wr * load(fu + (r + 1) * NB + e * kLanes);
+          }
+        }
+#pragma GCC unroll 16
+        for (int64_t e = 0; e < V; ++e) {
+          store(out + u * NB + e * kLanes, s0[e]);
+          store(out + (u + 1) * NB + e * kLanes, s1[e]);
+        }
+      }
+      for (; u < L; ++u) {
+        const float* fu = f + u * NB;
+        vf s0[V];
+#pragma GCC unroll 16
+        for (int64_t e = 0; e < V; ++e) s0[e] = wk[0] * load(fu + e * kLanes);
+        for (int64_t r = 1; r < k; ++r) {
+          const float wr = wk[r];
+#pragma GCC unroll 16
+          for (int64_t e = 0; e < V; ++e) s0[e] += wr * load(fu + r * NB + e * kLanes);
+        }
+#pragma GCC unroll 16
+        for (int64_t e = 0; e < V; ++e) store(out + u * NB + e * kLanes, s0[e]);
+      }
+      return;
     }
     for (int64_t u = 0; u < L; ++u) {
       const float* fu = f + u * NB;
@@ -1100,10 +1147,11 @@ struct ShiftShape {
 
 // One item: query image b against images [n0, n1), every shift; state over all H·W pixels.
 // CC: the number of channels when at most RowStates::kRegC, else 0 (any C).
+// wk: optional per-axis weights [k] (the window wk[δy]·wk[δx] instead of the k×k box).
 template <int64_t NB, int64_t CC>
 void shift_item(const ShiftShape& s, const float* x, const float* coef, const float* images,
-                const float* log_w, int64_t b, int64_t n0, int64_t n1, float* mx, float* tot,
-                float* acc) {
+                const float* log_w, const float* wk, int64_t b, int64_t n0, int64_t n1,
+                float* mx, float* tot, float* acc) {
   const int64_t H = s.h, W = s.w, C = CC > 0 ? CC : s.c, k = s.k, m = k / 2, HW = H * W;
   const bool periodic = s.mode >= 2;
   const float a = coef[2 * b], b2 = coef[2 * b + 1];
@@ -1128,7 +1176,7 @@ void shift_item(const ShiftShape& s, const float* x, const float* coef, const fl
   std::vector<int64_t> pix(max_lx);
   RowStates states(HW, C);
   const vf av = vf{} + a, sv = vf{} + scale;
-  const bool direct = k <= kShiftDirectK;
+  const bool direct = k <= kShiftDirectK || wk != nullptr;
   for (int64_t nb0 = n0; nb0 < n1; nb0 += NB) {
     const int64_t nb = std::min(NB, n1 - nb0);
     for (int64_t j = 0; j < nb; ++j) {
@@ -1157,7 +1205,7 @@ void shift_item(const ShiftShape& s, const float* x, const float* coef, const fl
           const MapRow<NB, CC> row{xb + py * W * C, pack.data() + ty.q[t] * W * NB, HW * NB,
                                    C, av, mxs[ix]};
           rptr[t] = R.data() + t * RE;
-          row_box<NB, CC>(row, Lx, k, frow.data(), R.data() + t * RE);
+          row_box<NB, CC>(row, Lx, k, frow.data(), R.data() + t * RE, wk);
         }
         for (int64_t t = ty.distinct; t < ty.T; ++t) rptr[t] = rptr[t - H];
         // Column box sums fused with the logits and their maxima, a row of pairs at a time,
@@ -1176,6 +1224,25 @@ void shift_item(const ShiftShape& s, const float* x, const float* coef, const fl
             vptr[v] = pack.data() + (yj * W + xj) * NB;
             const int64_t o = v * NB;
             vf vmax = vf{} + kNegInf;
+            if (wk != nullptr) {              // the window's terms outermost (as row_box)
+              constexpr int64_t V = NB / kLanes;
+              vf sum[V];
+#pragma GCC unroll 16
+              for (int64_t e = 0; e < V; ++e) sum[e] = wk[0] * load(rows[0] + o + e * kLanes);
+              for (int64_t r = 1; r < k; ++r) {
+                const float wr = wk[r];
+#pragma GCC unroll 16
+                for (int64_t e = 0; e < V; ++e) sum[e] += wr * load(rows[r] + o + e * kLanes);
+              }
+#pragma GCC unroll 16
+              for (int64_t e = 0; e < V; ++e) {
+                const vf lg = sum[e] * sv + load(lw.data() + e * kLanes);
+                store(logit.data() + o + e * kLanes, lg);
+                vmax = lg > vmax ? lg : vmax;
+              }
+              bmax[v] = RowStates::hmax(vmax);
+              continue;
+            }
             for (int64_t e = 0; e < NB; e += kLanes) {
               vf sum;
               if (direct) {
@@ -1200,14 +1267,12 @@ void shift_item(const ShiftShape& s, const float* x, const float* coef, const fl
   states.write(mx, tot, acc);
 }
 
-// x [B, H, W, C], coef [B, 2] = (a, b²), images [N, H, W, C], log_w [N]; attributes k (odd)
-// and mode (0 local, 1 zeros, 2 circular, 3 wrap) → max [B, H, W], total [B, H, W],
-// acc [B, H, W, C].
-ffi::Error ShiftMapImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                        ffi::Buffer<ffi::F32> coef, ffi::Buffer<ffi::F32> images,
-                        ffi::Buffer<ffi::F32> log_w, int64_t k, int64_t mode,
-                        ffi::ResultBuffer<ffi::F32> out_max, ffi::ResultBuffer<ffi::F32> out_total,
-                        ffi::ResultBuffer<ffi::F32> out_acc) {
+ffi::Error ShiftCall(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x,
+                     const ffi::Buffer<ffi::F32>& coef, const ffi::Buffer<ffi::F32>& images,
+                     const ffi::Buffer<ffi::F32>& log_w, const float* wk, int64_t k,
+                     int64_t mode, ffi::ResultBuffer<ffi::F32>& out_max,
+                     ffi::ResultBuffer<ffi::F32>& out_total,
+                     ffi::ResultBuffer<ffi::F32>& out_acc) {
   const auto xd = x.dimensions(), fd = coef.dimensions(), id = images.dimensions();
   const auto ld = log_w.dimensions();
   if (xd.size() != 4 || fd.size() != 2 || id.size() != 4 || ld.size() != 1) {
@@ -1232,15 +1297,40 @@ ffi::Error ShiftMapImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
             [&](int64_t b, int64_t n0, int64_t n1, float* mx, float* tot, float* acc) {
               constexpr int64_t NB = kShiftBlock;
               switch (ss.c) {
-                case 1: return shift_item<NB, 1>(ss, xp, cp, ip, lp, b, n0, n1, mx, tot, acc);
-                case 2: return shift_item<NB, 2>(ss, xp, cp, ip, lp, b, n0, n1, mx, tot, acc);
-                case 3: return shift_item<NB, 3>(ss, xp, cp, ip, lp, b, n0, n1, mx, tot, acc);
-                case 4: return shift_item<NB, 4>(ss, xp, cp, ip, lp, b, n0, n1, mx, tot, acc);
-                default: return shift_item<NB, 0>(ss, xp, cp, ip, lp, b, n0, n1, mx, tot, acc);
+                case 1: return shift_item<NB, 1>(ss, xp, cp, ip, lp, wk, b, n0, n1, mx, tot, acc);
+                case 2: return shift_item<NB, 2>(ss, xp, cp, ip, lp, wk, b, n0, n1, mx, tot, acc);
+                case 3: return shift_item<NB, 3>(ss, xp, cp, ip, lp, wk, b, n0, n1, mx, tot, acc);
+                case 4: return shift_item<NB, 4>(ss, xp, cp, ip, lp, wk, b, n0, n1, mx, tot, acc);
+                default: return shift_item<NB, 0>(ss, xp, cp, ip, lp, wk, b, n0, n1, mx, tot, acc);
               }
             },
             out_max->typed_data(), out_total->typed_data(), out_acc->typed_data());
   return ffi::Error::Success();
+}
+
+// x [B, H, W, C], coef [B, 2] = (a, b²), images [N, H, W, C], log_w [N]; attributes k (odd)
+// and mode (0 local, 1 zeros, 2 circular, 3 wrap) → max [B, H, W], total [B, H, W],
+// acc [B, H, W, C].
+ffi::Error ShiftMapImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                        ffi::Buffer<ffi::F32> coef, ffi::Buffer<ffi::F32> images,
+                        ffi::Buffer<ffi::F32> log_w, int64_t k, int64_t mode,
+                        ffi::ResultBuffer<ffi::F32> out_max, ffi::ResultBuffer<ffi::F32> out_total,
+                        ffi::ResultBuffer<ffi::F32> out_acc) {
+  return ShiftCall(pool, x, coef, images, log_w, nullptr, k, mode, out_max, out_total, out_acc);
+}
+
+// As ShiftMapImpl with a separable window: weights [k] along each axis (the pair's distance
+// Σ_δ w[δy]·w[δx]·f_d(i + δ); els_soft's Gaussian).
+ffi::Error ShiftMapWeightedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                ffi::Buffer<ffi::F32> coef, ffi::Buffer<ffi::F32> images,
+                                ffi::Buffer<ffi::F32> log_w, ffi::Buffer<ffi::F32> weights,
+                                int64_t k, int64_t mode, ffi::ResultBuffer<ffi::F32> out_max,
+                                ffi::ResultBuffer<ffi::F32> out_total,
+                                ffi::ResultBuffer<ffi::F32> out_acc) {
+  const auto wd = weights.dimensions();
+  if (wd.size() != 1 || wd[0] != k) return ffi::Error::InvalidArgument("expected weights [k]");
+  return ShiftCall(pool, x, coef, images, log_w, weights.typed_data(), k, mode, out_max,
+                   out_total, out_acc);
 }
 
 }  // namespace
@@ -1252,6 +1342,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ElsShiftMapSoftmax, ShiftMapImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>() /* coef */
                                   .Arg<ffi::Buffer<ffi::F32>>() /* images */
                                   .Arg<ffi::Buffer<ffi::F32>>() /* log_w */
+                                  .Attr<int64_t>("k")
+                                  .Attr<int64_t>("mode")
+                                  .Ret<ffi::Buffer<ffi::F32>>() /* max */
+                                  .Ret<ffi::Buffer<ffi::F32>>() /* total */
+                                  .Ret<ffi::Buffer<ffi::F32>>() /* acc */);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ElsShiftMapWeightedSoftmax, ShiftMapWeightedImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>() /* x */
+                                  .Arg<ffi::Buffer<ffi::F32>>() /* coef */
+                                  .Arg<ffi::Buffer<ffi::F32>>() /* images */
+                                  .Arg<ffi::Buffer<ffi::F32>>() /* log_w */
+                                  .Arg<ffi::Buffer<ffi::F32>>() /* weights */
                                   .Attr<int64_t>("k")
                                   .Attr<int64_t>("mode")
                                   .Ret<ffi::Buffer<ffi::F32>>() /* max */

@@ -83,7 +83,7 @@ def calibrate_scales(cfg, out, model, params, images, train_labels, num_classes,
 
 def calibrate_soft(cfg, out, scales, model, params, images, train_labels, num_classes,
                    boundary, schedule, timer, progress):
-    """Stage 2b: the els_soft window widths (docs/theory.md §7), fitted by gradient descent along the
+    """Stage 2b: the els_soft window widths (docs/theory.md §7), fitted (``cfg.soft_method``) along the
     network's trajectory from the calibration seeds, on a k_max × k_max support with k_max
     the widest calibrated ELS size, each step started from the Gaussian that matches its
     calibrated ELS size. Added to scales.json."""
@@ -103,7 +103,7 @@ def calibrate_soft(cfg, out, scales, model, params, images, train_labels, num_cl
         fits.append(calibrate_lib.calibrate_sigma(
             net, images, x_T[sel], times, k_max=k_max, boundary=boundary, mask=mask,
             init_scales=scales["els"]["scales"], steps=cfg.soft_steps, lr=cfg.soft_lr,
-            schedule=schedule,
+            schedule=schedule, method=cfg.soft_method or "adam",
             fit_images=cfg.soft_fit_images, fit_pixels=cfg.soft_fit_pixels,
             progress=progress))
     # One width per step for all labels: the geometric mean of the per-label fits.
@@ -112,7 +112,8 @@ def calibrate_soft(cfg, out, scales, model, params, images, train_labels, num_cl
         "k_max": k_max, "sigmas": [float(v) for v in per_step[::-1]],
         "fit": {"images": cfg.soft_fit_images or int(len(images)),
                 "pixels": cfg.soft_fit_pixels or int(np.prod(images.shape[1:3])),
-                "steps": cfg.soft_steps, "lr": cfg.soft_lr},
+                "method": cfg.soft_method or "adam", "steps": cfg.soft_steps,
+                "lr": cfg.soft_lr},
         "per_step": per_step.tolist(),
         "cosine_before": np.mean([f.cosine_before for f in fits], axis=0).tolist(),
         "cosine_after": np.mean([f.cosine_after for f in fits], axis=0).tolist()})

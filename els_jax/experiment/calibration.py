@@ -200,12 +200,57 @@ def fit_subset(images, mask, size: int | None, seed: int = 0):
     return images[pick]
 
 
+SIGMA_METHODS = ("adam", "search")
+__all__ += ["SIGMA_METHODS", "parabolic_search"]
+
+
+def parabolic_search(loss: Callable[[float], float], p0: float, *, evals: int,
+                     width: float = 0.25, lo: float = -np.inf, hi: float = np.inf,
+                     tol: float = 0.01):
+    """Minimises a smooth function of one variable from a start ``p0`` with at most
+    ``evals`` (≥ 3) evaluations: loss at p0 − width, p0, p0 + width, then repeatedly at the
+    vertex of the parabola through the three best points so far (when that parabola opens
+    upwards; otherwise 2·width beyond the best point, downhill), clipped to [lo, hi] and to
+    2·width beyond the points seen; stops early when the next point is within ``tol`` of one
+    already evaluated. Successive parabolic interpolation: on a quadratic the first vertex is
+    exact. Returns (best point, its loss, the loss at p0, [(point, loss)] in evaluation order)."""
+    if evals < 3:
+        raise ValueError(f"the search needs at least 3 evaluations; got {evals}")
+    history = []
+
+    def run(p):
+        value = float(loss(float(p)))
+        history.append((float(p), value if np.isfinite(value) else np.inf))
+    for p in (p0, p0 - width, p0 + width):
+        run(float(np.clip(p, lo, hi)))
+    while len(history) < evals:
+        best = sorted(history, key=lambda pv: pv[1])[:3]
+        (x1, f1), (x2, f2), (x3, f3) = sorted(best)
+        seen = [p for p, _ in history]
+        # Newton's divided differences: f ≈ f1 + d1·(p − x1) + c2·(p − x1)(p − x2).
+        d1 = (f2 - f1) / (x2 - x1)
+        c2 = ((f3 - f2) / (x3 - x2) - d1) / (x3 - x1)
+        if c2 > 0 and np.isfinite(c2):               # opens upwards: its vertex
+            nxt = 0.5 * (x1 + x2) - d1 / (2 * c2)
+        else:                                        # downhill, beyond the best point
+            xb = best[0][0]
+            nxt = xb + (2 * width if xb >= max(seen) else -2 * width if xb <= min(seen)
+                        else 0.0)
+        nxt = float(np.clip(nxt, max(lo, min(seen) - 2 * width), min(hi, max(seen) + 2 * width)))
+        if min(abs(nxt - p) for p in seen) < tol:
+            break
+        run(nxt)
+    p_best, f_best = min(history, key=lambda pv: pv[1])
+    return p_best, f_best, history[0][1], history
+
+
 def calibrate_sigma(network_eps: Callable, images, x_T, times, *, k_max: int,
                     boundary: str = "circular", wrap_patches: bool = False, mask=None,
                     init_sigmas=None, init_scales=None, steps: int = 60, lr: float = 0.1,
                     schedule=schedules_lib.Cosine(), optimizer=None,
                     block: int | None = None, fit_images: int | None = None,
                     fit_pixels: int | None = None, subset_seed: int = 0,
+                    method: str = "adam", engine: str | None = None,
                     progress: bool = False) -> SigmaCalibration:
     """Fits the els_soft machine's window width σ per sampler step to a network (docs/theory.md §7).
 
@@ -221,6 +266,12 @@ def calibrate_sigma(network_eps: Callable, images, x_T, times, *, k_max: int,
     parameter it is the gradient ``jax.grad`` would give, at about the cost of two forward
     passes instead of a rematerialised reverse pass), one compiled fit for every step. The
     fit at a step is kept only if it beats its starting point.
+
+    With ``method="search"`` the derivative is not used: ``steps`` is the number of loss
+    evaluations per sampler step (``parabolic_search`` on log σ from the warm start, width
+    0.25), each one forward pass of the machine, which then runs on its fastest engine
+    (the fused shift-map kernel on a CPU, ``soft.resolve_engine``): a smooth function of one
+    variable needs few evaluations (5 reach a few per cent of the optimum on digits).
 
     Cost control (the fit runs the exact machine ``steps`` times per sampler step): with
     ``fit_pixels`` the cosine is taken over a fixed random subset of about that many query
@@ -247,6 +298,12 @@ def calibrate_sigma(network_eps: Callable, images, x_T, times, *, k_max: int,
       block: logits per streamed chunk of the machine (memory knob).
       fit_pixels: fit on about this many query pixels (a fixed random subset), or None = all.
       fit_images: fit on this many training images (a fixed random subset), or None = all.
+      method: "adam" (gradient descent through the machine, forward mode) or "search"
+        (``parabolic_search``, forward passes only).
+      engine: the machine's engine (``soft.ENGINES``); None = "auto" for the search over all
+        pixels, else "xla". Gradients always come from the XLA form; with fit_pixels the XLA
+        bank computes only the chosen pixels, while the shift-map kernel computes every pixel
+        (the cosine is still taken over the chosen ones).
     Returns:
       a SigmaCalibration (``.sigmas`` is what ``make_machine("els_soft", sigmas=...)`` takes).
 
@@ -261,13 +318,17 @@ def calibrate_sigma(network_eps: Callable, images, x_T, times, *, k_max: int,
     m = len(times_np) - 1
     if m < 1:
         raise ValueError("times must hold at least two points")
+    if method not in SIGMA_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {SIGMA_METHODS}")
     kw = {} if block is None else {"block": int(block)}
     images = fit_subset(images, mask, fit_images, subset_seed)
     if fit_images is not None:
         mask = None                       # the subset holds the selected images only
+    if engine is None:
+        engine = "auto" if method == "search" and fit_pixels is None else "xla"
     machine = soft.make_soft_machine(images, sigmas=1.0, k_max=k_max, boundary=boundary,
                                      wrap_patches=wrap_patches, schedule=schedule, mask=mask,
-                                     **kw)
+                                     engine=engine, **kw)
     starts = _initial_sigmas(init_sigmas, init_scales, m)
     h, w = np.shape(x_T)[1:3]
     pixels, where = None, None
@@ -316,6 +377,7 @@ def calibrate_sigma(network_eps: Callable, images, x_T, times, *, k_max: int,
         keep = final <= start
         return jnp.where(keep, p, log_sigma), start, jnp.minimum(final, start), history
 
+    loss_at = jax.jit(loss_fn)
     x = jnp.asarray(x_T, jnp.float32)
     fitted, init, before, after, losses = [], [], [], [], []
     previous = soft.sigma_for_scale(machine.k_max)
@@ -327,7 +389,15 @@ def calibrate_sigma(network_eps: Callable, images, x_T, times, *, k_max: int,
         t, t_next = jnp.float32(times_np[i]), jnp.float32(times_np[i + 1])
         eps_net = jnp.asarray(network_eps(x, t, i), jnp.float32)
         s0 = previous if starts[i] is None else starts[i]
-        log_sigma, l0, l1, history = fit(jnp.float32(np.log(s0)), x, t, eps_net, arrays)
+        if method == "search":
+            p, l1, l0, seen = parabolic_search(
+                lambda q: loss_at(jnp.float32(q), x, t, eps_net, arrays), float(np.log(s0)),
+                evals=steps, lo=float(np.log(0.05)), hi=float(np.log(100.0)))
+            log_sigma = p
+            history = np.full(steps, l1, np.float32)
+            history[:len(seen)] = [v for _, v in seen]
+        else:
+            log_sigma, l0, l1, history = fit(jnp.float32(np.log(s0)), x, t, eps_net, arrays)
         previous = float(np.exp(log_sigma))
         fitted.append(previous)
         init.append(s0)

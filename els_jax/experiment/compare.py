@@ -134,9 +134,9 @@ def _family_kwargs(name: str, scales: dict, boundary: str, seed: int = 0) -> dic
 
 
 def compare_models(cfg, out, model, params, images, train_labels, num_classes, boundary,
-                   scales, schedule, timer, progress, t_max, parts_dir="parts"):
-    """Stage 3: <parts_dir>/<model>.npz for the network and every family, from the same seeds
-    and the same start ``t_max``."""
+                   scales, schedule, timer, progress, t_max, parts_dir="parts", names=None):
+    """Stage 3: <parts_dir>/<model>.npz for the network and every family (``names``, default
+    ``cfg.family_names()``), from the same seeds and the same start ``t_max``."""
     parts = os.path.join(out, parts_dir)
     os.makedirs(parts, exist_ok=True)
     seeds = list(range(cfg.n_seeds))
@@ -144,7 +144,7 @@ def compare_models(cfg, out, model, params, images, train_labels, num_classes, b
     labels = seed_labels(seeds, num_classes)
     t_machine = sampler.uniform_times(cfg.machine_steps, t_max=t_max)
     t_net = sampler.uniform_times(cfg.network_steps, t_max=t_max)
-    names = cfg.family_names()
+    names = cfg.family_names() if names is None else tuple(names)
     jobs = [("network", None)] + [(n, FAMILIES[n]) for n in names]
     if progress:
         from tqdm.auto import tqdm

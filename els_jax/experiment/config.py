@@ -37,13 +37,17 @@ MACHINE_NAMES = tuple(FAMILIES)
 # What `reproduce` runs on a data set for the fields the config leaves as None (else the
 # defaults in ``ReproduceConfig.resolved``). mnist5k (N = 5000 at 32×32): one exact ELS call on
 # 16 queries costs 10⁴–10⁵× one on 8×8 digits, so the calibration uses 4 seeds, and the
-# els_soft width fit, which runs the exact machine at every iteration, takes the cosine over
-# 128 of the 1024 pixels (exact candidates, x̂_0 computed only there) with 6 iterations per
-# step at learning rate 0.25, each started from the Gaussian of that step's calibrated ELS
-# size (the widths then drive the machine at every pixel; experiments/check_soft_fit.py
-# compares the recipe with the full fit on digits).
+# els_soft width fit, which runs the exact machine at every evaluation, takes the cosine over
+# 128 of the 1024 pixels (exact candidates, x̂_0 computed only there, by the XLA bank). Every
+# data set's fit is a parabolic search on log σ with 5 forward passes per step, each step
+# started from the Gaussian of its calibrated ELS size (the widths then drive the machine at
+# every pixel; experiments/check_soft_fit.py compares the recipe with a full 25-step gradient
+# fit on digits: median 0.7 % apart).
+# The side-by-side starts (``compare_t_max``, docs/theory.md §8) sample the paper's three
+# machines on mnist5k (each start costs one more sampling of every family: els_soft's alone is
+# minutes there), every family elsewhere.
 DATASET_DEFAULTS = {
-    "mnist5k": {"calib_seeds": 4, "soft_steps": 6, "soft_lr": 0.25, "soft_fit_pixels": 128},
+    "mnist5k": {"calib_seeds": 4, "soft_fit_pixels": 128, "side_families": ("els", "ls", "is")},
 }
 
 # Trained networks shipped with the repository (made by `els-jax train` with the configs in
@@ -151,8 +155,14 @@ class ReproduceConfig:
       ``by_t_max``.
     retrain: train the network even when the repository ships one for this configuration
       (``experiments/checkpoints/``; used by default for the embedded data sets).
-    soft_steps: gradient steps per sampler step when fitting the els_soft widths; None = the
-      data set's default (``DATASET_DEFAULTS``, else 25).
+    side_families: the families also sampled from the ``compare_t_max`` starts (els and is
+      always, when compared); None = the data set's default (``DATASET_DEFAULTS``: els, ls,
+      is on mnist5k), else every compared family.
+    soft_method: how the els_soft widths are fitted per sampler step: "search" (a parabolic
+      search on log σ, forward passes only) or "adam" (gradient descent through the machine);
+      None = the data set's default, else "search" (``calibration.calibrate_sigma``).
+    soft_steps: loss evaluations ("search") or gradient steps ("adam") per sampler step;
+      None = the data set's default (``DATASET_DEFAULTS``), else 5 ("search") or 25.
     soft_lr: the width fit's initial learning rate on log σ; None = the data set's default
       (``DATASET_DEFAULTS``), else 0.1.
     soft_fit_images: fit the els_soft widths on this many training images (a fixed random
@@ -189,8 +199,10 @@ class ReproduceConfig:
     seed: int = 0
     t_max: float | None = None
     compare_t_max: tuple[float, ...] = (1.0,)
+    side_families: tuple[str, ...] | None = None
     retrain: bool = False
     soft_steps: int | None = None
+    soft_method: str | None = None
     soft_fit_images: int | None = None
     soft_fit_pixels: int | None = None
     soft_lr: float | None = None
@@ -221,9 +233,12 @@ class ReproduceConfig:
         if self.checkpoint and os.path.exists(saved):
             dataset = read_json(saved).get("dataset", dataset)
         preset = DATASET_DEFAULTS.get(dataset, {})
+        method = self.soft_method or preset.get("soft_method", "search")
         fill = {"calib_seeds": preset.get("calib_seeds", 8),
                 "families": preset.get("families", MACHINE_NAMES),
-                "soft_steps": preset.get("soft_steps", 25),
+                "side_families": preset.get("side_families", MACHINE_NAMES),
+                "soft_method": method,
+                "soft_steps": preset.get("soft_steps", 5 if method == "search" else 25),
                 "soft_lr": preset.get("soft_lr", 0.1),
                 "soft_fit_images": preset.get("soft_fit_images"),
                 "soft_fit_pixels": preset.get("soft_fit_pixels")}
@@ -235,8 +250,15 @@ class ReproduceConfig:
         chosen = set(MACHINE_NAMES if self.families is None else self.families) | {"els", "is"}
         return tuple(n for n in MACHINE_NAMES if n in chosen)
 
+    def side_family_names(self) -> tuple[str, ...]:
+        """The families sampled from the side starts: ``side_families`` (els and is always)
+        among the compared ones, in ``FAMILIES`` order."""
+        chosen = set(MACHINE_NAMES if self.side_families is None else self.side_families)
+        return tuple(n for n in self.family_names() if n in chosen | {"els", "is"})
+
     def validate(self):
-        unknown = sorted(set(self.families or ()) - set(MACHINE_NAMES))
+        unknown = sorted((set(self.families or ()) | set(self.side_families or ()))
+                         - set(MACHINE_NAMES))
         if unknown:
             raise ValueError(f"unknown families {unknown}; choose from {list(MACHINE_NAMES)}")
         if self.calib_neighbours is not None and self.calib_neighbours < 0:
@@ -248,6 +270,8 @@ class ReproduceConfig:
         if self.solver not in sampler_lib.SOLVERS:
             raise ValueError(f"unknown solver {self.solver!r}; choose one of "
                              f"{sampler_lib.SOLVERS}")
+        if self.soft_method is not None and self.soft_method not in ("search", "adam"):
+            raise ValueError(f"soft_method must be 'search' or 'adam'; got {self.soft_method!r}")
         if self.soft_lr is not None and not self.soft_lr > 0:
             raise ValueError(f"soft_lr must be > 0; got {self.soft_lr}")
         if self.soft_fit_pixels is not None and self.soft_fit_pixels < 1:
@@ -272,6 +296,7 @@ class ReproduceConfig:
         d["candidates"] = None if self.candidates is None else list(self.candidates)
         d["compare_t_max"] = [float(t) for t in self.compare_t_max]
         d["families"] = None if self.families is None else list(self.families)
+        d["side_families"] = None if self.side_families is None else list(self.side_families)
         return d
 
 

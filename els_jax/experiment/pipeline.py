@@ -120,8 +120,10 @@ def reproduce(cfg: ReproduceConfig, out: str, *, progress: bool = True) -> dict:
         # The primary grid in parts/, the side-by-side ones in parts/t_max=<t>/ (same seeds,
         # same scales by step index).
         parts_dir = "parts" if t_max == cfg.start else os.path.join("parts", f"t_max={t_max:g}")
+        names = cfg.family_names() if t_max == cfg.start else cfg.side_family_names()
         results = compare_models(cfg, out, model, params, images, train_labels, num_classes,
-                                 boundary, scales, schedule, timer, progress, t_max, parts_dir)
+                                 boundary, scales, schedule, timer, progress, t_max, parts_dir,
+                                 names)
         check_same_inputs(results, sampler.uniform_times(cfg.machine_steps, t_max=t_max))
         by_start[t_max] = results
     t0 = time.perf_counter()

@@ -23,7 +23,7 @@ __all__ = ["write_report"]
 def _grid_summary(cfg, results) -> tuple[dict, dict, dict]:
     """Per-seed metrics, their summary, and the per-step agreements of one start t_max."""
     net = results["network"]
-    names = cfg.family_names()
+    names = [n for n in cfg.family_names() if n in results]      # a side start: a subset
     per_seed = {name: metrics.compare_images(net["x0"], results[name]["x0"])
                 for name in names}
     summary = metrics.summarize(per_seed, reference="is", challenger="els", seed=cfg.seed)
@@ -116,6 +116,7 @@ def _markdown(report, figs) -> str:
                  f"{report['median_r2'][name]:.3f} ({lo:.3f}–{hi:.3f})",
                  f"{report['median_R2'][name]:.3f}"]
         cells += [f"{report['by_t_max'][t]['median_r2'][name]:.3f}"
+                  if name in report['by_t_max'][t]['median_r2'] else "–"
                   for t in starts if t != primary]
         cells.append(f"{np.mean(report['single_step']['R2'][name]):.3f}")
         lines.append("| " + " | ".join(cells) + " |")

@@ -248,7 +248,9 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
         at every step; required when s > 0).
       sigmas, k_max: "els_soft" only (docs/theory.md §7, ``els_jax.soft``): the Gaussian window's width,
         one per step (index 0 = last step, as ``scales``) or one for all, on a k_max × k_max
-        support; also boundary, wrap_patches, mask, dedup, block, bank_bytes, compile_for.
+        support; also boundary, wrap_patches, mask, dedup, block, bank_bytes, compile_for,
+        and method: "auto" (the shift-map kernel on a CPU), "shiftmap" or "xla"
+        (``soft.ENGINES``).
     Returns:
       a Machine: ``eps_fn(x, t, i)`` for ``els_jax.sample``. ``machine.build_seconds`` holds
       the time spent building banks (and compiling, with ``compile_for``). The ideal,
@@ -277,7 +279,7 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
         return soft.make_soft_machine(images, sigmas=sigmas, k_max=k_max, boundary=boundary,
                                       wrap_patches=wrap_patches, schedule=schedule, mask=mask,
                                       dedup=dedup, dedup_threshold=dedup_threshold,
-                                      block=block, bank_bytes=bank_bytes,
+                                      block=block, bank_bytes=bank_bytes, engine=method,
                                       compile_for=compile_for, mesh=mesh)
     if sigmas is not None or k_max is not None:
         raise ValueError(f"sigmas and k_max are parameters of the 'els_soft' machine, not of "

@@ -51,12 +51,13 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from els_jax.core import conversions, softmax
-from els_jax.engines import layout as els_layout, window as els_window
+from els_jax.engines import layout as els_layout, native, shiftmap, window as els_window
 from els_jax.machines.base import Machine
 from els_jax.core import schedules as schedules_lib
 from els_jax.core.validation import check_query_and_images, mask_log_weights
 
-__all__ = ["els_soft_x0", "els_soft_score", "gaussian_window", "sigma_for_scale",
+__all__ = ["els_soft_x0", "els_soft_score", "gaussian_window", "axis_weights", "sigma_for_scale",
+           "resolve_engine", "ENGINES",
            "soft_groups", "SoftBank", "SoftSpec", "build_soft_bank", "soft_bank_x0",
            "SoftMachine", "make_soft_machine"]
 
@@ -75,6 +76,15 @@ def gaussian_window(sigma, k_max: int, c: int = 1) -> Float[Array, " d"]:
     r2 = np.repeat((d[:, None] ** 2 + d[None, :] ** 2).reshape(-1), c)        # [k²C]
     inv = 0.5 / jnp.square(jnp.asarray(sigma, jnp.float32))                  # 0 at σ = inf
     return jnp.exp(-inv * jnp.asarray(r2))
+
+
+def axis_weights(sigma, k_max: int) -> Float[Array, " k"]:
+    """g₁(δ) = exp(−δ²/(2σ²)) for δ = −m … m, [k_max]: the window is separable,
+    g_σ(δy, δx) = g₁(δy)·g₁(δx) (what the shift-map kernel sums along each axis)."""
+    m = k_max // 2
+    d = np.arange(-m, m + 1, dtype=np.float32)
+    inv = 0.5 / jnp.square(jnp.asarray(sigma, jnp.float32))
+    return jnp.exp(-inv * jnp.asarray(d * d))
 
 
 def sigma_for_scale(k: int) -> float:
@@ -249,6 +259,69 @@ def _halve_to_block(chunk: int, per_candidate: int, block: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------
+# Which engine computes the machine.
+
+# "shiftmap": the shift-map form (docs/theory.md §9) in the fused CPU kernel
+# (``native.shiftmap_softmax_state`` with the Gaussian's per-axis weights): per pair
+# Σ_δ g₁(δy)g₁(δx)·f_d(i + δ) by direct weighted sums, 2·k_max + C multiply-adds whatever
+# the channels, no bank (the images themselves), every boundary's pair rule in one call;
+# derivatives from the XLA stream (``native.with_reference_derivatives``).
+# "xla": the matmul form below, from a bank of candidate windows when it fits ``bank_bytes``
+# (else streamed from the images): k_max²·C multiply-adds per pair; any backend.
+# "auto" = "shiftmap" when the kernels build and the default device is a CPU, else "xla".
+# Measured on mnist5k (N = 5000, 32×32×1, k_max = 9, zeros; experiments/bench_soft.py):
+# see the README's els_soft section.
+ENGINES = ("auto", "shiftmap", "xla")
+
+
+def resolve_engine(engine: str) -> str:
+    """"shiftmap" or "xla" for ``engine`` (one of ``ENGINES``) on this process's devices."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
+    on_cpu = jax.default_backend() == "cpu"
+    if engine == "shiftmap":
+        if not native.available():
+            raise RuntimeError("engine='shiftmap': the fused CPU kernels are not available (no "
+                               "C++ compiler, or ELS_JAX_NATIVE=0); use engine='auto' or 'xla'")
+        return "shiftmap"
+    if engine == "auto":
+        return "shiftmap" if on_cpu and native.available() else "xla"
+    return "xla"
+
+
+def _shiftmap_kernel_x0(x, a, b2, sigma, images, log_w, mu, *, k, boundary, wrap_patches,
+                        block, pixels=None):
+    """x̂_0 by the shift-map kernel over all pixels (with ``pixels``: 0 outside
+    ``computed_pixels``, as the XLA form)."""
+    del block, mu                          # the map sums squares directly: no centring
+    bsz, h, w, c = x.shape
+    mode = shiftmap.resolve_kind("els", k, h, w, boundary, wrap_patches)
+    mx, tot, acc = native.shiftmap_softmax_state(
+        x, a, b2, images, log_w, k, shiftmap.MODES.index(mode), weights=axis_weights(sigma, k))
+    x0 = softmax.finalize(softmax.SoftmaxState(mx, tot, acc))
+    if pixels is not None:
+        on = np.zeros(h * w, bool)
+        on[computed_pixels(k, boundary, wrap_patches, h, w, pixels)] = True
+        x0 = jnp.where(jnp.asarray(on.reshape(1, h, w, 1)), x0, 0.0)
+    return x0
+
+
+@functools.partial(jax.jit, static_argnames=("k", "boundary", "wrap_patches", "block",
+                                             "pixels"))
+def _shiftmap_x0(x, a, b2, sigma, images, log_w, mu, *, k, boundary, wrap_patches, block,
+                 pixels=None):
+    """x̂_0 [B, H, W, C]: values from the shift-map kernel on a CPU (the XLA stream
+    elsewhere), derivatives from the XLA stream (``_stream_x0``; the same function)."""
+    kw = dict(k=k, boundary=boundary, wrap_patches=wrap_patches, block=block, pixels=pixels)
+    xla = functools.partial(_stream_x0, **kw)
+    kern = functools.partial(_shiftmap_kernel_x0, **kw)
+
+    def fused(*args):
+        return jax.lax.platform_dependent(*args, cpu=kern, default=xla)
+    return native.with_reference_derivatives(fused, xla)(x, a, b2, sigma, images, log_w, mu)
+
+
+# ----------------------------------------------------------------------------------------
 # The functional API: candidates streamed straight from the images.
 
 
@@ -291,8 +364,8 @@ def _stream_x0(x, a, b2, sigma, images, log_w, mu, *, k, boundary, wrap_patches,
 
 def els_soft_x0(x: Float[Array, "b h w c"], t, images: Float[Array, "n h w c"], *, sigma,
                 k_max: int, boundary: str = "circular", wrap_patches: bool = False, mask=None,
-                schedule=schedules_lib.Cosine(),
-                block: int = els_layout.DEFAULT_BLOCK) -> Float[Array, "b h w c"]:
+                schedule=schedules_lib.Cosine(), block: int = els_layout.DEFAULT_BLOCK,
+                engine: str = "auto") -> Float[Array, "b h w c"]:
     """Denoised mean x̂_0 of the els_soft machine, [B, H, W, C] (module docstring).
 
     Args:
@@ -306,6 +379,7 @@ def els_soft_x0(x: Float[Array, "b h w c"], t, images: Float[Array, "n h w c"], 
       mask: optional boolean [N] selecting candidate images (class-conditional).
       schedule: a Schedule or its name.
       block: logits per streamed chunk (memory knob only).
+      engine: "auto", "shiftmap" or "xla" (``ENGINES``: the same values to float32 rounding).
 
         >>> x0 = els_soft_x0(x, 0.4, images, sigma=1.5, k_max=7, boundary="zeros")
         >>> dx0_dsigma = jax.jacfwd(lambda s: els_soft_x0(x, 0.4, images, sigma=s, k_max=7))(1.5)
@@ -318,22 +392,24 @@ def els_soft_x0(x: Float[Array, "b h w c"], t, images: Float[Array, "n h w c"], 
     log_w = mask_log_weights(mask, images.shape[0])
     x = jnp.asarray(x, jnp.float32)
     coeffs = schedules_lib.query_coefficients(t, x.shape[0], schedule)
-    return _stream_x0(x, coeffs.a, coeffs.b2, sigma, images, log_w,
-                      jnp.mean(images, axis=(0, 1, 2)), k=k, boundary=boundary,
-                      wrap_patches=bool(wrap_patches), block=int(block))
+    run = _shiftmap_x0 if resolve_engine(engine) == "shiftmap" else _stream_x0
+    return run(x, coeffs.a, coeffs.b2, sigma, images, log_w, jnp.mean(images, axis=(0, 1, 2)),
+               k=k, boundary=boundary, wrap_patches=bool(wrap_patches), block=int(block))
 
 
 def els_soft_score(x: Float[Array, "b h w c"], t, images: Float[Array, "n h w c"], *, sigma,
                    k_max: int, boundary: str = "circular", wrap_patches: bool = False,
                    mask=None, schedule=schedules_lib.Cosine(),
-                   block: int = els_layout.DEFAULT_BLOCK) -> Float[Array, "b h w c"]:
+                   block: int = els_layout.DEFAULT_BLOCK,
+                   engine: str = "auto") -> Float[Array, "b h w c"]:
     """Score s = −(x − a·x̂_0)/b² of the els_soft machine, [B, H, W, C]; arguments as
     ``els_soft_x0``.
 
         >>> s = els_soft_score(x, 0.3, images, sigma=1.0, k_max=5, boundary="circular")
     """
     x0 = els_soft_x0(x, t, images, sigma=sigma, k_max=k_max, boundary=boundary,
-                     wrap_patches=wrap_patches, mask=mask, schedule=schedule, block=block)
+                     wrap_patches=wrap_patches, mask=mask, schedule=schedule, block=block,
+                     engine=engine)
     x = jnp.asarray(x, jnp.float32)
     coeffs = schedules_lib.query_coefficients(t, x.shape[0], schedule)
     return conversions.x0_to_score_at(x0, x, coeffs)
@@ -560,7 +636,7 @@ def make_soft_machine(images, *, sigmas: float | Sequence[float], k_max: int,
                       schedule=schedules_lib.Cosine(), mask=None,
                       dedup: bool = True, dedup_threshold: float = 0.9,
                       block: int = els_layout.DEFAULT_BLOCK, bank_bytes: int = 2 << 30,
-                      compile_for=None, mesh=None) -> SoftMachine:
+                      engine: str = "auto", compile_for=None, mesh=None) -> SoftMachine:
     """``make_machine("els_soft", ...)``: the els_soft machine as a sampler model.
 
     Args:
@@ -573,6 +649,8 @@ def make_soft_machine(images, *, sigmas: float | Sequence[float], k_max: int,
         ``els_window.estimate_unique_fraction``, as the ELS machine does).
       block: logits per streamed chunk. bank_bytes: the largest bank to precompute; above it
         candidates are streamed from the images at every call (memory independent of N).
+      engine: "auto", "shiftmap" (the fused CPU kernel from the images: no bank) or "xla"
+        (bank or stream); ``ENGINES``.
       compile_for: optional queries [B, H, W, C]: compile now (one executable for all steps).
       mesh: not supported (candidate sharding is for the hard-window machines).
     """
@@ -593,7 +671,8 @@ def make_soft_machine(images, *, sigmas: float | Sequence[float], k_max: int,
     k = _check_k_max(k_max, h, w, boundary, wrap_patches)
     start = time.perf_counter()
     n_cands = sum(gp.cand_pixels.size for gp in soft_groups(k, boundary, wrap_patches, h, w))
-    if n * n_cands * (k * k * c + c + 1) * 4 <= bank_bytes:
+    use_kernel = resolve_engine(engine) == "shiftmap"
+    if not use_kernel and n * n_cands * (k * k * c + c + 1) * 4 <= bank_bytes:
         bank, spec = build_soft_bank(images, k_max=k, boundary=boundary,
                                      wrap_patches=wrap_patches, dedup=dedup,
                                      dedup_threshold=dedup_threshold, block=block)
@@ -615,18 +694,20 @@ def make_soft_machine(images, *, sigmas: float | Sequence[float], k_max: int,
         mu = jnp.mean(images_j, axis=(0, 1, 2))
         log_w = jnp.zeros((n,), jnp.float32)
         kw = dict(k=k, boundary=boundary, wrap_patches=bool(wrap_patches), block=block)
+        run = _shiftmap_x0 if use_kernel else _stream_x0
 
         def pure(x, coeffs, sigma, arrays, pixels=None):
-            return _stream_x0(jnp.asarray(x, jnp.float32), coeffs.a, coeffs.b2, sigma,
-                              *arrays, pixels=pixels, **kw)
+            return run(jnp.asarray(x, jnp.float32), coeffs.a, coeffs.b2, sigma, *arrays,
+                       pixels=pixels, **kw)
 
         def fn(x, coeffs, sigma, pixels=None):
             return pure(x, coeffs, sigma, (images_j, log_w, mu), pixels)
         fn.pure, fn.arrays = pure, (images_j, log_w, mu)
-        fn.lower = lambda x, coeffs, sigma: _stream_x0.lower(
+        fn.lower = lambda x, coeffs, sigma: run.lower(
             jnp.asarray(x, jnp.float32), coeffs.a, coeffs.b2, jnp.float32(sigma), images_j,
             log_w, mu, **kw)
-        info = {"engine": "soft", "bank": False, "unique_fraction": 1.0}
+        info = {"engine": "soft_shiftmap" if use_kernel else "soft", "bank": False,
+                "unique_fraction": 1.0}
     fn.info = info
     soft = SoftMachine(fn, sigma_list, sigma_const, k, schedule, info, boundary, wrap_patches)
     if compile_for is not None:
