@@ -324,3 +324,25 @@ def test_search_calibration_recovers_known_sigmas():
     np.testing.assert_allclose(cal.loss.min(axis=1), -cal.cosine_after, rtol=1e-6)
     with pytest.raises(ValueError, match="method"):
         ej.calibrate_sigma(network, images, x_T, times, k_max=5, method="newton")
+
+
+def test_search_fit_takes_the_cheaper_engine():
+    """A search fit with fit_pixels runs the XLA form on the subset when that costs fewer
+    multiply-adds than the shift-map kernel over every pixel (k_max = 9 on 32×32, 128
+    pixels), else the kernel over every pixel (k_max = 29: a 4×4 interior, few pairs); the
+    pair counts it compares are the layout's (the shift-map engine's own count)."""
+    from els_jax.engines import shiftmap
+    from els_jax.experiment.calibration import _search_engine
+    for k in (3, 9, 29):
+        assert soft.pair_count(k, "zeros", False, 32, 32) == shiftmap.pair_count(32, 32, k,
+                                                                                 "zeros")
+    assert soft.pair_count(5, "circular", True, 8, 8) == shiftmap.pair_count(8, 8, 5, "wrap")
+    px = soft.sample_pixels(9, "zeros", False, 32, 32, 128)
+    assert 0 < soft.pair_count(9, "zeros", False, 32, 32, px) < soft.pair_count(
+        9, "zeros", False, 32, 32) / 4
+    if "shiftmap" not in _engines():
+        assert _search_engine(9, "zeros", False, 32, 32, 1, None, 0) == "xla"
+        return
+    assert _search_engine(9, "zeros", False, 32, 32, 1, 128, 0) == "xla"
+    assert _search_engine(29, "zeros", False, 32, 32, 1, 128, 0) == "auto"
+    assert _search_engine(9, "zeros", False, 32, 32, 1, None, 0) == "auto"

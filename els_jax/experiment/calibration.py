@@ -244,6 +244,25 @@ def parabolic_search(loss: Callable[[float], float], p0: float, *, evals: int,
     return p_best, f_best, history[0][1], history
 
 
+def _search_engine(k_max, boundary, wrap_patches, h, w, c, fit_pixels, seed) -> str:
+    """The engine of a search fit (forward passes only): "auto" (the shift-map kernel over
+    every pixel) when the kernel builds and costs no more than the XLA bank over the
+    ``fit_pixels`` subset, else "xla". Cost per image in multiply-adds, from the pairs each
+    computes: the kernel 2·k_max + C per pair of every pixel, the XLA form k_max²·C per pair
+    of the subset (on mnist5k, k_max = 9 and 128 pixels: the subset; the UNet's k_max = 29,
+    whose 4×4 interior leaves few pairs: the kernel)."""
+    from els_jax.machines import soft
+    if soft.resolve_engine("auto") != "shiftmap":
+        return "xla"
+    if fit_pixels is None or int(fit_pixels) >= h * w:
+        return "auto"
+    k = soft._check_k_max(k_max, h, w, boundary, wrap_patches)
+    subset = soft.sample_pixels(k, boundary, wrap_patches, h, w, int(fit_pixels), seed)
+    kernel = soft.pair_count(k, boundary, wrap_patches, h, w) * (2 * k + c)
+    xla = soft.pair_count(k, boundary, wrap_patches, h, w, subset) * (k * k * c)
+    return "auto" if kernel <= xla else "xla"
+
+
 def calibrate_sigma(network_eps: Callable, images, x_T, times, *, k_max: int,
                     boundary: str = "circular", wrap_patches: bool = False, mask=None,
                     init_sigmas=None, init_scales=None, steps: int = 60, lr: float = 0.1,
@@ -300,10 +319,12 @@ def calibrate_sigma(network_eps: Callable, images, x_T, times, *, k_max: int,
       fit_images: fit on this many training images (a fixed random subset), or None = all.
       method: "adam" (gradient descent through the machine, forward mode) or "search"
         (``parabolic_search``, forward passes only).
-      engine: the machine's engine (``soft.ENGINES``); None = "auto" for the search over all
-        pixels, else "xla". Gradients always come from the XLA form; with fit_pixels the XLA
-        bank computes only the chosen pixels, while the shift-map kernel computes every pixel
-        (the cosine is still taken over the chosen ones).
+      engine: the machine's engine (``soft.ENGINES``); None = "xla" for "adam"; for
+        "search" the cheaper of the shift-map kernel over every pixel and the XLA form over
+        the ``fit_pixels`` subset (``_search_engine``; with the kernel the cosine is then
+        taken over every pixel). Gradients always come from the XLA form; with fit_pixels
+        the XLA form computes only the chosen pixels, while the shift-map kernel computes
+        every pixel (a given engine="shiftmap" keeps the cosine over the chosen ones).
     Returns:
       a SigmaCalibration (``.sigmas`` is what ``make_machine("els_soft", sigmas=...)`` takes).
 
@@ -324,18 +345,21 @@ def calibrate_sigma(network_eps: Callable, images, x_T, times, *, k_max: int,
     images = fit_subset(images, mask, fit_images, subset_seed)
     if fit_images is not None:
         mask = None                       # the subset holds the selected images only
+    h, w, c = np.shape(x_T)[1:4]
+    if fit_pixels is not None and int(fit_pixels) < 1:
+        raise ValueError(f"fit_pixels must be a positive number of pixels or None; got "
+                         f"{fit_pixels}")
     if engine is None:
-        engine = "auto" if method == "search" and fit_pixels is None else "xla"
+        engine = "xla" if method == "adam" else _search_engine(
+            k_max, boundary, wrap_patches, h, w, c, fit_pixels, subset_seed)
+        if engine == "auto":
+            fit_pixels = None             # the kernel computes every pixel: use them all
     machine = soft.make_soft_machine(images, sigmas=1.0, k_max=k_max, boundary=boundary,
                                      wrap_patches=wrap_patches, schedule=schedule, mask=mask,
                                      engine=engine, **kw)
     starts = _initial_sigmas(init_sigmas, init_scales, m)
-    h, w = np.shape(x_T)[1:3]
     pixels, where = None, None
     if fit_pixels is not None:
-        if int(fit_pixels) < 1:
-            raise ValueError(f"fit_pixels must be a positive number of pixels or None; got "
-                             f"{fit_pixels}")
         if int(fit_pixels) < h * w:
             pixels = machine.sample_pixels(int(fit_pixels), np.shape(x_T), subset_seed)
             on = np.zeros(h * w, bool)

@@ -57,7 +57,7 @@ from els_jax.core import schedules as schedules_lib
 from els_jax.core.validation import check_query_and_images, mask_log_weights
 
 __all__ = ["els_soft_x0", "els_soft_score", "gaussian_window", "axis_weights", "sigma_for_scale",
-           "resolve_engine", "ENGINES",
+           "resolve_engine", "ENGINES", "pair_count",
            "soft_groups", "SoftBank", "SoftSpec", "build_soft_bank", "soft_bank_x0",
            "SoftMachine", "make_soft_machine"]
 
@@ -152,6 +152,16 @@ def pixel_units(k_max: int, boundary: str, wrap_patches: bool, h: int, w: int):
         qp = gp.query_pixels
         units += [qp[0][j:j + 1] for j in range(qp.shape[1])] if qp.shape[0] == 1 else list(qp)
     return units
+
+
+def pair_count(k_max: int, boundary: str, wrap_patches: bool, h: int, w: int,
+               pixels=None) -> int:
+    """(query pixel, candidate position) pairs per query image and training image of the
+    layout, over every pixel or over what ``restrict_groups`` computes for ``pixels``."""
+    groups = restrict_groups(soft_groups(k_max, boundary, wrap_patches, h, w),
+                             None if pixels is None else tuple(int(p) for p in pixels))
+    return int(sum(g.query_pixels.size * g.cand_pixels.shape[1]
+                   for g, _ in filter(None, groups)))
 
 
 def sample_pixels(k_max: int, boundary: str, wrap_patches: bool, h: int, w: int, count: int,
