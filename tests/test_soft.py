@@ -169,16 +169,22 @@ def test_errors():
         ej.make_machine("els", images, scales=3, sigmas=1.0)
 
 
+def _known_widths(boundary):
+    """A "network" that is an els_soft machine of known widths per step (index 0 = last
+    step) on 16 random 8×8 images, 4 seeds and a 3-step grid."""
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (16, 8, 8, 1)).astype(np.float32)
+    true = [0.8, 1.3, 2.0]
+    network = ej.make_machine("els_soft", images, sigmas=true, k_max=5, boundary=boundary)
+    x_T = jax.random.normal(jax.random.PRNGKey(1), (4, 8, 8, 1))
+    return images, true, network, x_T, ej.uniform_times(3, t_max=0.8, t_min=0.2)
+
+
 def test_calibration_recovers_known_sigmas():
     """The "network" is itself an els_soft machine with known widths per step; fitting σ along
     its trajectory by gradient descent must find them (a test that can fail: with Adam's
     default moments, β1 = 0.9 and β2 = 0.999, it found 0.61, 1.25, 2.22)."""
-    rng = np.random.default_rng(0)
-    images = rng.uniform(-1, 1, (16, 8, 8, 1)).astype(np.float32)
-    true = [0.8, 1.3, 2.0]                                 # index 0 = last step
-    network = ej.make_machine("els_soft", images, sigmas=true, k_max=5, boundary="circular")
-    x_T = jax.random.normal(jax.random.PRNGKey(1), (4, 8, 8, 1))
-    times = ej.uniform_times(3, t_max=0.8, t_min=0.2)
+    images, true, network, x_T, times = _known_widths("circular")
     cal = ej.calibrate_sigma(network, images, x_T, times, k_max=5, boundary="circular",
                              init_scales=[5, 1, 1], steps=50)   # σ 1.41, 0.3, 0.3
     np.testing.assert_allclose(cal.sigmas, true, rtol=0.04)
@@ -310,12 +316,7 @@ def test_search_calibration_recovers_known_sigmas():
     """method="search" (forward passes only, the machine on its default engine) finds the
     widths of a "network" that is an els_soft machine, from starts ~40 % off, with 8
     evaluations per step; its loss history holds the evaluations."""
-    rng = np.random.default_rng(0)
-    images = rng.uniform(-1, 1, (16, 8, 8, 1)).astype(np.float32)
-    true = [0.8, 1.3, 2.0]                                 # index 0 = last step
-    network = ej.make_machine("els_soft", images, sigmas=true, k_max=5, boundary="zeros")
-    x_T = jax.random.normal(jax.random.PRNGKey(1), (4, 8, 8, 1))
-    times = ej.uniform_times(3, t_max=0.8, t_min=0.2)
+    images, true, network, x_T, times = _known_widths("zeros")
     cal = ej.calibrate_sigma(network, images, x_T, times, k_max=5, boundary="zeros",
                              init_sigmas=[1.2, 0.8, 1.4], steps=8, method="search")
     np.testing.assert_allclose(cal.sigmas, true, rtol=0.03)

@@ -49,8 +49,7 @@ def _flags() -> tuple[str, ...]:
 _TARGETS = {"els_local_softmax": "ElsLocalSoftmax",
             "els_interior_softmax": "ElsInteriorSoftmax",
             "els_window_softmax": "ElsWindowSoftmax",
-            "els_shiftmap_softmax": "ElsShiftMapSoftmax",
-            "els_shiftmap_weighted_softmax": "ElsShiftMapWeightedSoftmax"}
+            "els_shiftmap_softmax": "ElsShiftMapSoftmax"}
 
 
 def _cpu_signature() -> str:
@@ -248,11 +247,8 @@ def shiftmap_softmax_state(x, a, b2, images, log_w, k: int, mode: int, weights=N
            jax.ShapeDtypeStruct((bsz, h, w), jnp.float32),
            jax.ShapeDtypeStruct((bsz, h, w, c), jnp.float32))
     coef = jnp.stack([jnp.broadcast_to(a, (bsz,)), jnp.broadcast_to(b2, (bsz,))], axis=1)
-    if weights is not None:
-        return jax.ffi.ffi_call("els_shiftmap_weighted_softmax", out, vmap_method="sequential")(
-            x.astype(jnp.float32), coef.astype(jnp.float32), images.astype(jnp.float32),
-            log_w.astype(jnp.float32), jnp.asarray(weights, jnp.float32), k=np.int64(k),
-            mode=np.int64(mode))
+    weights = jnp.zeros((0,), jnp.float32) if weights is None else jnp.asarray(weights,
+                                                                             jnp.float32)
     return jax.ffi.ffi_call("els_shiftmap_softmax", out, vmap_method="sequential")(
         x.astype(jnp.float32), coef.astype(jnp.float32), images.astype(jnp.float32),
-        log_w.astype(jnp.float32), k=np.int64(k), mode=np.int64(mode))
+        log_w.astype(jnp.float32), weights, k=np.int64(k), mode=np.int64(mode))

@@ -1308,47 +1308,29 @@ ffi::Error ShiftCall(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x,
   return ffi::Error::Success();
 }
 
-// x [B, H, W, C], coef [B, 2] = (a, b²), images [N, H, W, C], log_w [N]; attributes k (odd)
-// and mode (0 local, 1 zeros, 2 circular, 3 wrap) → max [B, H, W], total [B, H, W],
-// acc [B, H, W, C].
+// x [B, H, W, C], coef [B, 2] = (a, b²), images [N, H, W, C], log_w [N], weights [k] or [0];
+// attributes k (odd) and mode (0 local, 1 zeros, 2 circular, 3 wrap) → max [B, H, W],
+// total [B, H, W], acc [B, H, W, C]. weights [k]: the separable window w[δy]·w[δx] in place
+// of the k×k box (the pair's distance Σ_δ w[δy]·w[δx]·f_d(i + δ); els_soft's Gaussian);
+// weights [0]: the box.
 ffi::Error ShiftMapImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                         ffi::Buffer<ffi::F32> coef, ffi::Buffer<ffi::F32> images,
-                        ffi::Buffer<ffi::F32> log_w, int64_t k, int64_t mode,
-                        ffi::ResultBuffer<ffi::F32> out_max, ffi::ResultBuffer<ffi::F32> out_total,
+                        ffi::Buffer<ffi::F32> log_w, ffi::Buffer<ffi::F32> weights, int64_t k,
+                        int64_t mode, ffi::ResultBuffer<ffi::F32> out_max,
+                        ffi::ResultBuffer<ffi::F32> out_total,
                         ffi::ResultBuffer<ffi::F32> out_acc) {
-  return ShiftCall(pool, x, coef, images, log_w, nullptr, k, mode, out_max, out_total, out_acc);
-}
-
-// As ShiftMapImpl with a separable window: weights [k] along each axis (the pair's distance
-// Σ_δ w[δy]·w[δx]·f_d(i + δ); els_soft's Gaussian).
-ffi::Error ShiftMapWeightedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                                ffi::Buffer<ffi::F32> coef, ffi::Buffer<ffi::F32> images,
-                                ffi::Buffer<ffi::F32> log_w, ffi::Buffer<ffi::F32> weights,
-                                int64_t k, int64_t mode, ffi::ResultBuffer<ffi::F32> out_max,
-                                ffi::ResultBuffer<ffi::F32> out_total,
-                                ffi::ResultBuffer<ffi::F32> out_acc) {
   const auto wd = weights.dimensions();
-  if (wd.size() != 1 || wd[0] != k) return ffi::Error::InvalidArgument("expected weights [k]");
-  return ShiftCall(pool, x, coef, images, log_w, weights.typed_data(), k, mode, out_max,
-                   out_total, out_acc);
+  if (wd.size() != 1 || (wd[0] != 0 && wd[0] != k)) {
+    return ffi::Error::InvalidArgument(
+        "expected weights [k] (a separable window) or [0] (the box)");
+  }
+  return ShiftCall(pool, x, coef, images, log_w, wd[0] == 0 ? nullptr : weights.typed_data(), k,
+                   mode, out_max, out_total, out_acc);
 }
 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ElsShiftMapSoftmax, ShiftMapImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>() /* x */
-                                  .Arg<ffi::Buffer<ffi::F32>>() /* coef */
-                                  .Arg<ffi::Buffer<ffi::F32>>() /* images */
-                                  .Arg<ffi::Buffer<ffi::F32>>() /* log_w */
-                                  .Attr<int64_t>("k")
-                                  .Attr<int64_t>("mode")
-                                  .Ret<ffi::Buffer<ffi::F32>>() /* max */
-                                  .Ret<ffi::Buffer<ffi::F32>>() /* total */
-                                  .Ret<ffi::Buffer<ffi::F32>>() /* acc */);
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ElsShiftMapWeightedSoftmax, ShiftMapWeightedImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>() /* x */
