@@ -110,8 +110,8 @@ def build_interior_bank(images: np.ndarray, k: int, mu: np.ndarray,
     ``n_shards``."""
     n = images.shape[0]
     total = -(-n // n_shards) * n_shards
-    padded = np.concatenate([images, np.zeros((total - n,) + images.shape[1:], np.float32)])
+    padded = images if total == n else np.concatenate(          # no copy unless padding
+        [images, np.zeros((total - n,) + images.shape[1:], np.float32)])
     log_w = np.where(np.arange(total) < n, 0.0, -np.inf).astype(np.float32)
-    lb = local_lib.build_local_bank(local_lib.transpose_images(padded), k=k,
-                                    mean=jnp.asarray(mu)[:, None, None, None])
+    lb = local_lib.build_local_bank_from(padded, k=k, mean=jnp.asarray(mu)[:, None, None, None])
     return InteriorBank(lb.centred_and_ones, lb.half_sq, jnp.asarray(log_w))

@@ -23,7 +23,8 @@ from jax.sharding import PartitionSpec as P
 from els_jax.core import softmax
 from els_jax.engines import native
 
-__all__ = ["LocalBank", "build_local_bank", "transpose_images", "local_bank_x0",
+__all__ = ["LocalBank", "build_local_bank", "build_local_bank_from", "transpose_images",
+           "local_bank_x0",
            "local_queries", "local_update", "BANK_SHARDING", "ENGINES"]
 
 _HI = jax.lax.Precision.HIGHEST
@@ -62,17 +63,29 @@ def _half_sq(centred, k: int):
     return 0.5 * _box_sum(_box_sum(jnp.sum(centred * centred, axis=0), k, 0), k, 1)
 
 
+def _local_bank(images_t, k: int, mean) -> LocalBank:
+    if mean is None:
+        mean = jnp.mean(images_t, axis=3, keepdims=True)
+    centred = images_t - mean
+    ones = jnp.ones((1,) + images_t.shape[1:], images_t.dtype)
+    return LocalBank(jnp.concatenate([centred, ones]), mean, _half_sq(centred, k))
+
+
 @functools.partial(jax.jit, static_argnames=("k",))
 def build_local_bank(images_t, *, k: int, mean=None) -> LocalBank:
     """The ``LocalBank`` of images given as ``transpose_images(images)`` [C, H, W, N].
 
     mean: the shift [C, H, W, 1] (default: the per-pixel mean of these images). Any shift is
     exact; pass a common one when banks of different image subsets must be merged."""
-    if mean is None:
-        mean = jnp.mean(images_t, axis=3, keepdims=True)
-    centred = images_t - mean
-    ones = jnp.ones((1,) + images_t.shape[1:], images_t.dtype)
-    return LocalBank(jnp.concatenate([centred, ones]), mean, _half_sq(centred, k))
+    return _local_bank(images_t, k, mean)
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def build_local_bank_from(images, *, k: int, mean=None) -> LocalBank:
+    """``build_local_bank(transpose_images(images), ...)`` for images [N, H, W, C] in one
+    program: the transposed copy is fused into the bank instead of held beside it (one
+    image-set-sized buffer less at the build's peak: 0.6 GB at CIFAR-10's N)."""
+    return _local_bank(transpose_images(images), k, mean)
 
 
 # How a LocalBank is split over a one-axis "cands" mesh: along the image axis.
