@@ -229,6 +229,7 @@ def test_forward_mode_fit_derivative_is_the_gradient_and_subset_fit_recovers_sig
     cal = ej.calibrate_sigma(network, images, x_T, times, k_max=5, boundary="zeros",
                              init_scales=[3, 3], steps=30, fit_pixels=20)
     np.testing.assert_allclose(cal.sigmas, true, rtol=0.05)
+    assert cal.engine == "soft" and 20 <= cal.pixels < 64          # Adam: the XLA form
     fewer = ej.calibrate_sigma(network, images, x_T, times, k_max=5, boundary="zeros",
                                init_scales=[3, 3], steps=30, fit_images=12)
     assert np.all(np.asarray(fewer.sigmas) < 0.9 * np.asarray(true))
@@ -321,7 +322,8 @@ def test_search_calibration_recovers_known_sigmas():
                              init_sigmas=[1.2, 0.8, 1.4], steps=8, method="search")
     np.testing.assert_allclose(cal.sigmas, true, rtol=0.03)
     assert np.all(cal.cosine_after >= cal.cosine_before)
-    assert cal.loss.shape == (3, 8)
+    assert cal.loss.shape == (3, 8) and cal.pixels == 64
+    assert cal.engine == ("soft_shiftmap" if "shiftmap" in _engines() else "soft")
     np.testing.assert_allclose(cal.loss.min(axis=1), -cal.cosine_after, rtol=1e-6)
     with pytest.raises(ValueError, match="method"):
         ej.calibrate_sigma(network, images, x_T, times, k_max=5, method="newton")

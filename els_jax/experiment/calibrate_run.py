@@ -111,7 +111,7 @@ def calibrate_soft(cfg, out, scales, model, params, images, train_labels, num_cl
     scales = dict(scales, els_soft={
         "k_max": k_max, "sigmas": [float(v) for v in per_step[::-1]],
         "fit": {"images": cfg.soft_fit_images or int(len(images)),
-                "pixels": cfg.soft_fit_pixels or int(np.prod(images.shape[1:3])),
+                "pixels": fits[0].pixels, "engine": fits[0].engine,
                 "method": cfg.soft_method or "adam", "steps": cfg.soft_steps,
                 "lr": cfg.soft_lr},
         "per_step": per_step.tolist(),

@@ -143,7 +143,8 @@ class SigmaCalibration(NamedTuple):
     takes); per_step: [m] fitted σ in step order (0 = first); init: [m] the starting σ per
     step; cosine_before, cosine_after: [m] mean cosine over seeds between the machine's and
     the network's ε̂ at the starting and at the fitted σ; loss: [m, steps] −mean cosine at
-    every iteration; times: the [m + 1] grid."""
+    every iteration; times: the [m + 1] grid; engine, pixels: what the fit ran on (the
+    machine's engine, and the query pixels per seed of its cosine)."""
 
     sigmas: tuple
     per_step: np.ndarray
@@ -152,6 +153,8 @@ class SigmaCalibration(NamedTuple):
     cosine_after: np.ndarray
     loss: np.ndarray
     times: np.ndarray
+    engine: str = "xla"        # the machine's engine in the fit ("soft_shiftmap" or "soft")
+    pixels: int | None = None  # query pixels per seed the cosine was taken over
 
 
 def _mean_cosine(a, b):
@@ -433,4 +436,6 @@ def calibrate_sigma(network_eps: Callable, images, x_T, times, *, k_max: int,
     return SigmaCalibration(sigmas=tuple(float(s) for s in per_step[::-1]), per_step=per_step,
                             init=np.asarray(init), cosine_before=np.asarray(before),
                             cosine_after=np.asarray(after),
-                            loss=np.asarray(losses).reshape(m, steps), times=times_np)
+                            loss=np.asarray(losses).reshape(m, steps), times=times_np,
+                            engine=machine.engine(0)["engine"],
+                            pixels=int(h * w if where is None else np.asarray(where).sum()))
