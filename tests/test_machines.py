@@ -599,20 +599,38 @@ def test_host_window_rows_are_the_gathered_candidates():
 
 
 def test_bank_budget_counts_every_patch_size_at_once():
-    """``bank_bytes`` bounds the banks of all sizes together: with room for the k = 3 bank
-    alone, k = 3 is banked and k = 5 streamed from the images; both give the same x̂_0 as the
-    functional machine."""
+    """``bank_bytes`` bounds the banks of all sizes together, with room for the last build's
+    temporaries (``_BUILD_EXTRA`` × its bank): with room for the k = 3 bank alone, k = 3 is
+    banked and k = 5 streamed from the images; both give the same x̂_0 as the functional
+    machine."""
+    from els_jax.machines.factory import _BUILD_EXTRA
     x, images = _setup(0.5)
     n = images.shape[0]       # the estimate make_machine plans with: windows × floats × 4
     sizes = {k: 4 * n * (H - k + 1) * (W - k + 1) * (k * k * C + 2 + C) for k in (3, 5)}
-    budget = max(sizes.values()) + 1             # each alone would fit, not both
-    assert budget < sizes[3] + sizes[5]
+    budget = int((1 + _BUILD_EXTRA) * max(sizes.values())) + 1     # each alone would fit
+    assert budget < sizes[3] + (1 + _BUILD_EXTRA) * sizes[5]        # not both
     m = ej.make_machine("els", images, scales=[3, 5], boundary="circular", dedup=False,
                         bank_bytes=budget)
     assert m.engine(1)["bank"] and not m.engine(0)["bank"]   # step 1 uses k = 3, step 0 k = 5
     for i, k in ((0, 5), (1, 3)):
         np.testing.assert_allclose(np.asarray(m.x0(x, jnp.float32(0.5), i)),
                                    np.asarray(ej.els_x0(x, 0.5, images, k=k)), atol=2e-5)
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_bank_estimate_counts_the_zero_padded_border(k):
+    """``border.border_bank_floats`` (what make_machine's budget adds for zero padding) is
+    the float count of the border bank that is built (bands, values and corners)."""
+    from els_jax.engines import border, layout
+    _, images = _setup(0.5, n=5)
+    n, h, w, c = images.shape
+    per = border.band_chunk_images(n, k, h, w, layout.DEFAULT_BLOCK)
+    total = -(-n // per) * per
+    bank = border.build_border_bank(np.asarray(images), k, np.zeros(c, np.float32), total)
+    built = sum(int(np.prod(a.shape)) for a in bank.band_keys + bank.band_values)
+    built += int(np.prod(bank.corners.centred_and_ones.shape))
+    built += int(np.prod(bank.corners.half_sq.shape))
+    assert built == border.border_bank_floats(total, k, h, w, c)
 
 
 def test_a_data_set_that_cannot_fit_is_refused_before_anything_is_built(monkeypatch):

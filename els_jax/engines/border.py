@@ -133,6 +133,17 @@ def _host_corner_bank(images: np.ndarray, k: int, mu: np.ndarray) -> local.Local
                            per_corner(bank.half_sq))
 
 
+def border_bank_floats(n_total: int, k: int, h: int, w: int, c: int) -> int:
+    """Floats of ``build_border_bank``'s result for ``n_total`` (padded) images: per band
+    (top and bottom of length W − 2m, left and right of length H − 2m) the augmented row
+    windows [2m, kC + 1, n·L] and the values [m, n·L, C]; the four corners' local bank
+    [C + 1, 2m, 2m, n] and window norms [2m, 2m, n] (at CIFAR-10's N and k = 3, 0.74 GB)."""
+    m = k // 2
+    bands = sum(2 * m * (k * c + 1) * n_total * length + m * n_total * length * c
+                for length in (w - 2 * m, w - 2 * m, h - 2 * m, h - 2 * m))
+    return bands + 4 * n_total * (2 * m) ** 2 * (c + 2)
+
+
 def build_border_bank(images: np.ndarray, k: int, mu, n_total: int) -> BorderBank:
     """The ``BorderBank`` of images [N, H, W, C] padded with absent images to ``n_total``.
     Built in numpy: a machine builds one per patch size, and compiling a builder per k cost
