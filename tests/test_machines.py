@@ -599,16 +599,14 @@ def test_host_window_rows_are_the_gathered_candidates():
 
 
 def test_bank_budget_counts_every_patch_size_at_once():
-    """``bank_bytes`` bounds the banks of all sizes together, with room for the last build's
-    temporaries (``_BUILD_EXTRA`` × its bank): with room for the k = 3 bank alone, k = 3 is
-    banked and k = 5 streamed from the images; both give the same x̂_0 as the functional
-    machine."""
-    from els_jax.machines.factory import _BUILD_EXTRA
+    """``bank_bytes`` bounds the banks of all sizes together: with room for the k = 3 bank
+    alone, k = 3 is banked and k = 5 streamed from the images; both give the same x̂_0 as the
+    functional machine. (A window bank is written in place: no build temporaries counted.)"""
     x, images = _setup(0.5)
     n = images.shape[0]       # the estimate make_machine plans with: windows × floats × 4
     sizes = {k: 4 * n * (H - k + 1) * (W - k + 1) * (k * k * C + 2 + C) for k in (3, 5)}
-    budget = int((1 + _BUILD_EXTRA) * max(sizes.values())) + 1     # each alone would fit
-    assert budget < sizes[3] + (1 + _BUILD_EXTRA) * sizes[5]        # not both
+    budget = max(sizes.values()) + 1             # each alone would fit, not both
+    assert budget < sizes[3] + sizes[5]
     m = ej.make_machine("els", images, scales=[3, 5], boundary="circular", dedup=False,
                         bank_bytes=budget)
     assert m.engine(1)["bank"] and not m.engine(0)["bank"]   # step 1 uses k = 3, step 0 k = 5
@@ -631,6 +629,28 @@ def test_bank_estimate_counts_the_zero_padded_border(k):
     built += int(np.prod(bank.corners.centred_and_ones.shape))
     built += int(np.prod(bank.corners.half_sq.shape))
     assert built == border.border_bank_floats(total, k, h, w, c)
+
+
+def test_interior_bank_budget_holds_room_for_its_build(monkeypatch):
+    """The fused interior kernel's bank (zero padding) is banked only with room for itself,
+    its border bank and their build's temporaries (``_BUILD_EXTRA`` × both); with a budget
+    a few bytes short it streams, with the same x̂_0."""
+    from els_jax.engines import border, layout
+    from els_jax.machines import factory
+    x, images = _setup(0.5, n=5)
+    n, h, w, c = images.shape
+    per = border.band_chunk_images(n, 5, h, w, layout.DEFAULT_BLOCK)
+    need = (n * h * w * (c + 2) + border.border_bank_floats(-(-n // per) * per, 5, h, w, c))
+    need = int(4 * need * (1 + factory._BUILD_EXTRA))
+    got = {}
+    for budget in (need + 4, need - 4):
+        m = ej.make_machine("els", images, scales=5, boundary="zeros", dedup=False,
+                            bank_bytes=budget)      # the static rule: the interior kernel
+        got[budget] = np.asarray(m.x0(x, jnp.float32(0.5), 0))
+        assert m.engine(0)["bank"] is (budget > need), (budget, need)
+        if budget > need:
+            assert m.engine(0)["engine"] == "native"
+    np.testing.assert_allclose(got[need + 4], got[need - 4], atol=2e-5)
 
 
 def test_a_data_set_that_cannot_fit_is_refused_before_anything_is_built(monkeypatch):

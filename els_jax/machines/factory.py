@@ -242,7 +242,7 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
       bank_bytes: the most memory the candidate banks of ALL patch sizes may take together
         (estimated before anything is built, zero padding's border bands included; sizes are
         banked smallest k first while they fit, with room for the last build's temporaries,
-        ``_BUILD_EXTRA`` × its bank); the other sizes are streamed straight from the images
+        ``_BUILD_EXTRA`` × its interior and border banks); the other sizes are streamed from the images
         (memory independent of N, slower for the window engine, which then extracts k×k
         windows at every call; the shift-map engine reads only the images).
       compile_for: optional queries [B, H, W, C] (or their shape): compile every patch size
@@ -397,8 +397,10 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
         if choice.engine == "shiftmap":   # no bank: the images are all it reads
             plan.append((k, "stream", choice, unique))
             continue
+        extra = 0                         # what the build holds besides its bank
         if choice.engine == "native":     # the centred images and their window norms
             size = n * h * w * (c + 2)
+            extra = _BUILD_EXTRA * size
         elif choice.engine == "row":
             lay = els_row.row_layout(k, boundary, wrap_patches, h, w)
             size = h * (k * c + 2) * n * len(lay.c_cols) + n * h * w * c
@@ -408,10 +410,12 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
             size = merged * n_cand * (k * k * c + 2 + c)
         if boundary == "zeros":                # every zero-padded bank has a border bank
             per = els_border.band_chunk_images(n, k, h, w, block) * n_shards   # as build_bank
-            size += els_border.border_bank_floats(-(-n // per) * per, k, h, w, c)
-        # The budget holds every size's bank at once, and the last one's build on top (what a
-        # build holds besides its result: _BUILD_EXTRA × the result).
-        if spent + size * 4 * (1 + _BUILD_EXTRA) <= bank_bytes:
+            border_floats = els_border.border_bank_floats(-(-n // per) * per, k, h, w, c)
+            size += border_floats
+            extra += _BUILD_EXTRA * border_floats
+        # The budget holds every size's bank at once, and the last one's build on top (the
+        # interior and border builds' temporaries; window banks are written in place).
+        if spent + (size + extra) * 4 <= bank_bytes:
             spent += size * 4
             plan.append((k, "bank", choice, unique))
         else:
