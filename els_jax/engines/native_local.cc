@@ -1171,9 +1171,11 @@ void shift_item(const ShiftShape& s, const float* x, const float* coef, const fl
   // A row of map terms; the row box sums of every distinct map row (R), a zero row; the
   // column's van Herk sums; a row of pairs' logits, their maxima, pixels and values.
   std::vector<float> frow(max_tx * NB), R(max_ty * RE), zero_row(RE, 0.0f);
-  std::vector<float> gcol(max_ty * RE), pcol(max_ty * RE), logit(RE), bmax(max_lx);
-  std::vector<const float*> rptr(max_ty), vptr(max_lx);
-  std::vector<int64_t> pix(max_lx);
+  // (Two rows of pairs at a time with a weighted window: logit, bmax, pix and vptr hold two
+  // rows, and rptr one more entry, the zero row, read by the second row of an odd last pair.)
+  std::vector<float> gcol(max_ty * RE), pcol(max_ty * RE), logit(2 * RE), bmax(2 * max_lx);
+  std::vector<const float*> rptr(max_ty + 1), vptr(2 * max_lx);
+  std::vector<int64_t> pix(2 * max_lx);
   RowStates states(HW, C);
   const vf av = vf{} + a, sv = vf{} + scale;
   const bool direct = k <= kShiftDirectK || wk != nullptr;
@@ -1208,6 +1210,61 @@ void shift_item(const ShiftShape& s, const float* x, const float* coef, const fl
           row_box<NB, CC>(row, Lx, k, frow.data(), R.data() + t * RE, wk);
         }
         for (int64_t t = ty.distinct; t < ty.T; ++t) rptr[t] = rptr[t - H];
+        rptr[ty.T] = zero_row.data();
+        if (wk != nullptr) {
+          // The weighted window's column sums two output rows at a time, the taps outermost:
+          // 2·V independent sums, and the k − 1 rows the two windows share loaded once.
+          constexpr int64_t V = NB / kLanes;
+          for (int64_t u = 0; u < ay.len; u += 2) {
+            const int64_t nr = std::min<int64_t>(2, ay.len - u);
+            for (int64_t q = 0; q < nr; ++q) {
+              int64_t yi = ay.i0 + u + q, yj = yi + ay.d;
+              if (periodic) yi %= H, yj %= H;
+              for (int64_t v = 0; v < Lx; ++v) {
+                int64_t xi = ax.i0 + v, xj = xi + ax.d;
+                if (periodic) xi %= W, xj %= W;
+                pix[q * max_lx + v] = yi * W + xi;
+                vptr[q * max_lx + v] = pack.data() + (yj * W + xj) * NB;
+              }
+            }
+            const float* const* rows = rptr.data() + u;
+            for (int64_t v = 0; v < Lx; ++v) {
+              const int64_t o = v * NB;
+              vf s0[V], s1[V];
+#pragma GCC unroll 16
+              for (int64_t e = 0; e < V; ++e) {
+                s0[e] = wk[0] * load(rows[0] + o + e * kLanes);
+                s1[e] = wk[0] * load(rows[1] + o + e * kLanes);
+              }
+              for (int64_t r = 1; r < k; ++r) {
+                const float wr = wk[r];
+#pragma GCC unroll 16
+                for (int64_t e = 0; e < V; ++e) {
+                  s0[e] += wr * load(rows[r] + o + e * kLanes);
+                  s1[e] += wr * load(rows[r + 1] + o + e * kLanes);
+                }
+              }
+              vf m0 = vf{} + kNegInf, m1 = m0;
+#pragma GCC unroll 16
+              for (int64_t e = 0; e < V; ++e) {
+                const vf lwe = load(lw.data() + e * kLanes);
+                const vf l0 = s0[e] * sv + lwe, l1 = s1[e] * sv + lwe;
+                store(logit.data() + o + e * kLanes, l0);
+                store(logit.data() + RE + o + e * kLanes, l1);
+                m0 = l0 > m0 ? l0 : m0;
+                m1 = l1 > m1 ? l1 : m1;
+              }
+              bmax[v] = RowStates::hmax(m0);
+              bmax[max_lx + v] = RowStates::hmax(m1);
+            }
+            for (int64_t q = 0; q < nr; ++q) {
+              states.add_row<NB, CC>(Lx, pix.data() + q * max_lx, logit.data() + q * RE,
+                                     bmax.data() + q * max_lx, vptr.data() + q * max_lx,
+                                     HW * NB);
+            }
+          }
+          continue;
+        }
         // Column box sums fused with the logits and their maxima, a row of pairs at a time,
         // each row then added to the pixels' states.
         if (!direct) segment_sums(rptr.data(), ay.len, k, E, gcol.data(), pcol.data());
@@ -1224,25 +1281,6 @@ void shift_item(const ShiftShape& s, const float* x, const float* coef, const fl
             vptr[v] = pack.data() + (yj * W + xj) * NB;
             const int64_t o = v * NB;
             vf vmax = vf{} + kNegInf;
-            if (wk != nullptr) {              // the window's terms outermost (as row_box)
-              constexpr int64_t V = NB / kLanes;
-              vf sum[V];
-#pragma GCC unroll 16
-              for (int64_t e = 0; e < V; ++e) sum[e] = wk[0] * load(rows[0] + o + e * kLanes);
-              for (int64_t r = 1; r < k; ++r) {
-                const float wr = wk[r];
-#pragma GCC unroll 16
-                for (int64_t e = 0; e < V; ++e) sum[e] += wr * load(rows[r] + o + e * kLanes);
-              }
-#pragma GCC unroll 16
-              for (int64_t e = 0; e < V; ++e) {
-                const vf lg = sum[e] * sv + load(lw.data() + e * kLanes);
-                store(logit.data() + o + e * kLanes, lg);
-                vmax = lg > vmax ? lg : vmax;
-              }
-              bmax[v] = RowStates::hmax(vmax);
-              continue;
-            }
             for (int64_t e = 0; e < NB; e += kLanes) {
               vf sum;
               if (direct) {
