@@ -153,7 +153,7 @@ class SigmaCalibration(NamedTuple):
     cosine_after: np.ndarray
     loss: np.ndarray
     times: np.ndarray
-    engine: str = "xla"        # the machine's engine in the fit ("soft_shiftmap" or "soft")
+    engine: str = "soft"       # the machine's engine in the fit ("soft_shiftmap" or "soft")
     pixels: int | None = None  # query pixels per seed the cosine was taken over
 
 
