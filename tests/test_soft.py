@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import els_jax as ej
+from els_jax.engines import soft as soft_engine
 from els_jax.machines import soft
 from tests import oracles
 
@@ -274,12 +275,12 @@ def test_sample_pixels_counts_what_is_computed(boundary, k_max, size):
     """fit_pixels is a cost: sample_pixels draws whole units (a pixel, or a zero-padded edge
     group) until they cover the count, so the computed set has the count, plus at most one
     unit, and no pixel twice; fixed by the seed, different for another."""
-    units = soft.pixel_units(k_max, boundary, False, size, size)
+    units = soft_engine.pixel_units(k_max, boundary, False, size, size)
     assert sorted(np.concatenate(units).tolist()) == list(range(size * size))   # a partition
     biggest = max(len(u) for u in units)
     for count in (1, 20, size * size // 3):
         p = soft.sample_pixels(k_max, boundary, False, size, size, count, seed=0)
-        done = soft.computed_pixels(k_max, boundary, False, size, size, p)
+        done = soft_engine.computed_pixels(k_max, boundary, False, size, size, p)
         assert len(np.unique(p)) == len(p)
         np.testing.assert_array_equal(done, p)
         assert count <= len(done) < count + biggest

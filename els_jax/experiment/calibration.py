@@ -259,7 +259,7 @@ def _search_engine(k_max, boundary, wrap_patches, h, w, c, fit_pixels, seed) -> 
         return "xla"
     if fit_pixels is None or int(fit_pixels) >= h * w:
         return "auto"
-    k = soft._check_k_max(k_max, h, w, boundary, wrap_patches)
+    k = soft.check_k_max(k_max, h, w, boundary, wrap_patches)
     subset = soft.sample_pixels(k, boundary, wrap_patches, h, w, int(fit_pixels), seed)
     kernel = soft.pair_count(k, boundary, wrap_patches, h, w) * (2 * k + c)
     xla = soft.pair_count(k, boundary, wrap_patches, h, w, subset) * (k * k * c)
