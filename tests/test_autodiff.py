@@ -17,7 +17,7 @@ import pytest
 import els_jax as ej
 from els_jax.machines import els
 from els_jax.engines import local
-from els_jax.engines import interior as els_interior, layout as els_layout, native
+from els_jax.engines import interior as els_interior, layout as els_layout, native, shiftmap
 from els_jax.core import schedules, softmax
 from tests import oracles
 
@@ -113,6 +113,31 @@ MACHINES = {
         "els", 1, lambda x, t, im: oracles.els_x0(x, t, im, 5, "zeros", mask=_mask(8)),
         scales=5, boundary="zeros", method=NATIVE, dedup=False, mask=_mask(8)),
 }
+
+
+def _shiftmap_own(boundary, wrap, k, mask=None):
+    """The shift-map engine's jnp form with its own derivatives (no reference twin): the
+    coefficients from t as the machines compute them. Under jit its forward mode gave NaN
+    tangents until the softmax's running max was held constant under differentiation."""
+    def build(images):
+        log_w = None if mask is None else jnp.where(jnp.asarray(mask), 0.0, -jnp.inf)
+
+        def f(x, t):
+            co = schedules.query_coefficients(t, x.shape[0], schedules.Cosine())
+            return shiftmap.shiftmap_x0(x, co.a, co.b2, images, log_w, k=k, boundary=boundary,
+                                        wrap_patches=wrap, engine="xla")
+        return f
+    return build
+
+
+MACHINES.update({
+    "shiftmap jnp circular wrap mask": (
+        1, _shiftmap_own("circular", True, 3, _mask(8)),
+        lambda x, t, im: oracles.els_x0(x, t, im, 3, "circular", True, mask=_mask(8))),
+    "shiftmap jnp zeros": (
+        2, _shiftmap_own("zeros", False, 5),
+        lambda x, t, im: oracles.els_x0(x, t, im, 5, "zeros")),
+})
 
 
 def _all_modes(f):

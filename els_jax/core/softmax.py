@@ -58,7 +58,12 @@ def _finite_or_zero(m):
 
 def _exponentials(state: SoftmaxState, logits):
     """The new running max, the factor rescaling the old sums to it, and exp(logit − max)."""
-    new_max = jnp.maximum(state.max, jnp.max(logits, axis=-1))
+    # The running max is a reference point only: exp(logit − max)·exp(max) does not depend on
+    # it, so it is held constant under differentiation (exact). Differentiating the max would
+    # divide by the count of logits equal to it, and under jit XLA may compute the logits
+    # once for the max and again for that comparison, rounded differently: a count of 0 and
+    # NaN tangents (seen in the shift-map jnp form).
+    new_max = jax.lax.stop_gradient(jnp.maximum(state.max, jnp.max(logits, axis=-1)))
     ref = _finite_or_zero(new_max)
     # logit − max ≤ 0 exactly, but XLA may recompute elementwise logits separately for the max
     # and for the exponentials (two fusions, rounded differently): at b² near its floor the

@@ -154,6 +154,9 @@ def _probe_inputs(n: int, batch: int, h: int, w: int, c: int):
             jnp.full((batch,), _PROBE_B2, jnp.float32))
 
 
+SHIFT_BLOCK = 64       # images per block of the shift-map kernel (native_local.cc kShiftBlock)
+
+
 def _probe_images(n: int, pairs_per_image: int, multiple: int = 32, least: int = 0) -> int:
     """Images in a probe: about PROBE_PAIRS pairs per call, at least ``least`` and one block of
     32 per core (the kernels split the images over the cores in blocks of 32), at most n, a
@@ -172,6 +175,15 @@ def _els_probe_calls(k, c, h, w, boundary, wrap_patches, n, batch, engines, bank
     main = geo.layout(k, boundary, wrap_patches, h, w)[0]
     per_image = batch * main.query_pixels.size * main.cand_pixels.size
     n_probe = _probe_images(n, per_image)
+    if "shiftmap" in engines:
+        # The shift-map kernel splits its work into (query image, block of SHIFT_BLOCK images)
+        # items over the cores: a probe with fewer than two items per core leaves a core idle
+        # and times the kernel at half its speed, while the XLA engines use every core on any
+        # N. Measured (CIFAR-10 shape, k = 3, zeros, B = 1): on 64 probe images the shift map
+        # lost to the window engine (48 vs 39 ms), at N = 5000 it took 1.9 s against the
+        # window engine's 3.7 s.
+        cores = cpu_info()["cores"] or 1
+        n_probe = int(min(n, max(n_probe, SHIFT_BLOCK * -(-2 * cores // max(1, batch)))))
     # A probe's banks stay small: its window bank (the largest: k²C + C + 2 floats per
     # candidate) within PROBE_BANK_BYTES. At k = 27 on 32×32 a probe of 2·10⁷ pairs would
     # otherwise take all 50 000 CIFAR-sized images and a 16 GB bank.

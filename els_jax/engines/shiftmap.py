@@ -40,8 +40,11 @@ Two forms, one function (``shiftmap_state``):
 
 The machines reach this engine through ``passes.stream_x0(method="shiftmap")``, which takes
 the values from here and the derivatives from the window engine (tested against the
-reference): the jnp form's own forward mode, compiled with ``jax.jit``, gives NaN tangents
-(eager it is finite and equals the reference's; the cause is open).
+reference; one matmul per chunk differentiates faster than this form's per-shift scan). The
+jnp form's own derivatives are exact too (tests/test_autodiff.py): under jit its forward mode
+once gave NaN tangents, from differentiating the softmax's running max (XLA computed the
+logits twice, rounded differently, so no logit equalled the max and the max's tangent divided
+by a count of 0); ``core.softmax`` now holds the max constant under differentiation.
 
 Precision (docs/theory.md §9). The box sums add nonnegative terms only: no prefix sum and no
 subtraction, so a window's sum carries a relative rounding error of a few float32 ulps of its
@@ -218,6 +221,36 @@ def pair_logits(x, a, b2, images, log_w=None, *, k: int, boundary: str = "circul
     return jnp.stack(out, axis=1), dy, dx
 
 
+def _over_chunks(state, images, log_w, n_img: int, step):
+    """Streams the images ``n_img`` at a time: ``step(state, imgs [n_img, H, W, C], lw
+    [1, 1, 1, n_img]) -> state``. The last chunk starts early enough to be whole; the images
+    it repeats get log weight −inf (absent)."""
+    starts, first_new = softmax.chunk_starts(images.shape[0], n_img)
+    rows = jnp.arange(n_img, dtype=jnp.int32)
+
+    def chunk_body(state, chunk):
+        start, first = chunk
+        imgs = jax.lax.dynamic_slice_in_dim(images, start, n_img)
+        lw = jax.lax.dynamic_slice_in_dim(log_w, start, n_img)
+        return step(state, imgs, jnp.where(rows >= first, lw, -jnp.inf)[None, None, None, :]), None
+
+    return jax.lax.scan(chunk_body, state, (starts, first_new))[0]
+
+
+def _update_at(state, index, logits, values):
+    """``state`` with its query pixels ``index`` (an index of [B, H, W]; None: all of them)
+    updated by one shift's logits [B, h, w, n] and values y(i + d) [n, h, w, C]."""
+    def weighted_sum(p):
+        return jnp.einsum("bhwn,nhwc->bhwc", p, values, precision=_HI)
+    if index is None:
+        return softmax.update_with(state, logits, weighted_sum)
+    sub = softmax.SoftmaxState(state.max[index], state.total[index], state.acc[index])
+    new = softmax.update_with(sub, logits, weighted_sum)
+    return softmax.SoftmaxState(state.max.at[index].set(new.max),
+                                state.total.at[index].set(new.total),
+                                state.acc.at[index].set(new.acc))
+
+
 @functools.partial(jax.jit, static_argnames=("k", "mode", "block"))
 def _state_xla(x, a, b2, images, log_w, *, k, mode, block):
     bsz, h, w, c = x.shape
@@ -235,14 +268,8 @@ def _state_xla(x, a, b2, images, log_w, *, k, mode, block):
     a5 = a.reshape(bsz, 1, 1, 1, 1)
     scale = (-0.5 / b2).reshape(bsz, 1, 1, 1)
     n_img = _images_per_chunk(n, bsz * hx * wx * c, block)
-    starts, first_new = softmax.chunk_starts(n, n_img)
-    rows = jnp.arange(n_img, dtype=jnp.int32)
 
-    def chunk_body(state, chunk):
-        start, first = chunk
-        imgs = jax.lax.dynamic_slice_in_dim(images, start, n_img)
-        lw = jax.lax.dynamic_slice_in_dim(log_w, start, n_img)
-        lw = jnp.where(rows >= first, lw, -jnp.inf)[None, None, None, :]    # [1, 1, 1, n]
+    def step(state, imgs, lw):
         y_big = _extend(imgs, m, lo_y, hi_y, lo_x, hi_x, periodic)
 
         @jax.checkpoint
@@ -251,16 +278,11 @@ def _state_xla(x, a, b2, images, log_w, *, k, mode, block):
             y_d = jax.lax.dynamic_slice(y_big, (0, oy, ox, 0), (n_img, hx, wx, c))
             logits = _shift_logits(x_ext, y_d, a5, scale, lw, valid_y, valid_x, k)
             values = y_d[:, m:m + h, m:m + w, :]                         # y(i + d), [n, H, W, C]
+            return _update_at(state, None, logits, values), None
 
-            def weighted_sum(p):
-                return jnp.einsum("bhwn,nhwc->bhwc", p, values, precision=_HI)
-            return softmax.update_with(state, logits, weighted_sum), None
+        return jax.lax.scan(shift_body, state, xs)[0]
 
-        state, _ = jax.lax.scan(shift_body, state, xs)
-        return state, None
-
-    state, _ = jax.lax.scan(chunk_body, softmax.init((bsz, h, w), c), (starts, first_new))
-    return state
+    return _over_chunks(softmax.init((bsz, h, w), c), images, log_w, n_img, step)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "block"))
@@ -283,14 +305,9 @@ def _state_xla_inside(x, a, b2, images, log_w, *, k, block):
     a5 = a.reshape(bsz, 1, 1, 1, 1)
     scale = (-0.5 / b2).reshape(bsz, 1, 1, 1)
     n_img = _images_per_chunk(n, bsz * h * w * c, block)
-    starts, first_new = softmax.chunk_starts(n, n_img)
-    rows = jnp.arange(n_img, dtype=jnp.int32)
+    assert ly >= 1 and lx >= 1
 
-    def chunk_body(state, chunk):
-        start, first = chunk
-        imgs = jax.lax.dynamic_slice_in_dim(images, start, n_img)
-        lw = jax.lax.dynamic_slice_in_dim(log_w, start, n_img)
-        lw = jnp.where(rows >= first, lw, -jnp.inf)[None, None, None, :]    # [1, 1, 1, n]
+    def step(state, imgs, lw):
         values = imgs[:, m:h - m, m:w - m, :]                             # y(j), [n, Ly, Lx, C]
 
         @jax.checkpoint
@@ -303,22 +320,11 @@ def _state_xla_inside(x, a, b2, images, log_w, *, k, block):
             logits = jnp.transpose(box, (0, 2, 3, 1)) * scale + lw        # [B, Ly, Lx, n]
             iy = ((jnp.asarray(cy, jnp.int32) - sy) % h)[:, None]         # query pixels i
             ix = ((jnp.asarray(cx, jnp.int32) - sx) % w)[None, :]
-            sub = softmax.SoftmaxState(state.max[:, iy, ix], state.total[:, iy, ix],
-                                       state.acc[:, iy, ix])
+            return _update_at(state, (slice(None), iy, ix), logits, values), None
 
-            def weighted_sum(p):
-                return jnp.einsum("bhwn,nhwc->bhwc", p, values, precision=_HI)
-            new = softmax.update_with(sub, logits, weighted_sum)
-            return softmax.SoftmaxState(state.max.at[:, iy, ix].set(new.max),
-                                        state.total.at[:, iy, ix].set(new.total),
-                                        state.acc.at[:, iy, ix].set(new.acc)), None
+        return jax.lax.scan(shift_body, state, xs)[0]
 
-        state, _ = jax.lax.scan(shift_body, state, xs)
-        return state, None
-
-    assert ly >= 1 and lx >= 1
-    state, _ = jax.lax.scan(chunk_body, softmax.init((bsz, h, w), c), (starts, first_new))
-    return state
+    return _over_chunks(softmax.init((bsz, h, w), c), images, log_w, n_img, step)
 
 
 def _axis_groups(n: int, k: int, mode: str):
@@ -354,14 +360,8 @@ def _state_xla_padded(x, a, b2, images, log_w, *, k, mode, block):
     a5 = a.reshape(bsz, 1, 1, 1, 1)
     scale = (-0.5 / b2).reshape(bsz, 1, 1, 1)
     n_img = _images_per_chunk(n, bsz * (h + 2 * m) * (w + 2 * m) * c, block)
-    starts, first_new = softmax.chunk_starts(n, n_img)
-    rows = jnp.arange(n_img, dtype=jnp.int32)
 
-    def chunk_body(state, chunk):
-        start, first = chunk
-        imgs = jax.lax.dynamic_slice_in_dim(images, start, n_img)
-        lw = jax.lax.dynamic_slice_in_dim(log_w, start, n_img)
-        lw = jnp.where(rows >= first, lw, -jnp.inf)[None, None, None, :]    # [1, 1, 1, n]
+    def step(state, imgs, lw):
         y_big = jnp.pad(imgs, ((0, 0), (pad_y, pad_y), (pad_x, pad_x), (0, 0)))
         for sy, y0, ny, vy in gy:
             for sx, x0, nx, vx in gx:
@@ -378,23 +378,13 @@ def _state_xla_padded(x, a, b2, images, log_w, *, k, mode, block):
                     y_d = jax.lax.dynamic_slice(y_big, (0, oy, ox, 0), (n_img, ey, ex, c))
                     logits = _shift_logits(x_ext, y_d, a5, scale, lw, valid_y, valid_x, k)
                     values = y_d[:, m:m + ny, m:m + nx, :]                # y(i + d)
-                    sub = softmax.SoftmaxState(state.max[:, y0:y0 + ny, x0:x0 + nx],
-                                               state.total[:, y0:y0 + ny, x0:x0 + nx],
-                                               state.acc[:, y0:y0 + ny, x0:x0 + nx])
-
-                    def weighted_sum(p):
-                        return jnp.einsum("bhwn,nhwc->bhwc", p, values, precision=_HI)
-                    new = softmax.update_with(sub, logits, weighted_sum)
-                    return softmax.SoftmaxState(
-                        state.max.at[:, y0:y0 + ny, x0:x0 + nx].set(new.max),
-                        state.total.at[:, y0:y0 + ny, x0:x0 + nx].set(new.total),
-                        state.acc.at[:, y0:y0 + ny, x0:x0 + nx].set(new.acc)), None
+                    index = (slice(None), slice(y0, y0 + ny), slice(x0, x0 + nx))
+                    return _update_at(state, index, logits, values), None
 
                 state, _ = jax.lax.scan(shift_body, state, xs)
-        return state, None
+        return state
 
-    state, _ = jax.lax.scan(chunk_body, softmax.init((bsz, h, w), c), (starts, first_new))
-    return state
+    return _over_chunks(softmax.init((bsz, h, w), c), images, log_w, n_img, step)
 
 
 def _xla_form(mode: str):
