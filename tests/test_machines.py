@@ -663,3 +663,22 @@ def test_a_data_set_that_cannot_fit_is_refused_before_anything_is_built(monkeypa
     free = validation.visible_memory()               # this machine's: read, and plausible
     assert free is None or 2**20 < free < 2**50
     ej.make_machine("els", images, scales=3)         # fits here
+
+
+def test_a_float32_jax_array_of_images_is_held_as_it_is():
+    """make_machine holds a float32 jax array without a second copy (on a CPU its host view
+    shares the buffer), and copies anything else: numpy (whose owner may still write to it),
+    other dtypes, and a masked subset."""
+    from els_jax.machines.base import device_images, host_copies
+    imgs = jax.random.uniform(jax.random.PRNGKey(0), (6, 4, 4, 1), minval=-1, maxval=1)
+    assert device_images(imgs, np.asarray(imgs, np.float32)) is imgs
+    assert host_copies(imgs) == 1
+    host = np.asarray(imgs).copy()
+    held = device_images(host, host)
+    assert held is not imgs and isinstance(held, jax.Array) and host_copies(host) == 2
+    np.testing.assert_array_equal(np.asarray(held), host)
+    half = imgs.astype(jnp.float16)
+    assert device_images(half, np.asarray(half, np.float32)).dtype == jnp.float32
+    assert host_copies(half) == 2
+    cut = np.asarray(imgs, np.float32)[np.arange(6) % 2 == 0]
+    assert device_images(imgs, cut).shape == (3, 4, 4, 1)

@@ -35,7 +35,7 @@ from els_jax.engines import row as els_row
 from els_jax.engines import window as els_window
 from els_jax.machines import bank_cache, els, families, soft
 from els_jax.machines import equivariant as equivariant_lib
-from els_jax.machines.base import Machine, candidate_mesh, inputs
+from els_jax.machines.base import Machine, candidate_mesh, device_images, host_copies, inputs
 from els_jax.machines.local import check_local_k
 
 # What building a bank holds besides its result, in units of the result (transposed and
@@ -298,10 +298,12 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
     schedule = schedules_lib.get(schedule)
     shape = np.shape(images)
     if len(shape) == 4:      # a host copy in float32 and one on the device, before any bank
+        copies = host_copies(images)
         validation.check_fits(
-            2 * 4 * int(np.prod(shape)), f"the {shape[0]} training images {shape[1:]} as "
-            "float32, on the host and on the device,", "pass fewer images (a subset or a "
-            "class mask), or run where more memory is free")
+            copies * 4 * int(np.prod(shape)), f"the {shape[0]} training images {shape[1:]} as "
+            "float32" + (", on the host and on the device," if copies == 2 else ","),
+            "pass fewer images (a subset or a class mask), or run where more memory is free")
+    given = images
     images = np.asarray(images, np.float32)
     if images.ndim != 4:
         raise ValueError(f"images must be [N, H, W, C]; got shape {images.shape}")
@@ -326,7 +328,7 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
     scale_list, k_const = _normalise_scales(kind, scales)
     sizes = sorted(set(scale_list)) if scale_list is not None else [k_const]
     n_shards = 1 if mesh is None else mesh.devices.size
-    images_j = jnp.asarray(images)
+    images_j = device_images(given, images)
 
     def bank_fn(k, ideal=False, method="auto", unique_fraction=None):
         settings = dict(k=k, boundary=boundary, wrap_patches=wrap_patches, dedup=dedup,

@@ -48,7 +48,7 @@ from els_jax.engines.soft import (ENGINES, SoftBank, SoftSpec, axis_weights, bui
                                   check_k_max, computed_pixels, gaussian_window, pair_count,
                                   resolve_engine, sample_pixels, shiftmap_x0,
                                   soft_bank_x0, soft_groups, stream_x0)
-from els_jax.machines.base import Machine
+from els_jax.machines.base import Machine, device_images
 
 __all__ = ["els_soft_x0", "els_soft_score", "gaussian_window", "axis_weights", "sigma_for_scale",
            "resolve_engine", "ENGINES", "pair_count",
@@ -258,6 +258,7 @@ def make_soft_machine(images, *, sigmas: float | Sequence[float], k_max: int,
         raise ValueError("the 'els_soft' machine does not shard its candidates (mesh=None)")
     schedule = schedules_lib.get(schedule)
     sigma_list, sigma_const = _normalise_sigmas(sigmas)
+    given = images
     images = np.asarray(images, np.float32)
     if images.ndim != 4:
         raise ValueError(f"images must be [N, H, W, C]; got shape {images.shape}")
@@ -290,7 +291,7 @@ def make_soft_machine(images, *, sigmas: float | Sequence[float], k_max: int,
         fn.spec = spec
         info = {"engine": "soft", "bank": True, "unique_fraction": spec.unique_fraction}
     else:
-        images_j = jnp.asarray(images)
+        images_j = device_images(given, images)
         mu = jnp.mean(images_j, axis=(0, 1, 2))
         log_w = jnp.zeros((n,), jnp.float32)
         kw = dict(k=k, boundary=boundary, wrap_patches=bool(wrap_patches), block=block)
