@@ -124,6 +124,23 @@ def test_window_probe_time_scales_with_the_merged_fraction(tuner, monkeypatch):
                               **kw).engine == "row"
 
 
+@pytest.mark.parametrize("batch,cores,want", [(1, 2, 256), (2, 2, 128), (4, 2, 64),
+                                               (1, 4, 512), (1, 2, 100)])
+def test_a_shift_map_probe_gives_every_core_two_kernel_blocks(monkeypatch, batch, cores, want):
+    """The shift-map kernel splits its work into (query image, block of 64 images) items: its
+    probe holds 2·cores blocks over the batch (at most the N there is), or it would time the
+    kernel on fewer cores than the XLA engines use; without the shift map the probe keeps
+    32 images per core. (cores = 2, N = 100: all 100.)"""
+    monkeypatch.setattr(engines, "cpu_info", lambda: {"cores": cores})
+    n = 100 if want == 100 else 4096
+    probe = dict(k=3, c=1, h=32, w=32, boundary="zeros", wrap_patches=False, n=n, batch=batch,
+                 banked=False, block=1 << 16)
+    _, note, _ = engines._els_probe_calls(engines=("window", "shiftmap"), **probe)
+    assert note.startswith(f"{want} synthetic images")
+    _, note, _ = engines._els_probe_calls(engines=("window", "row"), **probe)
+    assert note.startswith(f"{min(n, 32 * cores)} synthetic images")     # one block per core
+
+
 def _fixed_times(times, ran):
     """A stand-in for ``engines.measure`` that runs every probe once (so the real probes are
     exercised) and reports fixed times."""
