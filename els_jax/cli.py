@@ -42,6 +42,7 @@ def _cmd_sample(args) -> int:
     from els_jax.experiment.figures import save_image_grid
 
     options = _machine_options(args)      # flag errors before any data is loaded
+    args.steps = _sample_steps(args.steps, options)
     images, labels = ej.load_dataset(args.dataset, data_dir=args.data_dir,
                                      image_size=args.image_size, max_examples=args.max_examples)
     mask = None
@@ -125,6 +126,24 @@ def _machine_options(args) -> dict:
     return options
 
 
+def _sample_steps(steps: int | None, options: dict) -> int:
+    """The number of sampler steps: --steps, else the length of a per-step list (--k,
+    --sigma), else 20. A list of another length than --steps is an error."""
+    lists = {name: len(v) for name, v in options.items()
+             if name in ("scales", "sigmas") and isinstance(v, tuple)}
+    for name, length in lists.items():
+        flag = "--k" if name == "scales" else "--sigma"
+        if steps is not None and steps != length:
+            raise ValueError(f"{flag} gives {length} per-step values but --steps is {steps}; "
+                             f"give one value, or as many as steps")
+        steps = length
+    if steps is None:
+        return 20
+    if steps < 1:
+        raise ValueError(f"--steps must be at least 1; got {steps}")
+    return steps
+
+
 def _add_sample_subcommand(sub):
     from els_jax.machines.factory import MACHINES
 
@@ -137,8 +156,11 @@ def _add_sample_subcommand(sub):
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--max-examples", type=int, default=None)
     p.add_argument("--machine", default="ideal", choices=MACHINES)
-    p.add_argument("--k", type=int, default=None,
-                   help=f"local / els: the patch size (odd; default {DEFAULT_K})")
+    p.add_argument("--k", type=_one_or_per_step_sizes, default=None,
+                   help=f"local / els: the patch size (odd; default {DEFAULT_K}), or one per "
+                        "step comma-separated, index 0 = the last step (e.g. the MNIST "
+                        "ResNet's 3,3,5,5,5,7,7,7,9,9,11,11,11,11,13,15,15,15,15,15); a list "
+                        "sets --steps to its length")
     p.add_argument("--rank", type=int, default=None,
                    help="gaussian: keep the top RANK principal components (default all)")
     p.add_argument("--tau", type=float, default=None,
@@ -160,7 +182,8 @@ def _add_sample_subcommand(sub):
     p.add_argument("--boundary", default="zeros", choices=["zeros", "circular"])
     p.add_argument("--label", type=int, default=None, help="class-conditional: training label")
     p.add_argument("--num", type=int, default=16, help="number of samples")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampler steps (default 20, or the length of a --k or --sigma list)")
     p.add_argument("--eta", type=float, default=0.0, help="0 = DDIM, 1 = DDPM (ddim only)")
     p.add_argument("--solver", default="ddim", choices=["ddim", "heun"],
                    help="ddim (default) or heun (EDM's second order, 2·steps − 1 model calls)")
@@ -474,6 +497,20 @@ def _sigmas(text: str) -> float | tuple[float, ...]:
     if not values:
         raise argparse.ArgumentTypeError("expected at least one width")
     return values[0] if len(values) == 1 else values
+
+
+def _one_or_per_step_sizes(text: str) -> int | tuple[int, ...]:
+    """One patch size, or one per step (comma-separated, index 0 = the last step); whether
+    each is odd and fits the images is the machine's to say (one line, not argparse's
+    usage)."""
+    try:
+        sizes = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a patch size or comma-separated sizes, "
+                                         f"got {text!r}")
+    if not sizes:
+        raise argparse.ArgumentTypeError("expected at least one patch size")
+    return sizes[0] if len(sizes) == 1 else sizes
 
 
 def _odd_sizes(text: str) -> tuple[int, ...]:

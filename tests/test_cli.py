@@ -5,6 +5,7 @@ always does; ``sample`` runs end to end and offers every machine of the library.
 import json
 import os
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -125,6 +126,35 @@ def test_sample_offers_every_machine_of_the_library():
     args = cli.build_parser().parse_args(["sample", "--machine", "ideal", "--top-k", "3"])
     with pytest.raises(ValueError, match="--top-k is an option of --machine scfdm"):
         cli._machine_options(args)
+
+
+def test_sample_takes_one_patch_size_per_step(tmp_path, capsys):
+    """--k 5,3 (index 0 = the last step) samples two steps with the ELS machine of those
+    sizes; a list of another length than --steps, or an even size, is a clear error."""
+    args = cli.build_parser().parse_args(["sample", "--machine", "els", "--k", "5,3"])
+    options = cli._machine_options(args)
+    assert options == {"scales": (5, 3)} and cli._sample_steps(None, options) == 2
+    assert cli._sample_steps(None, {"scales": 5}) == 20
+    assert cli._sample_steps(7, {"sigmas": 1.0}) == 7
+    with pytest.raises(ValueError, match="--k gives 2 per-step values but --steps is 3"):
+        cli._sample_steps(3, options)
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["sample", "--machine", "els", "--k", "3,x"])
+    capsys.readouterr()                                   # argparse's usage message
+    line = _user_error(capsys, ["sample", "--machine", "els", "--k", "3,4"])
+    assert "odd" in line and "4" in line
+    out = tmp_path / "els"
+    assert cli.main(["sample", "--machine", "els", "--boundary", "zeros", "--k", "5,3",
+                     "--num", "2", "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 2 and summary["scales"] == [5, 3]
+    with np.load(out / "samples.npz") as f:
+        samples, x_T, times = f["samples"], f["x_T"], f["times"]
+    np.testing.assert_allclose(times, np.asarray(ej.uniform_times(2)))
+    images, _ = ej.load_dataset("digits")
+    machine = ej.make_machine("els", images, scales=[5, 3], boundary="zeros")
+    want = ej.sample(machine, jnp.asarray(x_T), ej.uniform_times(2))
+    np.testing.assert_allclose(samples, np.asarray(want), atol=1e-5)
 
 
 def test_sample_scfdm_under_heun_on_a_karras_grid(tmp_path, capsys):
