@@ -487,30 +487,28 @@ def _times(text: str) -> tuple[float, ...]:
     return values
 
 
-def _sigmas(text: str) -> float | tuple[float, ...]:
-    """One width, or one per step (comma-separated); their range is the machine's to check."""
+def _per_step(text: str, kind, what: str):
+    """One value, or one per step (comma-separated, index 0 = the last step), parsed by
+    ``kind``; whether each is in range is the machine's to say (one line, not argparse's
+    usage)."""
     try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
+        values = tuple(kind(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a width or comma-separated widths, got "
+        raise argparse.ArgumentTypeError(f"expected a {what} or comma-separated {what}s, got "
                                          f"{text!r}")
     if not values:
-        raise argparse.ArgumentTypeError("expected at least one width")
+        raise argparse.ArgumentTypeError(f"expected at least one {what}")
     return values[0] if len(values) == 1 else values
 
 
+def _sigmas(text: str) -> float | tuple[float, ...]:
+    """One window width, or one per step."""
+    return _per_step(text, float, "width")
+
+
 def _one_or_per_step_sizes(text: str) -> int | tuple[int, ...]:
-    """One patch size, or one per step (comma-separated, index 0 = the last step); whether
-    each is odd and fits the images is the machine's to say (one line, not argparse's
-    usage)."""
-    try:
-        sizes = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a patch size or comma-separated sizes, "
-                                         f"got {text!r}")
-    if not sizes:
-        raise argparse.ArgumentTypeError("expected at least one patch size")
-    return sizes[0] if len(sizes) == 1 else sizes
+    """One patch size, or one per step (odd and fitting the images: the machine checks)."""
+    return _per_step(text, int, "patch size")
 
 
 def _odd_sizes(text: str) -> tuple[int, ...]:
