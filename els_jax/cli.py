@@ -512,11 +512,9 @@ def _one_or_per_step_sizes(text: str) -> int | tuple[int, ...]:
 
 
 def _odd_sizes(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated odd sizes, got {text!r}")
-    if not sizes or any(k < 1 or k % 2 == 0 for k in sizes):
+    sizes = _per_step(text, int, "patch size")
+    sizes = sizes if isinstance(sizes, tuple) else (sizes,)
+    if any(k < 1 or k % 2 == 0 for k in sizes):
         raise argparse.ArgumentTypeError(f"patch sizes must be odd and positive, got {text!r}")
     return sizes
 

@@ -682,3 +682,9 @@ def test_a_float32_jax_array_of_images_is_held_as_it_is():
     assert host_copies(half) == 2
     cut = np.asarray(imgs, np.float32)[np.arange(6) % 2 == 0]
     assert device_images(imgs, cut).shape == (3, 4, 4, 1)
+    # The machine built from the jax array is the one built from a numpy copy.
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 4, 1))
+    for kind, kw in (("els", dict(scales=3, boundary="zeros")), ("gaussian", {})):
+        a = ej.make_machine(kind, imgs, **kw).x0(x, 0.5, 0)
+        b = ej.make_machine(kind, host, **kw).x0(x, 0.5, 0)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)

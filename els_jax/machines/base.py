@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from els_jax.core import conversions
 from els_jax.core import schedules as schedules_lib
 
-__all__ = ["Machine", "candidate_mesh", "inputs", "device_images"]
+__all__ = ["Machine", "candidate_mesh", "inputs", "device_images", "host_copies"]
 
 
 def candidate_mesh(devices=None):
@@ -164,4 +164,3 @@ def host_copies(images) -> int:
     (1 for a float32 jax array, held as it is; 2 for anything else: the host array and a
     device copy)."""
     return 1 if isinstance(images, jax.Array) and images.dtype == jnp.float32 else 2
-

@@ -319,7 +319,7 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
     if kind in FAMILIES:                  # built once: fit, flat images, masks per t
         start = time.perf_counter()
         with _BackgroundCompiler(compile_for, (h, w, c)) as background:
-            fn = families.family_fn(kind, jnp.asarray(images), rank=rank, tau=tau, block=block,
+            fn = families.family_fn(kind, device_images(given, images), rank=rank, tau=tau, block=block,
                             chunk=chunk, **scfdm_kw)
             background.submit(fn)
         machine = Machine(kind, {None: fn}, None, schedule, None)
