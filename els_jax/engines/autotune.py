@@ -57,13 +57,14 @@ import jax
 
 __all__ = ["Choice", "select", "measure", "autotune_enabled", "platform_signature",
            "cpu_info", "cache_file", "clear_memory_cache", "bucket",
-           "PROBE_PAIRS", "PROBE_ROUNDS", "PROBE_BUDGET_S"]
+           "PROBE_PAIRS", "PROBE_ROUNDS", "PROBE_BUDGET_S", "ELIMINATE"]
 
 SCHEMA = 2                 # bump when the key or the probes change meaning
                            # (2: shift-map probes with two kernel items per core)
 PROBE_PAIRS = 2e7          # (query pixel, candidate) pairs per probe call
 PROBE_ROUNDS = 5           # timed calls per engine, at most
 PROBE_BUDGET_S = 1.0       # seconds of timed calls per selection, about (≥ 2 rounds)
+ELIMINATE = 2.5            # an engine this many times slower than the fastest stops being timed
 _clock = time.perf_counter  # the timer (tests substitute a fake one)
 
 _THREAD = "els-autotune"   # the measuring thread's name prefix
@@ -188,8 +189,10 @@ def measure(calls: Mapping[str, Callable[[], object]], *, rounds: int = PROBE_RO
             budget: float = PROBE_BUDGET_S) -> dict:
     """Seconds per call of each blocking zero-argument call: the minimum over up to ``rounds``
     calls made in alternation after one untimed call each (compilation, first touch of the
-    buffers); stops after two rounds once ``budget`` seconds of timed calls are spent. An
-    engine whose untimed call raises is left out (with a warning)."""
+    buffers); stops after two rounds once ``budget`` seconds of timed calls are spent. After
+    each timed round an engine ``ELIMINATE``× slower than the fastest so far is not called
+    again (its time stays as measured). An engine whose untimed call raises is left out
+    (with a warning)."""
     live = {}
     for name, call in calls.items():
         try:
@@ -210,6 +213,11 @@ def measure(calls: Mapping[str, Callable[[], object]], *, rounds: int = PROBE_RO
             spent += dt
         if r >= 1 and spent >= budget:
             break
+        # An engine ELIMINATE× slower than the fastest cannot win (repeats of a call differ by
+        # a few per cent, a disturbance rarely doubles one): it is not called again.
+        fastest = min(best.values(), default=math.inf)
+        live = {name: call for name, call in live.items()
+                if best[name] <= ELIMINATE * fastest}
     return best
 
 

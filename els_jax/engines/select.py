@@ -135,6 +135,13 @@ def resolve_els_engine(method, k, c, h, boundary, unique_fraction=1.0, banked=Fa
         if static == "window" and window_kernel:
             static = "window_native"
             why += ", the window bank run by the fused CPU kernel"
+    if native.available() and jax.default_backend() == "cpu" and static != "row":
+        # Where the CPU kernels run, the row engine never won a probe: in the 77 shape
+        # classes measured against the shift-map kernel (AVX-512, 2026-12-05; banked and
+        # streamed, both boundaries, k 3…27, C 1 and 3) it was at least 1.49× slower than the
+        # winner. Probing it cost about a fifth of a cold first run's probes; it is not probed
+        # there (method="row" still runs it; off the CPU it is one of the XLA engines).
+        applicable = tuple(e for e in applicable if e != "row")
     return els_engine(applicable, static, why, k=k, c=c, h=h, w=w, boundary=boundary,
                       wrap_patches=wrap_patches, n=n, batch=batch, banked=banked,
                       unique_fraction=unique_fraction, sharded=sharded, block=block)

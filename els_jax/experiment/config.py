@@ -43,11 +43,13 @@ MACHINE_NAMES = tuple(FAMILIES)
 # started from the Gaussian of its calibrated ELS size (the widths then drive the machine at
 # every pixel; experiments/check_soft_fit.py compares the recipe with a full 25-step gradient
 # fit on digits: median 0.7 % apart).
-# The side-by-side starts (``compare_t_max``, docs/theory.md §8) sample the paper's three
-# machines on mnist5k (each start costs one more sampling of every family: els_soft's alone is
-# minutes there), every family elsewhere.
+# The side-by-side start from t = 1 (``compare_t_max``, docs/theory.md §8) is off on mnist5k:
+# each start costs one more sampling of every family it samples, and ELS's alone took 4.8 of
+# the run's 24.8 min on a 2-core CPU (``--compare-t-max 1`` turns it on; it then samples the
+# paper's three machines there, ``side_families``). Elsewhere every family is sampled from both.
 DATASET_DEFAULTS = {
-    "mnist5k": {"calib_seeds": 4, "soft_fit_pixels": 128, "side_families": ("els", "ls", "is")},
+    "mnist5k": {"calib_seeds": 4, "soft_fit_pixels": 128, "compare_t_max": (),
+                "side_families": ("els", "ls", "is")},
 }
 
 # Trained networks shipped with the repository (made by `els-jax train` with the configs in
@@ -151,8 +153,9 @@ class ReproduceConfig:
       so a first DDIM step from t = 1 multiplies the network's ε̂ error by
       |b' − sqrt(ᾱ'/ᾱ)·b| ≈ 6 at 20 steps and the comparison then measures mostly that step.
     compare_t_max: further starts compared side by side with the same seeds and the same
-      calibrated scales (by step index); default (1.0,), the plain grid of docs/theory.md §3. Reported under
-      ``by_t_max``.
+      calibrated scales (by step index), () for none; None = the data set's default
+      (``DATASET_DEFAULTS``: none on mnist5k), else (1.0,), the plain grid of docs/theory.md
+      §3. Reported under ``by_t_max``.
     retrain: train the network even when the repository ships one for this configuration
       (``experiments/checkpoints/``; used by default for the embedded data sets).
     side_families: the families also sampled from the ``compare_t_max`` starts (els and is
@@ -198,7 +201,7 @@ class ReproduceConfig:
     candidates: tuple[int, ...] | None = None
     seed: int = 0
     t_max: float | None = None
-    compare_t_max: tuple[float, ...] = (1.0,)
+    compare_t_max: tuple[float, ...] | None = None
     side_families: tuple[str, ...] | None = None
     retrain: bool = False
     soft_steps: int | None = None
@@ -220,7 +223,7 @@ class ReproduceConfig:
     def starts(self) -> list[float]:
         """The primary start, then the other ``compare_t_max`` (duplicates dropped)."""
         out = [self.start]
-        for t in self.compare_t_max:
+        for t in self.compare_t_max or ():
             if all(abs(float(t) - u) > 1e-9 for u in out):
                 out.append(float(t))
         return out
@@ -235,6 +238,7 @@ class ReproduceConfig:
         preset = DATASET_DEFAULTS.get(dataset, {})
         method = self.soft_method or preset.get("soft_method", "search")
         fill = {"calib_seeds": preset.get("calib_seeds", 8),
+                "compare_t_max": tuple(preset.get("compare_t_max", (1.0,))),
                 "families": preset.get("families", MACHINE_NAMES),
                 "side_families": preset.get("side_families", MACHINE_NAMES),
                 "soft_method": method,
@@ -280,7 +284,7 @@ class ReproduceConfig:
             raise ValueError(f"soft_fit_images must be at least 1; got {self.soft_fit_images}")
         if self.calib_seeds is not None and self.calib_seeds < 1:
             raise ValueError(f"calib_seeds must be at least 1; got {self.calib_seeds}")
-        for t in ([] if self.t_max is None else [self.t_max]) + list(self.compare_t_max):
+        for t in ([] if self.t_max is None else [self.t_max]) + list(self.compare_t_max or ()):
             if not 0.0 < t <= 1.0:
                 raise ValueError(f"t_max must lie in (0, 1]; got {t}")
         if self.machine_steps < 1 or self.network_steps < 1:
@@ -294,7 +298,8 @@ class ReproduceConfig:
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         d["candidates"] = None if self.candidates is None else list(self.candidates)
-        d["compare_t_max"] = [float(t) for t in self.compare_t_max]
+        d["compare_t_max"] = (None if self.compare_t_max is None
+                              else [float(t) for t in self.compare_t_max])
         d["families"] = None if self.families is None else list(self.families)
         d["side_families"] = None if self.side_families is None else list(self.side_families)
         return d
