@@ -600,7 +600,9 @@ def enable_compilation_cache() -> str | None:
     import jax
     from pathlib import Path
 
-    root = Path(os.environ.get("ELS_JAX_CACHE", Path.home() / ".cache" / "els_jax")) / "xla"
+    from els_jax.core.cachedir import cache_dir
+
+    root = cache_dir() / "xla"
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError:                        # a read-only home: run without the cache

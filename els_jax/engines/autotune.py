@@ -55,6 +55,8 @@ from typing import Callable, Mapping, NamedTuple, Sequence
 
 import jax
 
+from els_jax.core.cachedir import cache_dir
+
 __all__ = ["Choice", "select", "measure", "autotune_enabled", "platform_signature",
            "cpu_info", "cache_file", "clear_memory_cache", "bucket",
            "PROBE_PAIRS", "PROBE_ROUNDS", "PROBE_BUDGET_S", "ELIMINATE"]
@@ -133,8 +135,7 @@ def platform_signature() -> dict:
 
 def cache_file() -> Path:
     """``$ELS_JAX_CACHE/engines.json`` (default ``~/.cache/els_jax``)."""
-    root = Path(os.environ.get("ELS_JAX_CACHE", Path.home() / ".cache" / "els_jax"))
-    return root / "engines.json"
+    return cache_dir() / "engines.json"
 
 
 def clear_memory_cache():

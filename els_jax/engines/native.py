@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from els_jax.core.cachedir import cache_dir
+
 __all__ = ["available", "local_softmax_state", "interior_softmax_state",
            "window_softmax_state", "shiftmap_softmax_state", "with_reference_derivatives"]
 
@@ -73,7 +75,7 @@ def _build(cxx: str) -> Path:
     include = jax.ffi.include_dir()
     key = hashlib.sha256("\0".join([_SOURCE.read_text(), " ".join(_flags()), cxx, include,
                                     jax.__version__, _cpu_signature()]).encode()).hexdigest()
-    cache = Path(os.environ.get("ELS_JAX_CACHE", Path.home() / ".cache" / "els_jax"))
+    cache = cache_dir()
     lib = cache / f"native_local_{key[:16]}.so"
     if lib.exists():
         return lib
