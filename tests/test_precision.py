@@ -124,3 +124,74 @@ def test_the_check_sees_a_default_precision_dot():
     assert len(low_precision_dots(jax.make_jaxpr(f)(a).jaxpr)) == 1
     ok = jax.make_jaxpr(lambda a: jnp.matmul(a, a, precision=HIGHEST))(a).jaxpr
     assert low_precision_dots(ok) == []
+
+
+# ----------------------------------------------------------------------------------------
+# Second accelerator rule: off the CPU a sampling step is one device program. An accelerator
+# has no fused CPU kernels (``native.available()`` is False there), so every
+# machine must fall back to its XLA twin and do nothing on the host inside a step: no numpy on
+# a traced value (tracing the whole sample would raise), no host callbacks, no foreign calls.
+
+_LEAVES_DEVICE = ("callback", "ffi", "custom_call")
+
+
+def host_or_kernel_calls(jaxpr) -> list[str]:
+    """Every primitive in ``jaxpr`` (recursively) that leaves the device program: host
+    callbacks (pure_callback, io_callback, debug_callback) and foreign calls (ffi_call: the
+    CPU-only kernels)."""
+    found, stack, seen = [], [jaxpr], set()
+    while stack:
+        jx = stack.pop()
+        if id(jx) in seen:
+            continue
+        seen.add(id(jx))
+        for eqn in jx.eqns:
+            if any(s in eqn.primitive.name for s in _LEAVES_DEVICE):
+                found.append(eqn.primitive.name)
+            stack.extend(_subjaxprs(eqn.params))
+    return found
+
+
+SAMPLED = [("ideal", {}), ("local", {"scales": [3, 5]}),
+           ("els", {"scales": [3, 5], "boundary": "circular"}),
+           ("els", {"scales": [3, 5], "boundary": "zeros"}),
+           ("els", {"scales": [3, 5], "boundary": "zeros", "method": "shiftmap"}),
+           ("els", {"scales": [3, 5], "boundary": "circular", "wrap_patches": True,
+                    "method": "shiftmap"}),
+           ("els_soft", {"sigmas": [0.8, 1.5], "k_max": 5, "boundary": "zeros"}),
+           ("gaussian", {}), ("nearest", {}), ("pca_locality", {}),
+           ("scfdm", {"key": jax.random.PRNGKey(0)})]
+
+
+@pytest.mark.parametrize("kind,kw", SAMPLED, ids=[f"{k}-{i}" for i, (k, _) in
+                                                  enumerate(SAMPLED)])
+def test_off_the_cpu_a_whole_sample_is_one_device_program(kind, kw, monkeypatch):
+    from els_jax.engines import native
+    monkeypatch.setattr(native, "available", lambda: False)     # as on a GPU or TPU
+    jax.clear_caches()        # engines chosen at trace time: no program traced with kernels
+    try:
+        images, x = _data()
+        machine = ej.make_machine(kind, images, **kw)
+        times = ej.uniform_times(2)
+
+        def run(x):
+            return ej.sample(machine, x, times)
+        jaxpr = jax.make_jaxpr(run)(x).jaxpr
+        assert not host_or_kernel_calls(jaxpr), host_or_kernel_calls(jaxpr)
+        np.testing.assert_allclose(np.asarray(jax.jit(run)(x)), np.asarray(run(x)), atol=2e-5)
+    finally:
+        jax.clear_caches()    # nor, later, one traced without them
+
+
+def test_the_device_program_check_sees_kernels_and_callbacks():
+    """The walker finds a host callback inside a jit, and, where the CPU kernels are built, the
+    shift-map kernel's foreign call in a machine's step."""
+    def f(a):
+        return jax.jit(lambda a: jax.pure_callback(np.sin, a, a))(a) + 1.0
+    assert host_or_kernel_calls(jax.make_jaxpr(f)(jnp.ones(3)).jaxpr) == ["pure_callback"]
+    from els_jax.engines import native
+    if native.available():
+        images, x = _data()
+        machine = ej.make_machine("els", images, scales=3, boundary="zeros", method="shiftmap")
+        jaxpr = jax.make_jaxpr(lambda x: machine(x, jnp.float32(0.3), 0))(x).jaxpr
+        assert "ffi_call" in host_or_kernel_calls(jaxpr)
