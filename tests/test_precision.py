@@ -32,23 +32,30 @@ def _subjaxprs(params):
                 yield u
 
 
-def low_precision_dots(jaxpr) -> list[str]:
-    """Every dot_general / conv in ``jaxpr`` (recursively) not at HIGHEST for both operands."""
-    bad, stack, seen = [], [jaxpr], set()
+def all_eqns(jaxpr):
+    """Every equation of ``jaxpr`` and of its sub-computations (each visited once)."""
+    stack, seen = [jaxpr], set()
     while stack:
         jx = stack.pop()
         if id(jx) in seen:
             continue
         seen.add(id(jx))
         for eqn in jx.eqns:
-            name = eqn.primitive.name
-            if name in ("dot_general", "conv_general_dilated"):
-                prec = eqn.params.get("precision")
-                precs = prec if isinstance(prec, tuple) else (prec, prec)
-                if any(p != HIGHEST for p in precs):
-                    shapes = [tuple(v.aval.shape) for v in eqn.invars]
-                    bad.append(f"{name} {shapes} precision={prec}")
+            yield eqn
             stack.extend(_subjaxprs(eqn.params))
+
+
+def low_precision_dots(jaxpr) -> list[str]:
+    """Every dot_general / conv in ``jaxpr`` (recursively) not at HIGHEST for both operands."""
+    bad = []
+    for eqn in all_eqns(jaxpr):
+        name = eqn.primitive.name
+        if name in ("dot_general", "conv_general_dilated"):
+            prec = eqn.params.get("precision")
+            precs = prec if isinstance(prec, tuple) else (prec, prec)
+            if any(p != HIGHEST for p in precs):
+                shapes = [tuple(v.aval.shape) for v in eqn.invars]
+                bad.append(f"{name} {shapes} precision={prec}")
     return bad
 
 
@@ -139,17 +146,8 @@ def host_or_kernel_calls(jaxpr) -> list[str]:
     """Every primitive in ``jaxpr`` (recursively) that leaves the device program: host
     callbacks (pure_callback, io_callback, debug_callback) and foreign calls (ffi_call: the
     CPU-only kernels)."""
-    found, stack, seen = [], [jaxpr], set()
-    while stack:
-        jx = stack.pop()
-        if id(jx) in seen:
-            continue
-        seen.add(id(jx))
-        for eqn in jx.eqns:
-            if any(s in eqn.primitive.name for s in _LEAVES_DEVICE):
-                found.append(eqn.primitive.name)
-            stack.extend(_subjaxprs(eqn.params))
-    return found
+    return [eqn.primitive.name for eqn in all_eqns(jaxpr)
+            if any(s in eqn.primitive.name for s in _LEAVES_DEVICE)]
 
 
 SAMPLED = [("ideal", {}), ("local", {"scales": [3, 5]}),
