@@ -95,6 +95,41 @@ def test_measure_alternates_engines_and_stops_at_the_budget(tuner):
     assert log == ["a", "b", "c"] * 2 + ["a", "b"] * 4
 
 
+def test_an_engine_far_behind_at_k_is_not_probed_at_k_plus_two(tuner):
+    """At the neighbouring patch size of the same shape class, an engine that took over
+    NEIGHBOUR× the fastest's time is left out (even where it would have won: the rule's
+    bet), the two fastest are always probed, and a size without a measured neighbour
+    probes everything."""
+    assert autotune.NEIGHBOUR == 2.5
+    engines_ = ("w", "x", "y", "z")
+    log = []
+    autotune.select("els", SHAPE, engines_, "w", "static",
+                    _probes(tuner, {"w": 1.0, "x": 1.2, "y": 2.4, "z": 3.0}, log))
+    assert set(log) == set(engines_)
+    log.clear()
+    nxt = autotune.select("els", dict(SHAPE, k=7), engines_, "w", "static",
+                          _probes(tuner, {"w": 1.0, "x": 0.9, "y": 0.5, "z": 0.1}, log))
+    assert set(log) == {"w", "x", "y"} and nxt.engine == "y"
+    assert "not probed: z (over 2.5× the fastest at k = 5)" in nxt.reason
+    log.clear()
+    autotune.select("els", dict(SHAPE, k=11), engines_, "w", "static",
+                    _probes(tuner, {"w": 1.0, "x": 0.9, "y": 0.5, "z": 0.1}, log))
+    assert set(log) == set(engines_)
+    # Another shape class (another N) learns nothing from these.
+    log.clear()
+    autotune.select("els", dict(SHAPE, k=7, N=4096), engines_, "w", "static",
+                    _probes(tuner, {"w": 1.0, "x": 0.9, "y": 0.5, "z": 0.1}, log))
+    assert set(log) == set(engines_)
+    # The two fastest are probed however far behind the second was.
+    log.clear()
+    autotune.select("els", dict(SHAPE, k=3, N=64), ("a", "b", "c"), "a", "static",
+                    _probes(tuner, {"a": 1.0, "b": 5.0, "c": 6.0}, log))
+    log.clear()
+    autotune.select("els", dict(SHAPE, k=5, N=64), ("a", "b", "c"), "a", "static",
+                    _probes(tuner, {"a": 1.0, "b": 5.0, "c": 6.0}, log))
+    assert set(log) == {"a", "b"}
+
+
 def test_static_rule_single_engine_and_failing_probes(tuner, monkeypatch):
     log = []
     probes = _probes(tuner, {"window": 1.0, "row": 2.0}, log)
