@@ -18,7 +18,9 @@ slower than the best (zero-padded ELS, N = 1000, 32×32). So ``select`` measures
     batch, synthetic images, N cut so that one call is ~2·10⁷ pairs, tens of milliseconds):
     compiled and called once untimed, then timed in alternation (A B C A B C …, so that a
     disturbance hits every engine alike) for up to ``PROBE_ROUNDS`` rounds or
-    ``PROBE_BUDGET_S`` seconds of calls; the minimum per engine decides. Measuring runs on a
+    ``PROBE_BUDGET_S`` seconds of calls; the minimum per engine decides (an engine
+    ``ELIMINATE``× slower than the fastest stops being timed, and one ``NEIGHBOUR``× behind
+    at the neighbouring patch size of the same shape class is not probed). Measuring runs on a
     thread of its own (no outer jit trace), one measurement at a time. First use of a shape
     class costs the probes' compilation (a few seconds for the three ELS engines on 2 cores);
     later runs read the winner from disk.
