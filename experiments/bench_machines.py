@@ -319,7 +319,7 @@ def bench_functional(images, *, k, boundary, b, t, out):
     compile_s = time.perf_counter() - t0
     choice = engines.resolve_els_engine("auto", k, c, H, boundary, w=W, n=n, batch=b)
     calls = {choice.engine: lambda: fn(x, jnp.float32(t), images_j)}
-    for engine in ("window", "row"):
+    for engine in ("window", "row", "shiftmap"):
         if engine not in calls:
             other = jax.jit(functools.partial(ej.els_score, k=k, boundary=boundary,
                                               method=engine))
