@@ -598,7 +598,6 @@ def enable_compilation_cache() -> str | None:
     if os.environ.get("ELS_JAX_COMPILE_CACHE", "1") == "0":
         return None
     import jax
-    from pathlib import Path
 
     from els_jax.core.cachedir import cache_dir
 
