@@ -30,15 +30,50 @@ from els_jax.machines.scfdm import scfdm_score, scfdm_x0
 from els_jax.machines.reference import reference_score, reference_x0
 from els_jax.machines.posterior import Provenance, creativity, mosaic_image, provenance
 from els_jax.machines.factory import Machine, candidate_mesh, make_machine
-from els_jax.nets import networks
-from els_jax.nets.networks import ResNet, UNet, make_network, receptive_field
-from els_jax.nets.train import (TrainConfig, create_train_state, load_trained,
-                                train_and_evaluate, train_step)
-from els_jax import experiment
-from els_jax.experiment import calibration, metrics
-from els_jax.experiment.calibration import (Calibration, SigmaCalibration, calibrate,
-                                            calibrate_sigma, candidate_machines)
-from els_jax.experiment import ReproduceConfig, reproduce
+
+# The networks (Flax, optax, orbax) and the experiment are imported on first use of one of
+# their names (PEP 562): ``els-jax sample`` and a script that only runs machines do not pay
+# the ~0.3 s those imports take. ``ej.UNet``, ``from els_jax import reproduce`` and
+# ``dir(ej)`` work as if they were imported here.
+_LAZY = {
+    "networks": ("els_jax.nets.networks", None),
+    "ResNet": ("els_jax.nets.networks", "ResNet"),
+    "UNet": ("els_jax.nets.networks", "UNet"),
+    "make_network": ("els_jax.nets.networks", "make_network"),
+    "receptive_field": ("els_jax.nets.networks", "receptive_field"),
+    "TrainConfig": ("els_jax.nets.train", "TrainConfig"),
+    "create_train_state": ("els_jax.nets.train", "create_train_state"),
+    "load_trained": ("els_jax.nets.train", "load_trained"),
+    "train_and_evaluate": ("els_jax.nets.train", "train_and_evaluate"),
+    "train_step": ("els_jax.nets.train", "train_step"),
+    "experiment": ("els_jax.experiment", None),
+    "calibration": ("els_jax.experiment.calibration", None),
+    "metrics": ("els_jax.experiment.metrics", None),
+    "Calibration": ("els_jax.experiment.calibration", "Calibration"),
+    "SigmaCalibration": ("els_jax.experiment.calibration", "SigmaCalibration"),
+    "calibrate": ("els_jax.experiment.calibration", "calibrate"),
+    "calibrate_sigma": ("els_jax.experiment.calibration", "calibrate_sigma"),
+    "candidate_machines": ("els_jax.experiment.calibration", "candidate_machines"),
+    "ReproduceConfig": ("els_jax.experiment", "ReproduceConfig"),
+    "reproduce": ("els_jax.experiment", "reproduce"),
+}
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'els_jax' has no attribute {name!r}")
+    import importlib
+
+    module_name, attr = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value              # later look-ups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 

@@ -181,9 +181,20 @@ def test_sample_end_to_end(machine, tmp_path, capsys):
                      "--out", str(out)]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["machine"] == machine and summary["out"] == str(out)
-    assert (out / "samples.png").stat().st_size > 0
     with np.load(out / "samples.npz") as f:
         samples, x_T, nearest = f["samples"], f["x_T"], f["nearest_dist"]
+    # The PNG is the samples' grid: 2×2 images of 8×8, 1-pixel white borders, each pixel
+    # repeated ×8 (short side 17 → 136, at most ×8); grey = (x + 1)/2 in 8 bits.
+    from PIL import Image
+    with Image.open(out / "samples.png") as png:
+        assert png.mode == "L" and png.info["Title"].startswith(f"{machine} machine")
+        grid = np.asarray(png)[::8, ::8].astype(np.float64) / 255.0
+    assert grid.shape == (19, 19) and np.all(grid[0] == 1.0) and np.all(grid[:, 9] == 1.0)
+    for idx in range(4):
+        r, c = divmod(idx, 2)
+        want = np.clip((samples[idx, ..., 0] + 1.0) / 2.0, 0.0, 1.0)
+        np.testing.assert_allclose(grid[1 + 9 * r:9 + 9 * r, 1 + 9 * c:9 + 9 * c], want,
+                                   atol=0.5 / 255 + 1e-6)
     assert samples.shape == x_T.shape == (4, 8, 8, 1)
     assert np.all(np.isfinite(samples)) and np.abs(samples - x_T).max() > 0.5
     assert np.abs(samples).max() < 2.0                    # images, not noise

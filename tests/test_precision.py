@@ -11,6 +11,7 @@ every sub-computation (scan bodies, jit calls, custom_jvp rules) and fails on an
 """
 
 import jax
+import jax.extend  # noqa: F401  (jax.extend.core: not imported by `import jax`)
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -89,8 +90,20 @@ FUNCTIONAL = {
 }
 
 
+@pytest.fixture(params=["cpu", "accelerator"])
+def platform(request, monkeypatch):
+    """Each machine traced twice: as on this CPU (its fused kernels, where they build, chosen
+    at trace time) and as on a GPU or TPU (no CPU kernels: every XLA twin is traced)."""
+    if request.param == "accelerator":
+        from els_jax.engines import native
+        monkeypatch.setattr(native, "available", lambda: False)
+    jax.clear_caches()        # no program traced under the other platform's engines
+    yield request.param
+    jax.clear_caches()
+
+
 @pytest.mark.parametrize("name", sorted(FUNCTIONAL))
-def test_functional_machines_and_their_gradients_use_highest(name):
+def test_functional_machines_and_their_gradients_use_highest(name, platform):
     images, x = _data(c=2)
     fn = FUNCTIONAL[name]
     jaxpr = jax.make_jaxpr(lambda x: fn(x, jnp.float32(0.05), images))(x).jaxpr
@@ -113,7 +126,7 @@ MACHINES = [("ideal", {}), ("equivariant", {}), ("local", {"scales": 3}),
 
 @pytest.mark.parametrize("kind,kw", MACHINES, ids=[f"{k}-{i}" for i, (k, _) in
                                                    enumerate(MACHINES)])
-def test_every_make_machine_kind_uses_highest(kind, kw):
+def test_every_make_machine_kind_uses_highest(kind, kw, platform):
     images, x = _data()
     machine = ej.make_machine(kind, images, **kw)
     # A traced t: the whole step, time → coefficients → engines, in one program.

@@ -134,8 +134,7 @@ def _local_bank_state(x, a, b2, bank: LocalBank, log_w, k, block, engine):
         return softmax.SoftmaxState(*native.local_softmax_state(
             q, a.reshape(-1), b2.reshape(-1), bank.centred_and_ones, bank.half_sq, log_w, k))
 
-    def fast(q, a, b2, bank, log_w):
-        return jax.lax.platform_dependent(q, a, b2, bank, log_w, cpu=fused, default=xla_path)
+    fast = native.kernel_on_cpu(fused, xla_path)
     return native.with_reference_derivatives(fast, xla_path)(q, a, b2, bank, log_w)
 
 

@@ -4,7 +4,7 @@ fallback everywhere else.
 XLA:CPU runs each stage of the local machine (product image, two box sums, logits, max, exp,
 weighted sum) as its own pass over a chunk of logits; ``native_local.cc`` carries a block of
 images through all of them while it is in cache. It is used only on CPU devices
-(``jax.lax.platform_dependent``: GPU and TPU programs lower the XLA path), and only when a C++
+(``kernel_on_cpu``: GPU and TPU programs lower the XLA path), and only when a C++
 compiler is found; results agree with the XLA path to float32 rounding.
 
 The shared library is built once per (source, compiler flags, jaxlib headers, CPU) with the
@@ -135,6 +135,24 @@ def _call(target, q, a, b2, centred, half_sq, log_w, k, state_shape):
         half_sq.astype(jnp.float32), log_w.astype(jnp.float32), k=np.int64(k))
 
 
+def kernel_on_cpu(kernel, xla):
+    """The function that runs ``kernel`` (a CPU custom call) where the program runs on a CPU and
+    ``xla`` (the same computation in plain XLA ops) everywhere else.
+
+    Where the default backend is the CPU (no GPU or TPU in the process, or
+    ``JAX_PLATFORMS=cpu``) every program lowers for the CPU, so the kernel is chosen now, at
+    trace time. ``lax.platform_dependent`` would also trace the XLA twin, which costs
+    0.1–0.2 s of Python per patch size in every process (the persistent compilation cache does
+    not save tracing) for a branch that never runs. With an accelerator present the choice is
+    left to ``lax.platform_dependent`` at lowering: a program placed on the CPU there still gets
+    the kernel, one on the accelerator the XLA path."""
+    def f(*args):
+        if jax.default_backend() == "cpu":
+            return kernel(*args)
+        return jax.lax.platform_dependent(*args, cpu=kernel, default=xla)
+    return f
+
+
 def with_reference_derivatives(fast, reference):
     """``fast`` with the derivatives of ``reference``: f(*args) = fast(*args) (e.g. a custom
     call, which JAX cannot differentiate), and jax.jvp(f) = (fast(*args), the tangent of
@@ -181,7 +199,7 @@ def local_softmax_state(q, a, b2, centred_and_ones, half_sq, log_w, k: int):
     centred_and_ones [C+1, H, W, N]; half_sq [H, W, N]; log_w [N] (−inf = absent).
     Returns (max, total, acc): [B, H, W], [B, H, W], [B, H, W, C], i.e. a
     ``softmax.SoftmaxState`` of the logits ((a·⟨W_i(q), W_i(c_n)⟩ − a²·half_sq) / b² + log_w).
-    CPU only: callers choose it with ``jax.lax.platform_dependent``.
+    CPU only: callers choose it with ``kernel_on_cpu``.
     """
     _, h, w, _ = q.shape
     return _call("els_local_softmax", q, a, b2, centred_and_ones, half_sq, log_w, k, (h, w))

@@ -35,7 +35,7 @@ Two forms, one function (``shiftmap_state``):
   d ≠ 0: the interior), so that only existing pairs (up to the zero rule's own mask) take an
   exponential. The tests hold each to the masked variant and all to the float64 oracles.
 - the fused C++ CPU kernel (``native.shiftmap_softmax_state``, ``native_local.cc``), chosen by
-  ``jax.lax.platform_dependent`` on CPU when the kernels build; its derivatives are those of
+  ``native.kernel_on_cpu`` on CPU when the kernels build; its derivatives are those of
   the jnp form (``native.with_reference_derivatives``).
 
 The machines reach this engine through ``passes.stream_x0(method="shiftmap")``, which takes
@@ -468,10 +468,7 @@ def shiftmap_state(x, a, b2, images, log_w=None, *, k: int, boundary: str = "cir
         return softmax.SoftmaxState(*native.shiftmap_softmax_state(
             x, a, b2, images, log_w, k, MODES.index(mode)))
 
-    def fast(x, a, b2, images, log_w):
-        return jax.lax.platform_dependent(x, a, b2, images, log_w, cpu=fused,
-                                          default=xla_path)
-
+    fast = native.kernel_on_cpu(fused, xla_path)
     return native.with_reference_derivatives(fast, xla_path)(x, a, b2, images, log_w)
 
 

@@ -293,8 +293,7 @@ def shiftmap_x0(x, a, b2, sigma, images, log_w, mu, *, k, boundary, wrap_patches
     xla = functools.partial(stream_x0, **kw)
     kern = functools.partial(shiftmap_kernel_x0, **kw)
 
-    def fused(*args):
-        return jax.lax.platform_dependent(*args, cpu=kern, default=xla)
+    fused = native.kernel_on_cpu(kern, xla)
     return native.with_reference_derivatives(fused, xla)(x, a, b2, sigma, images, log_w, mu)
 
 

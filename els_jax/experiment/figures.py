@@ -1,5 +1,5 @@
-"""Figures (PNG, matplotlib with the non-interactive Agg backend): image grids of samples,
-and the four figures of a run's report (``report_figures``).
+"""Figures (PNG): image grids of samples (``save_image_grid``, Pillow), and the four figures of
+a run's report (``report_figures``, matplotlib with the non-interactive Agg backend).
 """
 
 from __future__ import annotations
@@ -25,23 +25,26 @@ def image_grid(images, ncols: int | None = None, pad: int = 1):
 
 
 def save_image_grid(path, images, ncols: int | None = None, title: str | None = None,
-                    scale: float = 0.3):
-    """Writes the grid of ``images`` [B, H, W, C] to a PNG file at ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+                    zoom: int | None = None):
+    """Writes the grid of ``images`` [B, H, W, C] in [−1, 1] to a PNG file at ``path``: 8-bit
+    grey (C = 1) or RGB (C = 3), each pixel of ``image_grid`` repeated ``zoom`` × ``zoom``
+    (default: the grid's short side at least 256 pixels, at most ×8), ``title`` stored as the
+    PNG's Title text. Written by Pillow (matplotlib's own image library) directly: importing
+    pyplot for one image took 0.6 s of a 7 s ``els-jax sample``."""
+    from PIL import Image, PngImagePlugin
 
     grid = image_grid(images, ncols)
-    h, w = grid.shape[:2]
-    fig, ax = plt.subplots(figsize=(max(2.0, w * scale / 8), max(2.0, h * scale / 8)))
-    ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1,
-              interpolation="nearest")
-    ax.set_axis_off()
+    if grid.shape[-1] not in (1, 3):
+        raise ValueError(f"images need 1 or 3 channels to be written as PNG; got {grid.shape[-1]}")
+    if zoom is None:
+        zoom = int(min(8, max(1, -(-256 // min(grid.shape[:2])))))
+    pixels = np.round(grid * 255.0).astype(np.uint8)
+    pixels = np.repeat(np.repeat(pixels, zoom, axis=0), zoom, axis=1)
+    image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+    info = PngImagePlugin.PngInfo()
     if title:
-        ax.set_title(title, fontsize=9)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+        info.add_text("Title", title)
+    image.save(path, format="PNG", pnginfo=info)
 
 
 def report_figures(out, net, results, per_seed, scales, report) -> dict:
