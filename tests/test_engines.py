@@ -171,16 +171,47 @@ def test_window_probe_time_scales_with_the_merged_fraction(tuner, monkeypatch):
 def test_a_shift_map_probe_gives_every_core_two_kernel_blocks(monkeypatch, batch, cores, want):
     """The shift-map kernel splits its work into (query image, block of 64 images) items: its
     probe holds 2·cores blocks over the batch (at most the N there is), or it would time the
-    kernel on fewer cores than the XLA engines use; without the shift map the probe keeps
-    32 images per core. (cores = 2, N = 100: all 100.)"""
+    kernel on fewer cores than the XLA engines use. The other engines keep 32 images per core
+    (cores = 2, N = 100: 64) and the shift map's time is scaled to their N (every engine's cost
+    is linear in N): on a probe of the same images, the scaled time is what the shift map takes
+    on the others' N."""
     monkeypatch.setattr(engines, "cpu_info", lambda: {"cores": cores})
     n = 100 if want == 100 else 4096
+    base = min(n, 32 * cores)
     probe = dict(k=3, c=1, h=32, w=32, boundary="zeros", wrap_patches=False, n=n, batch=batch,
                  banked=False, block=1 << 16)
-    _, note, _ = engines._els_probe_calls(engines=("window", "shiftmap"), **probe)
-    assert note.startswith(f"{want} synthetic images")
-    _, note, _ = engines._els_probe_calls(engines=("window", "row"), **probe)
-    assert note.startswith(f"{min(n, 32 * cores)} synthetic images")     # one block per core
+    calls, note, scale = engines._els_probe_calls(engines=("window", "shiftmap"), **probe)
+    assert note.startswith(f"{base} synthetic images")
+    if want == base:
+        assert scale is None and "shiftmap on" not in note
+    else:
+        assert scale == {"shiftmap": base / want}
+        assert f"shiftmap on {want}, its time scaled by {base}/{want}" in note
+    _, note, scale = engines._els_probe_calls(engines=("window", "row"), **probe)
+    assert note.startswith(f"{base} synthetic images") and scale is None
+
+
+def test_the_shift_map_probe_scale_enters_the_choice(tuner, monkeypatch):
+    """The shift map, 3× the window engine's time on its 4× larger probe, is 0.75× of it per
+    image: it wins, and the reason and times say so; and the unique-fraction scale of a merged
+    window bank applies with it."""
+    monkeypatch.setattr(engines, "cpu_info", lambda: {"cores": 2})
+    ran = []
+    monkeypatch.setattr(autotune, "measure",
+                        _fixed_times({"window": 0.010, "window_native": 0.009,
+                                      "shiftmap": 0.030}, ran))
+    kw = dict(k=3, c=1, h=32, w=32, boundary="zeros", n=4096, batch=1, block=1 << 16)
+    choice = engines.els_engine(("window", "shiftmap"), "window", "static rule",
+                                banked=False, **kw)
+    assert choice.engine == "shiftmap" and choice.times == {"window": 0.01, "shiftmap": 0.0075}
+    assert "shiftmap on 256, its time scaled by 64/256" in choice.reason
+    if not native.available():
+        return
+    autotune.clear_memory_cache()
+    choice = engines.els_engine(("window_native", "shiftmap"), "window_native", "static rule",
+                                banked=True, unique_fraction=0.5, **kw)
+    assert choice.engine == "window_native"
+    assert choice.times == {"window_native": 0.0045, "shiftmap": 0.0075}
 
 
 def _fixed_times(times, ran):

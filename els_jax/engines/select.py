@@ -182,21 +182,28 @@ def _els_probe_calls(k, c, h, w, boundary, wrap_patches, n, batch, engines, bank
     main = geo.layout(k, boundary, wrap_patches, h, w)[0]
     per_image = batch * main.query_pixels.size * main.cand_pixels.size
     n_probe = _probe_images(n, per_image)
-    if "shiftmap" in engines:
-        # The shift-map kernel splits its work into (query image, block of SHIFT_BLOCK images)
-        # items over the cores: a probe with fewer than two items per core leaves a core idle
-        # and times the kernel at half its speed, while the XLA engines use every core on any
-        # N. Measured (CIFAR-10 shape, k = 3, zeros, B = 1): on 64 probe images the shift map
-        # lost to the window engine (48 vs 39 ms), on all 50 000 images it took 22.2 s per
-        # call against the window engine's 36.5 s.
-        cores = cpu_info()["cores"] or 1
-        n_probe = int(min(n, max(n_probe, SHIFT_BLOCK * -(-2 * cores // max(1, batch)))))
     # A probe's banks stay small: its window bank (the largest: k²C + C + 2 floats per
     # candidate) within PROBE_BANK_BYTES. At k = 27 on 32×32 a probe of 2·10⁷ pairs would
     # otherwise take all 50 000 CIFAR-sized images and a 16 GB bank.
     per_image_bytes = 4 * main.cand_pixels.size * (k * k * c + c + 2)
     n_probe = int(min(n_probe, max(32, PROBE_BANK_BYTES // per_image_bytes)))
-    images, x, a, b2 = _probe_inputs(n_probe, batch, h, w, c)
+    n_shift, scale = n_probe, None
+    if "shiftmap" in engines:
+        # The shift-map kernel splits its work into (query image, block of SHIFT_BLOCK images)
+        # items over the cores: a probe with fewer than two items per core leaves a core idle
+        # and times the kernel at half its speed, while the other engines use every core on
+        # any N. Measured (CIFAR-10 shape, k = 3, zeros, B = 1): on 64 probe images the shift
+        # map lost to the window engine (48 vs 39 ms), on all 50 000 images it took 22.2 s per
+        # call against the window engine's 36.5 s. So it gets images enough for its items
+        # (256 at B = 1 on 2 cores) and its time is scaled to the others' N: the cost of every
+        # engine is linear in N. (Giving every engine those 256 images made each probe call
+        # 2–6× longer than PROBE_PAIRS asks, most of a cold first run's probe time.)
+        cores = cpu_info()["cores"] or 1
+        n_shift = int(min(n, max(n_probe, SHIFT_BLOCK * -(-2 * cores // max(1, batch)))))
+        if n_shift != n_probe:
+            scale = {"shiftmap": n_probe / n_shift}
+    shift_images, x, a, b2 = _probe_inputs(n_shift, batch, h, w, c)
+    images = shift_images[:n_probe]
     mu = images.mean(axis=(0, 1, 2))
     calls = {}
     for engine in engines:
@@ -215,7 +222,7 @@ def _els_probe_calls(k, c, h, w, boundary, wrap_patches, n, batch, engines, bank
             fn = jax.jit(functools.partial(passes.stream_x0, k=k, boundary=boundary,
                                            wrap_patches=bool(wrap_patches), block=block,
                                            method="shiftmap"))
-            args = (x, a, b2, jnp.asarray(images), jnp.zeros((n_probe,), jnp.float32))
+            args = (x, a, b2, jnp.asarray(shift_images), jnp.zeros((n_shift,), jnp.float32))
             calls[engine] = functools.partial(lambda fn, args: jax.block_until_ready(fn(*args)),
                                               fn, args)
             continue
@@ -234,7 +241,10 @@ def _els_probe_calls(k, c, h, w, boundary, wrap_patches, n, batch, engines, bank
         calls[engine] = functools.partial(
             lambda bank, spec: jax.block_until_ready(passes.bank_x0(
                 x, a, b2, bank, spec=spec, block=block)), bank, spec)
-    return calls, f"{n_probe} synthetic images, B = {batch}, main pass", None
+    note = f"{n_probe} synthetic images, B = {batch}, main pass"
+    if scale:
+        note += f"; shiftmap on {n_shift}, its time scaled by {n_probe}/{n_shift}"
+    return calls, note, scale
 
 
 def els_engine(engines: Sequence[str], static: str, static_reason: str, *, k: int, c: int,
@@ -252,11 +262,12 @@ def els_engine(engines: Sequence[str], static: str, static_reason: str, *, k: in
     probes = None
     if n is not None and not sharded:
         def probes():
-            calls, note, _ = _els_probe_calls(k, c, h, w, boundary, wrap_patches, n, batch,
-                                              engines, banked, block)
-            scale = ({"window": unique_fraction, "window_native": unique_fraction}
-                     if unique_fraction < 1.0 else None)
-            return calls, note, scale
+            calls, note, scale = _els_probe_calls(k, c, h, w, boundary, wrap_patches, n,
+                                                  batch, engines, banked, block)
+            scale = dict(scale or {})
+            if unique_fraction < 1.0:
+                scale.update(window=unique_fraction, window_native=unique_fraction)
+            return calls, note, scale or None
     return select("els", shape, engines, static, static_reason, probes)
 
 
