@@ -169,13 +169,15 @@ def test_window_probe_time_scales_with_the_merged_fraction(tuner, monkeypatch):
 @pytest.mark.parametrize("batch,cores,want", [(1, 2, 256), (2, 2, 128), (4, 2, 64),
                                                (1, 4, 512), (1, 2, 100)])
 def test_a_shift_map_probe_gives_every_core_two_kernel_blocks(monkeypatch, batch, cores, want):
-    """The shift-map kernel splits its work into (query image, block of 64 images) items: its
+    """The shift-map kernel splits its work into (query image, block of images) items (here
+    blocks of 64, as built for AVX2): its
     probe holds 2·cores blocks over the batch (at most the N there is), or it would time the
     kernel on fewer cores than the XLA engines use. The other engines keep 32 images per core
     (cores = 2, N = 100: 64) and the shift map's time is scaled to their N (every engine's cost
     is linear in N): on a probe of the same images, the scaled time is what the shift map takes
     on the others' N."""
     monkeypatch.setattr(engines, "cpu_info", lambda: {"cores": cores})
+    monkeypatch.setattr(native, "shift_block", lambda: 64)
     n = 100 if want == 100 else 4096
     base = min(n, 32 * cores)
     probe = dict(k=3, c=1, h=32, w=32, boundary="zeros", wrap_patches=False, n=n, batch=batch,
@@ -196,6 +198,7 @@ def test_the_shift_map_probe_scale_enters_the_choice(tuner, monkeypatch):
     image: it wins, and the reason and times say so; and the unique-fraction scale of a merged
     window bank applies with it."""
     monkeypatch.setattr(engines, "cpu_info", lambda: {"cores": 2})
+    monkeypatch.setattr(native, "shift_block", lambda: 64)
     ran = []
     monkeypatch.setattr(autotune, "measure",
                         _fixed_times({"window": 0.010, "window_native": 0.009,

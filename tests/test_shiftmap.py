@@ -81,6 +81,32 @@ def test_matches_float64_oracle(case, c):
 
 
 @pytest.mark.skipif(not native.available(), reason="the fused CPU kernels are not available")
+@pytest.mark.parametrize("boundary,k", [("zeros", 3), ("circular", 3), ("zeros", 7)])
+def test_kernel_over_many_blocks_and_items(boundary, k):
+    """N = 2 blocks + 37 of the kernel (``native.shift_block()`` images per block: 128 with
+    AVX-512, 64 otherwise): several work items over the threads, a last block partly empty
+    (its absent images must weigh exactly 0), and a class mask; the kernel equals the float64
+    oracle and the jnp form. The other tests hold at most one block."""
+    n = 2 * native.shift_block() + 37
+    rng = np.random.default_rng(3)
+    h, w, c = 9, 8, 1
+    images = rng.uniform(-1, 1, (n, h, w, c)).astype(np.float32)
+    a, b2 = _coeffs(TIMES)
+    x0 = np.stack([images[n - 1], 0.5 * (images[0] + images[n // 2])])
+    x = (a[:, None, None, None] * x0
+         + np.sqrt(b2)[:, None, None, None] * rng.normal(size=x0.shape)).astype(np.float32)
+    mask = rng.uniform(size=n) < 0.8
+    mask[n - 1] = True
+    ref = np.concatenate([oracles.els_x0(x[i:i + 1], t, images, k, boundary, False, mask=mask)
+                          for i, t in enumerate(TIMES)])
+    for engine in ("kernel", "xla"):
+        got = sm.shiftmap_x0(x, a, b2, images, _log_w(mask), k=k, boundary=boundary,
+                             engine=engine)
+        np.testing.assert_allclose(np.asarray(got), ref, atol=1e-4, rtol=0,
+                                   err_msg=f"engine {engine}")
+
+
+@pytest.mark.skipif(not native.available(), reason="the fused CPU kernels are not available")
 @pytest.mark.parametrize("mode,k", [("zeros", 7), ("zeros", 9), ("circular", 7), ("circular", 9),
                                     ("wrap", 7), ("wrap", 9), ("local", 11)])
 def test_kernel_van_herk_box_sums(mode, k):

@@ -92,6 +92,16 @@ def _build(cxx: str) -> Path:
     return lib
 
 
+_LIBRARY: dict = {}          # what the loaded library reports about itself
+
+
+def shift_block() -> int:
+    """Images per block of the shift-map kernel as built for this CPU (128 with AVX-512, else
+    64; ``native_local.cc`` kShiftBlock): its work items are whole blocks. 64 without the
+    kernels."""
+    return _LIBRARY.get("shift_block", 64) if available() else 64
+
+
 @functools.lru_cache(maxsize=None)
 def available() -> bool:
     """Whether the fused CPU kernels are registered (compiled now if needed). False, with one
@@ -113,6 +123,8 @@ def available() -> bool:
         for target, symbol in _TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
                                         platform="cpu")
+        lib.ElsShiftBlock.restype = ctypes.c_int64
+        _LIBRARY["shift_block"] = int(lib.ElsShiftBlock())
     except (OSError, subprocess.SubprocessError, AttributeError) as err:
         detail = getattr(err, "stderr", "") or str(err)
         warnings.warn(f"els_jax: building the fused CPU kernel failed ({detail.strip()[:500]}); "

@@ -161,7 +161,6 @@ def _probe_inputs(n: int, batch: int, h: int, w: int, c: int):
             jnp.full((batch,), _PROBE_B2, jnp.float32))
 
 
-SHIFT_BLOCK = 64       # images per block of the shift-map kernel (native_local.cc kShiftBlock)
 
 
 def _probe_images(n: int, pairs_per_image: int, multiple: int = 32, least: int = 0) -> int:
@@ -189,17 +188,19 @@ def _els_probe_calls(k, c, h, w, boundary, wrap_patches, n, batch, engines, bank
     n_probe = int(min(n_probe, max(32, PROBE_BANK_BYTES // per_image_bytes)))
     n_shift, scale = n_probe, None
     if "shiftmap" in engines:
-        # The shift-map kernel splits its work into (query image, block of SHIFT_BLOCK images)
-        # items over the cores: a probe with fewer than two items per core leaves a core idle
+        # The shift-map kernel splits its work into (query image, block of images) items
+        # over the cores: a probe with fewer than two items per core leaves a core idle
         # and times the kernel at half its speed, while the other engines use every core on
         # any N. Measured (CIFAR-10 shape, k = 3, zeros, B = 1): on 64 probe images the shift
         # map lost to the window engine (48 vs 39 ms), on all 50 000 images it took 22.2 s per
         # call against the window engine's 36.5 s. So it gets images enough for its items
-        # (256 at B = 1 on 2 cores) and its time is scaled to the others' N: the cost of every
+        # (2·cores blocks of ``native.shift_block()`` images over the batch: 512 at B = 1 on 2
+        # AVX-512 cores) and its time is scaled to the others' N: the cost of every
         # engine is linear in N. (Giving every engine those 256 images made each probe call
         # 2–6× longer than PROBE_PAIRS asks, most of a cold first run's probe time.)
         cores = cpu_info()["cores"] or 1
-        n_shift = int(min(n, max(n_probe, SHIFT_BLOCK * -(-2 * cores // max(1, batch)))))
+        block_images = native.shift_block()
+        n_shift = int(min(n, max(n_probe, block_images * -(-2 * cores // max(1, batch)))))
         if n_shift != n_probe:
             scale = {"shiftmap": n_probe / n_shift}
     shift_images, x, a, b2 = _probe_inputs(n_shift, batch, h, w, c)
