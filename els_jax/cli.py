@@ -264,7 +264,7 @@ def add_train_subcommand(subparsers) -> argparse.ArgumentParser:
         els-jax train --dataset digits --arch resnet --channels 64 --steps 4000 --workdir /tmp/r
     """
     from els_jax.core.schedules import SCHEDULES
-    from els_jax.nets.networks import ARCHS, PADDINGS
+    from els_jax.nets.config import ARCH_NAMES, PADDING_NAMES
 
     p = subparsers.add_parser(
         "train", help="train a ResNet/UNet noise-prediction network (resumes from workdir)",
@@ -273,8 +273,8 @@ def add_train_subcommand(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="run directory (checkpoints, config.json)")
     p.add_argument("--config", help="Python file defining get_config() -> TrainConfig")
     p.add_argument("--dataset", help="digits | mnist5k | mnist | fashion_mnist | cifar10 | celeb_a | X.npz")
-    p.add_argument("--arch", choices=sorted(ARCHS))
-    p.add_argument("--padding", choices=sorted(PADDINGS))
+    p.add_argument("--arch", choices=sorted(ARCH_NAMES))
+    p.add_argument("--padding", choices=sorted(PADDING_NAMES))
     p.add_argument("--conditional", action=argparse.BooleanOptionalAction, default=None,
                    help="condition on the class label")
     p.add_argument("--num-classes", type=int)

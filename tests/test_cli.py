@@ -224,3 +224,24 @@ def test_the_cli_keeps_compiled_programs_across_processes(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                          text=True, check=True).stdout.split()
     assert out[0] == "None"
+
+
+def test_sampling_machines_does_not_import_the_networks():
+    """``import els_jax``, the CLI's parser, the sample grid writer and a machine import
+    neither Flax, optax nor orbax (~0.35 s of every ``els-jax sample``); the networks and the
+    experiment load on first use of their names."""
+    import subprocess
+    import sys
+    code = ("import sys, els_jax as ej\n"
+            "from els_jax import cli\n"
+            "cli.build_parser()\n"
+            "from els_jax.experiment.figures import save_image_grid\n"
+            "import numpy as np\n"
+            "ej.make_machine('gaussian', np.zeros((3, 4, 4, 1), np.float32))\n"
+            "heavy = [m for m in ('flax', 'optax', 'orbax') if m in sys.modules]\n"
+            "assert not heavy, heavy\n"
+            "assert ej.UNet.__module__ == 'els_jax.nets.networks' and 'flax' in sys.modules\n"
+            "assert callable(ej.reproduce)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -312,3 +312,12 @@ def test_sampled_network_supports_forward_mode_and_matches_the_training_network(
     np.testing.assert_allclose(float(jnp.vdot(u, tangent)), float(jnp.vdot(jt_u, v)), rtol=1e-4)
     with pytest.raises(Exception):
         jax.jvp(lambda y: model.apply(params, y, jnp.full((2,), 0.3)), (x,), (v,))
+
+
+def test_config_names_are_the_networks_that_exist():
+    """``nets.config`` names the architectures and paddings without importing Flax; they are
+    exactly the ones ``nets.networks`` builds."""
+    from els_jax.nets import config as net_config
+    from els_jax.nets import networks
+    assert set(net_config.ARCH_NAMES) == set(networks.ARCHS)
+    assert set(net_config.PADDING_NAMES) == set(networks.PADDINGS)

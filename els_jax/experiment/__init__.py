@@ -18,7 +18,15 @@ pipeline; report, calibrate_run; compare, calibration, mosaic; config, figures, 
 files. Top layer of the package (only ``els_jax.cli`` is above it)."""
 
 from els_jax.experiment.config import DATASET_DEFAULTS, MACHINE_NAMES, ReproduceConfig
-from els_jax.experiment.pipeline import reproduce
 from els_jax.experiment.seeds import seed_noise
 
 __all__ = ["ReproduceConfig", "reproduce", "seed_noise", "MACHINE_NAMES", "DATASET_DEFAULTS"]
+
+
+def __getattr__(name):
+    # ``reproduce`` (the pipeline: networks, training, orbax) is imported on first use, so that
+    # the figures and the config (``els-jax sample``, the CLI's parser) do not pay for Flax.
+    if name == "reproduce":
+        from els_jax.experiment.pipeline import reproduce
+        return reproduce
+    raise AttributeError(f"module 'els_jax.experiment' has no attribute {name!r}")

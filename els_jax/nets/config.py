@@ -11,9 +11,14 @@ import json
 import os
 
 from els_jax.core import schedules as schedules_lib
-from els_jax.nets.networks import ARCHS, PADDINGS
 
-__all__ = ["TrainConfig", "NUM_CLASSES", "CONFIG_FILE", "resolve_config", "write_config",
+# The architectures and paddings ``nets.networks`` builds (its ARCHS and PADDINGS; a test holds
+# them equal), named here so that reading or checking a config, and the CLI's parser, do not
+# import Flax.
+ARCH_NAMES = ("resnet", "unet")
+PADDING_NAMES = ("zeros", "circular")
+
+__all__ = ["TrainConfig", "ARCH_NAMES", "PADDING_NAMES", "NUM_CLASSES", "CONFIG_FILE", "resolve_config", "write_config",
            "read_config", "load_config", "unet_channels", "RESUMABLE_FIELDS"]
 
 CONFIG_FILE = "config.json"
@@ -93,10 +98,11 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raises ValueError on an inconsistent config; returns self."""
-        if self.arch not in ARCHS:
-            raise ValueError(f"unknown arch {self.arch!r}; choose one of {sorted(ARCHS)}")
-        if self.padding not in PADDINGS:
-            raise ValueError(f"unknown padding {self.padding!r}; choose one of {sorted(PADDINGS)}")
+        if self.arch not in ARCH_NAMES:
+            raise ValueError(f"unknown arch {self.arch!r}; choose one of {sorted(ARCH_NAMES)}")
+        if self.padding not in PADDING_NAMES:
+            raise ValueError(f"unknown padding {self.padding!r}; choose one of "
+                             f"{sorted(PADDING_NAMES)}")
         schedules_lib.get(self.schedule)
         if (self.arch == "resnet" and self.channels is not None
                 and not isinstance(self.channels, int)):
