@@ -310,3 +310,26 @@ def test_platform_signature_names_the_cpu_and_its_simd():
     assert sig["backend"] == "cpu" and sig["jax"] and sig["kernel"]
     assert isinstance(sig["simd"], list) and sig["cores"] >= 1
     assert schedules.Cosine()            # (the probes' schedule)
+
+
+def test_a_machine_probes_its_own_images(tuner, monkeypatch):
+    """A machine's probes run on its first training images (synthetic ones only when it has
+    too few, or in the functional path), and their decision is cached apart from synthetic
+    probes'."""
+    rng = np.random.default_rng(7)     # (seed 0 would draw the synthetic images themselves)
+    data = rng.uniform(-1, 1, (40, 8, 8, 1)).astype(np.float32)
+    got, *_ = engines._probe_inputs(16, 1, 8, 8, 1, data)
+    np.testing.assert_array_equal(got, data[:16])
+    synth, *_ = engines._probe_inputs(64, 1, 8, 8, 1, data)      # 40 < 64: synthetic
+    assert synth.shape == (64, 8, 8, 1) and not np.array_equal(synth[:40], data)
+    ran = []
+    monkeypatch.setattr(autotune, "measure",
+                        _fixed_times({"window": 2.0, "row": 2.0, "native": 2.0,
+                                      "window_native": 1.0, "shiftmap": 2.0}, ran))
+    m = ej.make_machine("els", data, scales=3, boundary="zeros", dedup=False)
+    assert "40 training images" in m.explain()[3]["reason"]
+    kw = dict(k=3, c=1, h=8, w=8, boundary="zeros", n=40, batch=1, block=1 << 16)
+    own = engines.els_engine(("window", "shiftmap"), "window", "rule", probe_images=data, **kw)
+    synthetic = engines.els_engine(("window", "shiftmap"), "window", "rule", **kw)
+    assert "training images" in own.reason and "synthetic images" in synthetic.reason
+    assert "cached" not in synthetic.reason           # not the other probe's decision

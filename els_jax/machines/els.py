@@ -130,7 +130,7 @@ def build_bank(images, *, k: int, boundary: str = "circular", wrap_patches: bool
         method = select.resolve_els_engine(
             method, k, c, h, boundary, unique_fraction if merge else 1.0, banked=True, w=w,
             wrap_patches=bool(wrap_patches), n=n, sharded=n_shards > 1,
-            block=int(block)).engine
+            block=int(block), probe_images=images).engine
     return passes.build_bank(images, k=k, method=method, boundary=boundary,
                              wrap_patches=wrap_patches, dedup=dedup, block=block,
                              n_shards=n_shards, ideal=ideal, chunk=chunk,

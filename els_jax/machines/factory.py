@@ -393,7 +393,7 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
                   if dedup else 1.0)
         merged = unique if unique <= dedup_threshold else 1.0
         shape = dict(w=w, wrap_patches=wrap_patches, n=n, batch=batch, sharded=mesh is not None,
-                     block=block)
+                     block=block, probe_images=images)
         choice = select.resolve_els_engine(method, k, c, h, boundary, merged, banked=True,
                                            **shape)
         if choice.engine == "shiftmap":   # no bank: the images are all it reads
