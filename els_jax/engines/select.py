@@ -168,8 +168,6 @@ def _probe_inputs(n: int, batch: int, h: int, w: int, c: int, data=None):
             jnp.full((batch,), _PROBE_B2, jnp.float32))
 
 
-
-
 def _probe_images(n: int, pairs_per_image: int, multiple: int = 32, least: int = 0) -> int:
     """Images in a probe: about PROBE_PAIRS pairs per call, at least ``least`` and one block of
     32 per core (the kernels split the images over the cores in blocks of 32), at most n, a
@@ -191,8 +189,9 @@ def _els_probe_calls(k, c, h, w, boundary, wrap_patches, n, batch, engines, bank
     Why the machine's own images: on uniform random images the window bank run by its kernel
     and the shift map took about the same time at k = 5 (mnist5k sizes, B = 1 and 16), on the
     digits themselves the bank took 0.17–0.21 s per call against the shift map's 0.29–0.33 s
-    (N = 1000, B = 1, t = 0.2…0.8) and 13.6 s against 26.1 s (N = 5000, B = 16): real images'
-    peaked weights and repeated windows favour it beyond its merged fraction."""
+    (N = 1000, B = 1, t = 0.2…0.8), and the digits' probe says so (13.6 vs 20.4 ms). Open: at
+    N = 5000, B = 16 the bank took 13.6 s against 26.1 s, yet even the digits' probe calls it
+    a tie (its merged fraction, estimated on 256 images, is an upper bound at larger N)."""
     main = geo.layout(k, boundary, wrap_patches, h, w)[0]
     per_image = batch * main.query_pixels.size * main.cand_pixels.size
     n_probe = _probe_images(n, per_image)
@@ -211,8 +210,8 @@ def _els_probe_calls(k, c, h, w, boundary, wrap_patches, n, batch, engines, bank
         # call against the window engine's 36.5 s. So it gets images enough for its items
         # (2·cores blocks of ``native.shift_block()`` images over the batch: 512 at B = 1 on 2
         # AVX-512 cores) and its time is scaled to the others' N: the cost of every
-        # engine is linear in N. (Giving every engine those 256 images made each probe call
-        # 2–6× longer than PROBE_PAIRS asks, most of a cold first run's probe time.)
+        # engine is linear in N. (Giving every engine those images made each probe call 2–6×
+        # longer than PROBE_PAIRS asks, most of a cold first run's probe time.)
         cores = cpu_info()["cores"] or 1
         block_images = native.shift_block()
         n_shift = int(min(n, max(n_probe, block_images * -(-2 * cores // max(1, batch)))))
