@@ -11,6 +11,7 @@ import pytest
 import els_jax as ej
 from els_jax.engines import autotune, native
 from els_jax.engines import select as engines
+from els_jax.engines import window as els_window
 from els_jax.core import schedules
 from tests import oracles
 
@@ -313,13 +314,14 @@ def test_platform_signature_names_the_cpu_and_its_simd():
 
 
 def test_a_machine_probes_its_own_images(tuner, monkeypatch):
-    """A machine's probes run on its first training images (synthetic ones only when it has
-    too few, or in the functional path), and their decision is cached apart from synthetic
-    probes'."""
+    """A machine's probes run on its own training images, spread over the set (synthetic
+    ones only when it has too few, or in the functional path), and their decision is cached
+    apart from synthetic probes'."""
     rng = np.random.default_rng(7)     # (seed 0 would draw the synthetic images themselves)
     data = rng.uniform(-1, 1, (40, 8, 8, 1)).astype(np.float32)
     got, *_ = engines._probe_inputs(16, 1, 8, 8, 1, data)
-    np.testing.assert_array_equal(got, data[:16])
+    rows = [int(np.flatnonzero((data == g).all(axis=(1, 2, 3)))[0]) for g in got]
+    assert rows[0] == 0 and rows[-1] == 39 and np.all(np.diff(rows) >= 2)   # not data[:16]
     synth, *_ = engines._probe_inputs(64, 1, 8, 8, 1, data)      # 40 < 64: synthetic
     assert synth.shape == (64, 8, 8, 1) and not np.array_equal(synth[:40], data)
     ran = []
@@ -333,3 +335,22 @@ def test_a_machine_probes_its_own_images(tuner, monkeypatch):
     synthetic = engines.els_engine(("window", "shiftmap"), "window", "rule", **kw)
     assert "training images" in own.reason and "synthetic images" in synthetic.reason
     assert "cached" not in synthetic.reason           # not the other probe's decision
+
+
+def test_probes_and_the_merge_estimate_see_a_sorted_set_whole():
+    """A set sorted by class (mnist5k is) has its classes at the ends: the unique-window
+    estimate and the probes take images spread over the whole set, not its first ones. Half
+    random images (no window repeats) then half blank ones (every window the same): about
+    half the windows are left after merging, where the first images alone said none merge."""
+    rng = np.random.default_rng(3)
+    data = np.concatenate([rng.uniform(-1, 1, (200, 8, 8, 1)),
+                           -np.ones((200, 8, 8, 1))]).astype(np.float32)
+    u = els_window.estimate_unique_fraction(data, k=3, boundary="zeros", sample=64, first=16)
+    assert 0.45 < u < 0.55
+    whole = els_window.estimate_unique_fraction(data, k=3, boundary="zeros", sample=400)
+    assert abs(u - whole) < 0.05
+    assert els_window.estimate_unique_fraction(data[:200], k=3, boundary="zeros") > 0.97
+    got, *_ = engines._probe_inputs(32, 1, 8, 8, 1, data)
+    blank = (got == -1).all(axis=(1, 2, 3))
+    assert blank.sum() == 16 and not blank[:16].any()
+    np.testing.assert_array_equal(els_window.spread_sample(data, 500), data)

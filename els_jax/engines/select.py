@@ -154,13 +154,14 @@ def resolve_els_engine(method, k, c, h, boundary, unique_fraction=1.0, banked=Fa
 
 
 def _probe_inputs(n: int, batch: int, h: int, w: int, c: int, data=None):
-    """Images [n, H, W, C]: the first n of the machine's own training images ``data`` when
-    given (and as many), else uniform in [−1, 1]; queries [B, H, W, C] on their noisy
+    """Images [n, H, W, C]: n of the machine's own training images ``data`` when given (and
+    as many), spread evenly over them (``window.spread_sample``: a set sorted by class is
+    probed on every class), else uniform in [−1, 1]; queries [B, H, W, C] on their noisy
     manifold and the coefficients a, b² [B] (weights neither uniform nor one-hot),
     reproducible."""
     rng = np.random.default_rng(0)
     if data is not None and len(data) >= n:
-        images = np.asarray(data[:n], np.float32).reshape(n, h, w, c)
+        images = np.asarray(window_lib.spread_sample(data, n), np.float32).reshape(n, h, w, c)
     else:
         images = rng.uniform(-1, 1, (n, h, w, c)).astype(np.float32)
     x = 0.7 * images[rng.integers(0, n, batch)] + 0.7 * rng.normal(size=(batch, h, w, c))
@@ -181,8 +182,8 @@ def _probe_images(n: int, pairs_per_image: int, multiple: int = 32, least: int =
 def _els_probe_calls(k, c, h, w, boundary, wrap_patches, n, batch, engines, banked, block,
                      data=None):
     """(calls, note, scale) for ``select``: each ELS engine's main pass (the zero-padded
-    border pass is the same for every engine and left out) on the first training images
-    ``data`` (a machine's own; synthetic images without them), banked as
+    border pass is the same for every engine and left out) on training images ``data`` (a
+    machine's own, spread over the set; synthetic images without them), banked as
     ``passes.build_bank`` builds it (without merging) or streamed as ``passes.stream_x0``
     streams it.
 
@@ -218,7 +219,7 @@ def _els_probe_calls(k, c, h, w, boundary, wrap_patches, n, batch, engines, bank
         if n_shift != n_probe:
             scale = {"shiftmap": n_probe / n_shift}
     shift_images, x, a, b2 = _probe_inputs(n_shift, batch, h, w, c, data)
-    images = shift_images[:n_probe]
+    images = window_lib.spread_sample(shift_images, n_probe)   # spread over the set too
     mu = images.mean(axis=(0, 1, 2))
     calls = {}
     for engine in engines:

@@ -247,16 +247,29 @@ def fill_window_bank(images: np.ndarray, k: int, gp: geo.Grouped, mu: np.ndarray
     return WindowBank(jax.device_put(keys), jax.device_put(values))
 
 
+def spread_sample(images, m: int):
+    """``m`` of ``images`` at evenly spaced indices (all of them when m ≥ N), in their order.
+
+    Why not the first m: data sets come sorted (mnist5k holds its 5000 digits class by class),
+    and the first 256 images were all zeros, whose windows merge less than the whole set's
+    (k = 5: 0.73 of the windows left against 0.58 over all 5000)."""
+    n = len(images)
+    if m >= n:
+        return images
+    return images[np.linspace(0, n - 1, m).round().astype(np.int64)]
+
+
 def estimate_unique_fraction(images, *, k, boundary="circular", wrap_patches=False,
                              sample=256, ideal=False, first=64, clear=0.97):
     """Fraction of the main pass's candidate windows left after merging duplicates, estimated
-    on the first ``sample`` images (an upper bound: more images hold more duplicates).
+    on ``sample`` images spread evenly over the set (``spread_sample``; an upper bound: more
+    images hold more duplicates).
 
-    Looks at the first ``first`` images before: a fraction above ``clear`` there means nothing
-    worth merging (natural or random images), and is returned as it is (4× less work for
-    every patch size of a machine that will not deduplicate anyway)."""
+    Looks at ``first`` images before: a fraction above ``clear`` there means nothing worth
+    merging (natural or random images), and is returned as it is (4× less work for every
+    patch size of a machine that will not deduplicate anyway)."""
     def fraction(m):
-        sub = np.asarray(images[:m], np.float32)
+        sub = np.asarray(spread_sample(images, m), np.float32)
         n, h, w, _ = sub.shape
         gp = geo.grouped_passes(k, boundary, wrap_patches, h, w, ideal, "window")[0]
         rows = host_window_rows(sub, k, gp, 0, sub.mean(axis=(0, 1, 2)))
