@@ -800,9 +800,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ElsWindowSoftmax, WindowImpl,
 // One item (query image, range of images) packs NB images at a time pixel-major (a register
 // holds one pixel of kLanes images) and, for every shift: the row box sums of the map's rows
 // over the query range ± m (``row_box``, straight from the map's terms), the column box sums
-// fused with the logits, and a row of pairs at a time into the pixels' online softmax states
-// (``RowStates``: PixelStates' partial sums and skip of negligible weights, fed a row at a
-// time). Box sums add nonnegative terms only (no prefix sums, no subtraction, so no float32
+// fused with the logits (``column_windows``: a column of pairs at a time; a row at a time for
+// direct sums), and those pairs into the pixels' online softmax states (``RowStates``:
+// PixelStates' partial sums and skip of negligible weights, fed a row or column at a time). Box sums add nonnegative terms only (no prefix sums, no subtraction, so no float32
 // cancellation at small t): k ≤ kShiftDirectK by k direct additions, larger k by van Herk /
 // Gil-Werman partial sums (in-segment suffix and prefix sums, restarted every k terms: about
 // three additions per output whatever k).
@@ -1033,22 +1033,51 @@ void row_box(const MapRow<NB, CC>& row, int64_t L, int64_t k, float* f, float* o
   }
 }
 
-// Van Herk's suffix sums down a column of rows (E floats each, rows[t] for t < T = L + k − 1;
-// segments of k from t = 0): g[t] = Σ from t to the end of t's segment, for t < L_g =
-// min(T, ⌈L/k⌉k). The window [u, u + k) is g[u] + pre[u + k − 1], pre[t] = Σ from the start
-// of t's segment to t; the caller keeps pre as one running row while it walks u upwards
-// (pre[u + k − 1] = pre[u + k − 2] + rows[u + k − 1] within a segment, the same additions in
-// the same order): materialising every pre row as well cost a write and a read of T·E floats
-// per shift, 5–10 % of a call at k = 7…21 (AVX-512 EPYC, N = 1024 of 32×32, C = 1 and 3).
-inline void suffix_sums(const float* const* rows, int64_t L, int64_t k, int64_t E, float* g) {
+// The k-row window sums down one column of the row box sums (NB floats at offset o of each
+// row, rows[t] for t < T = L + k − 1), by van Herk / Gil-Werman: rows cut into segments of k
+// from t = 0; the window [u, u + k) is g[u] + pre[u + k − 1], g[u] the sum from u to the end
+// of u's segment (within the first L_g = min(T, ⌈L/k⌉k) rows), pre[t] the sum from the start
+// of t's segment to t (g[u] alone when u starts a segment). One segment at a time: its g in
+// gk (k·NB floats, in L1), pre as a running sum in registers. out(u, sum) gets each window.
+//
+// A column at a time, not a row of windows at a time: the whole map's g (T rows of a row's
+// L·NB floats, ~370 KB at k = 7 on 32×32) and a running pre row went through L2 in separate
+// passes, a quarter of a k = 7 call (AVX-512 EPYC). The additions and their order are the
+// same, so the sums are the same.
+template <int64_t NB, typename Out>
+inline void column_windows(const float* const* rows, int64_t o, int64_t L, int64_t k, float* gk,
+                           Out&& out) {
+  constexpr int64_t V = NB / kLanes;
   const int64_t T = L + k - 1, Lg = std::min(T, (L + k - 1) / k * k);
-  for (int64_t t = Lg - 1; t >= 0; --t) {
-    const bool last = t + 1 == Lg || (t + 1) % k == 0;
-    float* gt = g + t * E;
-    if (last) {
-      for (int64_t e = 0; e < E; e += kLanes) store(gt + e, load(rows[t] + e));
-    } else {
-      for (int64_t e = 0; e < E; e += kLanes) store(gt + e, load(rows[t] + e) + load(gt + E + e));
+  for (int64_t s0 = 0; s0 < L; s0 += k) {
+    vf run[V];
+#pragma GCC unroll 16
+    for (int64_t e = 0; e < V; ++e) run[e] = vf{};
+    for (int64_t t = std::min(s0 + k, Lg) - 1; t >= s0; --t) {
+      const float* rt = rows[t] + o;
+#pragma GCC unroll 16
+      for (int64_t e = 0; e < V; ++e) {
+        run[e] = load(rt + e * kLanes) + run[e];
+        store(gk + (t - s0) * NB + e * kLanes, run[e]);
+      }
+    }
+    vf pre[V];
+    const int64_t u1 = std::min(s0 + k, L);
+    for (int64_t u = s0; u < u1; ++u) {
+      vf sum[V];
+      const float* gu = gk + (u - s0) * NB;
+      if (u == s0) {
+#pragma GCC unroll 16
+        for (int64_t e = 0; e < V; ++e) sum[e] = load(gu + e * kLanes);
+      } else {
+        const float* next = rows[u + k - 1] + o;
+#pragma GCC unroll 16
+        for (int64_t e = 0; e < V; ++e) {
+          pre[e] = u == s0 + 1 ? load(next + e * kLanes) : pre[e] + load(next + e * kLanes);
+          sum[e] = load(gu + e * kLanes) + pre[e];
+        }
+      }
+      out(u, sum);
     }
   }
 }
@@ -1174,9 +1203,10 @@ void shift_item(const ShiftShape& s, const float* x, const float* coef, const fl
   std::vector<float> frow(max_tx * NB), R(max_ty * RE), zero_row(RE, 0.0f);
   // (Two rows of pairs at a time with a weighted window: logit, bmax, pix and vptr hold two
   // rows, and rptr one more entry, the zero row, read by the second row of an odd last pair.)
-  std::vector<float> gcol(max_ty * RE), prow(RE), logit(2 * RE), bmax(2 * max_lx);
-  std::vector<const float*> rptr(max_ty + 1), vptr(2 * max_lx);
-  std::vector<int64_t> pix(2 * max_lx);
+  const int64_t max_l = std::max(2 * max_lx, max_ly);   // pixels in a row pair or a column
+  std::vector<float> gk(k * NB), logit(max_l * NB), bmax(max_l);
+  std::vector<const float*> rptr(max_ty + 1), vptr(max_l);
+  std::vector<int64_t> pix(max_l);
   RowStates states(HW, C);
   const vf av = vf{} + a, sv = vf{} + scale;
   const bool direct = k <= kShiftDirectK || wk != nullptr;
@@ -1197,7 +1227,7 @@ void shift_item(const ShiftShape& s, const float* x, const float* coef, const fl
       const AxisMap& ty = my[iy];
       for (size_t ix = 0; ix < sx.size(); ++ix) {
         const AxisShift& ax = sx[ix];
-        const int64_t Lx = ax.len, E = Lx * NB;
+        const int64_t Lx = ax.len;
         // Row box sums of the map's distinct rows (later rows of a periodic axis repeat).
         for (int64_t t = 0; t < ty.distinct; ++t) {
           const int64_t py = ty.p[t];
@@ -1266,19 +1296,40 @@ void shift_item(const ShiftShape& s, const float* x, const float* coef, const fl
           }
           continue;
         }
-        // Column box sums fused with the logits and their maxima, a row of pairs at a time,
-        // each row then added to the pixels' states.
-        if (!direct) suffix_sums(rptr.data(), ay.len, k, E, gcol.data());
+        if (!direct) {
+          // Van Herk's column sums fused with the logits and their maxima, a column of pairs
+          // at a time (``column_windows``), each column then added to the pixels' states.
+          for (int64_t v = 0; v < Lx; ++v) {
+            int64_t xi = ax.i0 + v, xj = xi + ax.d;
+            if (periodic) xi %= W, xj %= W;
+            for (int64_t u = 0; u < ay.len; ++u) {
+              int64_t yi = ay.i0 + u, yj = yi + ay.d;
+              if (periodic) yi %= H, yj %= H;
+              pix[u] = yi * W + xi;
+              vptr[u] = pack.data() + (yj * W + xj) * NB;
+            }
+            column_windows<NB>(rptr.data(), v * NB, ay.len, k, gk.data(),
+                               [&](int64_t u, const vf* sum) {
+              vf vmax = vf{} + kNegInf;
+#pragma GCC unroll 16
+              for (int64_t e = 0; e < NB / kLanes; ++e) {
+                const vf lg = sum[e] * sv + load(lw.data() + e * kLanes);
+                store(logit.data() + u * NB + e * kLanes, lg);
+                vmax = lg > vmax ? lg : vmax;
+              }
+              bmax[u] = RowStates::hmax(vmax);
+            });
+            states.add_row<NB, CC>(ay.len, pix.data(), logit.data(), bmax.data(), vptr.data(),
+                                   HW * NB);
+          }
+          continue;
+        }
+        // k ≤ kShiftDirectK: the column box sums by k direct additions, fused with the logits
+        // and their maxima, a row of pairs at a time, each row then added to the pixels' states.
         for (int64_t u = 0; u < ay.len; ++u) {
           int64_t yi = ay.i0 + u, yj = yi + ay.d;
           if (periodic) yi %= H, yj %= H;
           const float* const* rows = rptr.data() + u;
-          const float* g = gcol.data() + u * E;
-          // The window's rows past its segment: pre[u + k − 1], kept in prow (none when the
-          // window is a whole segment; it starts again at the next segment's first row).
-          const float* next = u % k == 0 ? nullptr : rows[k - 1];
-          const bool restart = u % k == 1;
-          float* pr = prow.data();
           for (int64_t v = 0; v < Lx; ++v) {
             int64_t xi = ax.i0 + v, xj = xi + ax.d;
             if (periodic) xi %= W, xj %= W;
@@ -1287,19 +1338,8 @@ void shift_item(const ShiftShape& s, const float* x, const float* coef, const fl
             const int64_t o = v * NB;
             vf vmax = vf{} + kNegInf;
             for (int64_t e = 0; e < NB; e += kLanes) {
-              vf sum;
-              if (direct) {
-                sum = load(rows[0] + o + e);
-                for (int64_t r = 1; r < k; ++r) sum += load(rows[r] + o + e);
-              } else {
-                sum = load(g + o + e);
-                if (next != nullptr) {
-                  vf pre = load(next + o + e);
-                  if (!restart) pre = load(pr + o + e) + pre;
-                  store(pr + o + e, pre);
-                  sum += pre;
-                }
-              }
+              vf sum = load(rows[0] + o + e);
+              for (int64_t r = 1; r < k; ++r) sum += load(rows[r] + o + e);
               const vf lg = sum * sv + load(lw.data() + e);
               store(logit.data() + o + e, lg);
               vmax = lg > vmax ? lg : vmax;
