@@ -802,7 +802,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ElsWindowSoftmax, WindowImpl,
 // over the query range ± m (``row_box``, straight from the map's terms), the column box sums
 // fused with the logits (``column_windows``: a column of pairs at a time; a row at a time for
 // direct sums), and those pairs into the pixels' online softmax states (``RowStates``:
-// PixelStates' partial sums and skip of negligible weights, fed a row or column at a time). Box sums add nonnegative terms only (no prefix sums, no subtraction, so no float32
+// PixelStates' partial sums and skip of negligible weights, fed a row or column at a time).
+// Box sums add nonnegative terms only (no prefix sums, no subtraction, so no float32
 // cancellation at small t): k ≤ kShiftDirectK by k direct additions, larger k by van Herk /
 // Gil-Werman partial sums (in-segment suffix and prefix sums, restarted every k terms: about
 // three additions per output whatever k).
