@@ -580,6 +580,7 @@ def test_unique_rows_merges_exactly_the_identical_rows():
         want[r.tobytes()] = want.get(r.tobytes(), 0) + 1
     assert len(uniq) == len(want) == 50 + 5 + 2
     assert {u.tobytes(): int(c) for u, c in zip(uniq, counts)} == want
+    assert els_window.count_unique_rows(rows) == len(want)      # the estimates' count
 
 
 def test_host_window_rows_are_the_gathered_candidates():
