@@ -1038,47 +1038,55 @@ void row_box(const MapRow<NB, CC>& row, int64_t L, int64_t k, float* f, float* o
 // row, rows[t] for t < T = L + k − 1), by van Herk / Gil-Werman: rows cut into segments of k
 // from t = 0; the window [u, u + k) is g[u] + pre[u + k − 1], g[u] the sum from u to the end
 // of u's segment (within the first L_g = min(T, ⌈L/k⌉k) rows), pre[t] the sum from the start
-// of t's segment to t (g[u] alone when u starts a segment). One segment at a time: its g in
-// gk (k·NB floats, in L1), pre as a running sum in registers. out(u, sum) gets each window.
+// of t's segment to t (g[u] alone when u starts a segment). G registers of the column at a
+// time (kColumnGroup: independent sums side by side, few enough registers for AVX2, SSE and
+// NEON), one segment at a time: its g in gk (k·NB floats, in L1), pre as running sums in
+// registers. out(u, e, sum) gets the window of rows [u, u + k) for registers e … e + G − 1.
 //
 // A column at a time, not a row of windows at a time: the whole map's g (T rows of a row's
 // L·NB floats, ~370 KB at k = 7 on 32×32) and a running pre row went through L2 in separate
 // passes, a quarter of a k = 7 call (AVX-512 EPYC). The additions and their order are the
 // same, so the sums are the same.
+constexpr int64_t kColumnGroup = 4;
+
 template <int64_t NB, typename Out>
 inline void column_windows(const float* const* rows, int64_t o, int64_t L, int64_t k, float* gk,
                            Out&& out) {
-  constexpr int64_t V = NB / kLanes;
+  constexpr int64_t G = std::min<int64_t>(NB / kLanes, kColumnGroup);
+  static_assert((NB / kLanes) % G == 0, "whole groups of registers");
   const int64_t T = L + k - 1, Lg = std::min(T, (L + k - 1) / k * k);
-  for (int64_t s0 = 0; s0 < L; s0 += k) {
-    vf run[V];
+  for (int64_t e0 = 0; e0 < NB / kLanes; e0 += G) {
+    const int64_t oe = o + e0 * kLanes;
+    for (int64_t s0 = 0; s0 < L; s0 += k) {
+      vf run[G];
 #pragma GCC unroll 16
-    for (int64_t e = 0; e < V; ++e) run[e] = vf{};
-    for (int64_t t = std::min(s0 + k, Lg) - 1; t >= s0; --t) {
-      const float* rt = rows[t] + o;
+      for (int64_t e = 0; e < G; ++e) run[e] = vf{};
+      for (int64_t t = std::min(s0 + k, Lg) - 1; t >= s0; --t) {
+        const float* rt = rows[t] + oe;
 #pragma GCC unroll 16
-      for (int64_t e = 0; e < V; ++e) {
-        run[e] = load(rt + e * kLanes) + run[e];
-        store(gk + (t - s0) * NB + e * kLanes, run[e]);
-      }
-    }
-    vf pre[V];
-    const int64_t u1 = std::min(s0 + k, L);
-    for (int64_t u = s0; u < u1; ++u) {
-      vf sum[V];
-      const float* gu = gk + (u - s0) * NB;
-      if (u == s0) {
-#pragma GCC unroll 16
-        for (int64_t e = 0; e < V; ++e) sum[e] = load(gu + e * kLanes);
-      } else {
-        const float* next = rows[u + k - 1] + o;
-#pragma GCC unroll 16
-        for (int64_t e = 0; e < V; ++e) {
-          pre[e] = u == s0 + 1 ? load(next + e * kLanes) : pre[e] + load(next + e * kLanes);
-          sum[e] = load(gu + e * kLanes) + pre[e];
+        for (int64_t e = 0; e < G; ++e) {
+          run[e] = load(rt + e * kLanes) + run[e];
+          store(gk + (t - s0) * NB + (e0 + e) * kLanes, run[e]);
         }
       }
-      out(u, sum);
+      vf pre[G];
+      const int64_t u1 = std::min(s0 + k, L);
+      for (int64_t u = s0; u < u1; ++u) {
+        vf sum[G];
+        const float* gu = gk + (u - s0) * NB + e0 * kLanes;
+        if (u == s0) {
+#pragma GCC unroll 16
+          for (int64_t e = 0; e < G; ++e) sum[e] = load(gu + e * kLanes);
+        } else {
+          const float* next = rows[u + k - 1] + oe;
+#pragma GCC unroll 16
+          for (int64_t e = 0; e < G; ++e) {
+            pre[e] = u == s0 + 1 ? load(next + e * kLanes) : pre[e] + load(next + e * kLanes);
+            sum[e] = load(gu + e * kLanes) + pre[e];
+          }
+        }
+        out(u, e0, sum);
+      }
     }
   }
 }
@@ -1196,16 +1204,19 @@ void shift_item(const ShiftShape& s, const float* x, const float* coef, const fl
   for (const AxisShift& v : sx) max_lx = std::max(max_lx, v.len);
   for (const AxisShift& v : sy) max_ly = std::max(max_ly, v.len);
   const int64_t max_tx = max_lx + 2 * m, max_ty = max_ly + 2 * m;
-  const int64_t RE = max_lx * NB;                       // floats per row-box row
+  // Floats per row-box row, one cache line more than a row's max_lx·NB: the column walks read
+  // T rows of R at one offset, and rows a multiple of 4 KiB apart (32·128 floats) fall in the
+  // same L1 set (the interior kernel's row_stride, above).
+  const int64_t RE = max_lx * NB + 16;
   // The packed block: pixel-major, NB images per pixel, one plane per channel; log w.
   std::vector<float> pack(C * HW * NB), lw(NB);
   // A row of map terms; the row box sums of every distinct map row (R), a zero row; the
-  // column's van Herk sums; a row of pairs' logits, their maxima, pixels and values.
+  // segment's van Herk sums; a row or column of pairs' logits, their maxima, pixels, values.
   std::vector<float> frow(max_tx * NB), R(max_ty * RE), zero_row(RE, 0.0f);
-  // (Two rows of pairs at a time with a weighted window: logit, bmax, pix and vptr hold two
-  // rows, and rptr one more entry, the zero row, read by the second row of an odd last pair.)
-  const int64_t max_l = std::max(2 * max_lx, max_ly);   // pixels in a row pair or a column
-  std::vector<float> gk(k * NB), logit(max_l * NB), bmax(max_l);
+  // (A column of pairs holds up to max_ly pixels, one more for the weighted window's odd
+  // last pair, whose second window reads the zero row rptr[T] and is not used.)
+  const int64_t max_l = std::max(max_lx, max_ly + 1);   // pixels in a row or a column
+  std::vector<float> gk(k * NB), logit(max_l * NB), bmax(max_l), lmax(max_ly * kLanes);
   std::vector<const float*> rptr(max_ty + 1), vptr(max_l);
   std::vector<int64_t> pix(max_l);
   RowStates states(HW, C);
@@ -1244,24 +1255,24 @@ void shift_item(const ShiftShape& s, const float* x, const float* coef, const fl
         for (int64_t t = ty.distinct; t < ty.T; ++t) rptr[t] = rptr[t - H];
         rptr[ty.T] = zero_row.data();
         if (wk != nullptr) {
-          // The weighted window's column sums two output rows at a time, the taps outermost:
-          // 2·V independent sums, and the k − 1 rows the two windows share loaded once.
+          // The weighted window's column sums, a column of pairs at a time (its k + 1 rows of
+          // NB floats stay in L1 while the window slides down; a row of windows at a time read
+          // every row of R from L2 about k/2 times), two outputs at a time with the taps
+          // outermost: 2·V independent sums, the k − 1 rows the two windows share loaded once.
           constexpr int64_t V = NB / kLanes;
-          for (int64_t u = 0; u < ay.len; u += 2) {
-            const int64_t nr = std::min<int64_t>(2, ay.len - u);
-            for (int64_t q = 0; q < nr; ++q) {
-              int64_t yi = ay.i0 + u + q, yj = yi + ay.d;
+          for (int64_t v = 0; v < Lx; ++v) {
+            int64_t xi = ax.i0 + v, xj = xi + ax.d;
+            if (periodic) xi %= W, xj %= W;
+            const int64_t o = v * NB;
+            for (int64_t u = 0; u < ay.len; ++u) {
+              int64_t yi = ay.i0 + u, yj = yi + ay.d;
               if (periodic) yi %= H, yj %= H;
-              for (int64_t v = 0; v < Lx; ++v) {
-                int64_t xi = ax.i0 + v, xj = xi + ax.d;
-                if (periodic) xi %= W, xj %= W;
-                pix[q * max_lx + v] = yi * W + xi;
-                vptr[q * max_lx + v] = pack.data() + (yj * W + xj) * NB;
-              }
+              pix[u] = yi * W + xi;
+              vptr[u] = pack.data() + (yj * W + xj) * NB;
             }
-            const float* const* rows = rptr.data() + u;
-            for (int64_t v = 0; v < Lx; ++v) {
-              const int64_t o = v * NB;
+            for (int64_t u = 0; u < ay.len; u += 2) {
+              // (an odd last pair's second window reads the zero row rptr[T]; not used)
+              const float* const* rows = rptr.data() + u;
               vf s0[V], s1[V];
 #pragma GCC unroll 16
               for (int64_t e = 0; e < V; ++e) {
@@ -1281,19 +1292,16 @@ void shift_item(const ShiftShape& s, const float* x, const float* coef, const fl
               for (int64_t e = 0; e < V; ++e) {
                 const vf lwe = load(lw.data() + e * kLanes);
                 const vf l0 = s0[e] * sv + lwe, l1 = s1[e] * sv + lwe;
-                store(logit.data() + o + e * kLanes, l0);
-                store(logit.data() + RE + o + e * kLanes, l1);
+                store(logit.data() + u * NB + e * kLanes, l0);
+                store(logit.data() + (u + 1) * NB + e * kLanes, l1);
                 m0 = l0 > m0 ? l0 : m0;
                 m1 = l1 > m1 ? l1 : m1;
               }
-              bmax[v] = RowStates::hmax(m0);
-              bmax[max_lx + v] = RowStates::hmax(m1);
+              bmax[u] = RowStates::hmax(m0);
+              bmax[u + 1] = RowStates::hmax(m1);
             }
-            for (int64_t q = 0; q < nr; ++q) {
-              states.add_row<NB, CC>(Lx, pix.data() + q * max_lx, logit.data() + q * RE,
-                                     bmax.data() + q * max_lx, vptr.data() + q * max_lx,
-                                     HW * NB);
-            }
+            states.add_row<NB, CC>(ay.len, pix.data(), logit.data(), bmax.data(), vptr.data(),
+                                   HW * NB);
           }
           continue;
         }
@@ -1310,16 +1318,19 @@ void shift_item(const ShiftShape& s, const float* x, const float* coef, const fl
               vptr[u] = pack.data() + (yj * W + xj) * NB;
             }
             column_windows<NB>(rptr.data(), v * NB, ay.len, k, gk.data(),
-                               [&](int64_t u, const vf* sum) {
-              vf vmax = vf{} + kNegInf;
+                               [&](int64_t u, int64_t e0, const vf* sum) {
+              constexpr int64_t G = std::min<int64_t>(NB / kLanes, kColumnGroup);
+              vf vmax = e0 == 0 ? vf{} + kNegInf : load(lmax.data() + u * kLanes);
 #pragma GCC unroll 16
-              for (int64_t e = 0; e < NB / kLanes; ++e) {
-                const vf lg = sum[e] * sv + load(lw.data() + e * kLanes);
-                store(logit.data() + u * NB + e * kLanes, lg);
+              for (int64_t e = 0; e < G; ++e) {
+                const vf lg = sum[e] * sv + load(lw.data() + (e0 + e) * kLanes);
+                store(logit.data() + u * NB + (e0 + e) * kLanes, lg);
                 vmax = lg > vmax ? lg : vmax;
               }
-              bmax[u] = RowStates::hmax(vmax);
+              store(lmax.data() + u * kLanes, vmax);
             });
+            for (int64_t u = 0; u < ay.len; ++u)
+              bmax[u] = RowStates::hmax(load(lmax.data() + u * kLanes));
             states.add_row<NB, CC>(ay.len, pix.data(), logit.data(), bmax.data(), vptr.data(),
                                    HW * NB);
           }
