@@ -15,9 +15,9 @@ slower than the best (zero-padded ELS, N = 1000, 32×32). So ``select`` measures
     static rule the caller passes (``select.choose_method``'s cost model, the kernel rule);
   - otherwise the fastest engine for this key: from memory, from the disk cache, or measured
     now. Each applicable engine runs on a probe of the same shape class (same k, C, H, W and
-    batch; a machine's own first training images, synthetic ones in the functional path; N
-    cut so that one call is ~2·10⁷ pairs, tens of milliseconds; the shift-map kernel gets two
-    blocks of images per core and its time is scaled to that N):
+    batch; a machine's own training images spread over the set, synthetic ones in the
+    functional path; N cut so that one call is ~2·10⁷ pairs, tens of milliseconds; the
+    shift-map kernel gets two blocks of images per core and its time is scaled to that N):
     compiled and called once untimed, then timed in alternation (A B C A B C …, so that a
     disturbance hits every engine alike) for up to ``PROBE_ROUNDS`` rounds or
     ``PROBE_BUDGET_S`` seconds of calls; the minimum per engine decides (an engine

@@ -149,8 +149,8 @@ def resolve_els_engine(method, k, c, h, boundary, unique_fraction=1.0, banked=Fa
 
 
 # ----------------------------------------------------------------------------------------
-# The machines' probes: the machine's own first images (else synthetic ones of its shape
-# class), the same code paths.
+# The machines' probes: the machine's own images spread over the set (else synthetic ones of
+# its shape class), the same code paths.
 
 
 def _probe_inputs(n: int, batch: int, h: int, w: int, c: int, data=None):
