@@ -5,6 +5,9 @@ candidate) pair. Prints one JSON object per line; the first is the platform.
     python experiments/bench_shiftmap.py                     # N = 2000, everything below
     python experiments/bench_shiftmap.py --n 500 --k 3,11,27 --c 1 --boundary zeros
 
+    python experiments/bench_shiftmap.py --pallas-n 100 --k 3 --c 1   # the Pallas kernel too
+                                                 # (default on a GPU/TPU; interpreted on a CPU)
+
 Workload: N synthetic images (uniform in [-1, 1]) of 32×32×C, C = 1 and 3; one query image
 (B = 1) x = a·y_0 + b·ε at t (default 0.5, cosine schedule); patch sizes k = 3 … 27; ELS with
 boundary "zeros" and "circular" (and "circular" with wrap_patches, ``--wrap``). Per row:
@@ -13,8 +16,9 @@ boundary "zeros" and "circular" (and "circular" with wrap_patches, ``--wrap``). 
                 (``count_pairs``, independent of the engine's own plan): B × N × Σ per axis.
   seconds       median wall time of each engine, timed in alternation (``bench_machines.time_engines``);
                 seconds_min the fastest call.
-  ns_per_pair   seconds / pairs (the jnp form runs on --xla-n images, default 200, and is
-                normalised by its own pair count: its cost is linear in N).
+  ns_per_pair   seconds / pairs (the jnp form runs on --xla-n images, default 200, the Pallas
+                kernel on --pallas-n, each normalised by its own pair count: cost is linear
+                in N).
   baseline_*    the existing functional machine ``els_jax.els_x0(x, t, images, k=k,
                 boundary=...)`` with its default engine, same run, same images: its time,
                 ns/pair, and the kernel's speed-up over it.
@@ -94,11 +98,16 @@ def main(argv=None):
     parser.add_argument("--c", default="1,3", help="channels")
     parser.add_argument("--boundary", default="zeros,circular")
     parser.add_argument("--wrap", action="store_true", help="also circular with wrap_patches")
+    parser.add_argument("--pallas-n", type=int, default=-1,
+                        help="training images for the Pallas kernel (default: --n on a GPU/TPU, "
+                             "skipped on the CPU, where it runs only in the interpreter)")
     parser.add_argument("--t", type=float, default=0.5)
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--budget", type=float, default=3.0, help="seconds per engine")
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args(argv)
+    if args.pallas_n < 0:
+        args.pallas_n = 0 if jax.default_backend() == "cpu" else args.n
     print(json.dumps(cpu_row()), flush=True)
 
     h = w = 32
@@ -114,6 +123,7 @@ def main(argv=None):
                         jnp.float32)
         t = jnp.float32(args.t)
         xla_images = images[:max(1, min(args.n, args.xla_n))]
+        pallas_images = images[:max(1, min(args.n, args.pallas_n))]
         for boundary, wrap in variants:
             for k in (int(v) for v in args.k.split(",")):
                 pairs = count_pairs(h, w, k, boundary, wrap)
@@ -129,6 +139,10 @@ def main(argv=None):
                     fns["shiftmap_xla"] = (jax.jit(
                         lambda x, imgs, kw=kw: sm.shiftmap_x0(x, a, b2, imgs, engine="xla",
                                                               **kw)), xla_images)
+                if args.pallas_n > 0:
+                    fns["shiftmap_pallas"] = (jax.jit(
+                        lambda x, imgs, kw=kw: sm.shiftmap_x0(x, a, b2, imgs, engine="pallas",
+                                                              **kw)), pallas_images)
                 if not args.no_baseline:
                     fns["baseline_els_x0"] = (jax.jit(
                         lambda x, imgs, kw=kw: ej.els_x0(x, t, imgs, **kw)), images)

@@ -37,6 +37,10 @@ Two forms, one function (``shiftmap_state``):
 - the fused C++ CPU kernel (``native.shiftmap_softmax_state``, ``native_local.cc``), chosen by
   ``native.kernel_on_cpu`` on CPU when the kernels build; its derivatives are those of
   the jnp form (``native.with_reference_derivatives``).
+- the Pallas kernel (``shiftmap_pallas.py``) for GPUs and TPUs: off the CPU, "auto" runs
+  whichever of it and the jnp form a probe on the device measures faster
+  (``accelerator_form``; a kernel that fails to lower there is dropped). On the CPU it runs
+  only when asked (engine="pallas"), in Pallas's interpreter: that is how it is tested.
 
 The machines reach this engine through ``passes.stream_x0(method="shiftmap")``, which takes
 the values from here and the derivatives from the window engine (tested against the
@@ -72,13 +76,13 @@ from els_jax.core.validation import check_patch_size
 from els_jax.engines import native
 
 __all__ = ["shiftmap_state", "shiftmap_state_xla", "shiftmap_x0", "axis_plan", "pair_count",
-           "pair_logits",
+           "pair_logits", "accelerator_form",
            "resolve_kind", "KINDS", "ENGINES", "MODES", "DEFAULT_BLOCK"]
 
 _HI = jax.lax.Precision.HIGHEST
 
 KINDS = ("els", "local")
-ENGINES = ("auto", "kernel", "xla")
+ENGINES = ("auto", "kernel", "xla", "pallas")
 # The pair rule of one call, after LS fall-backs; its index is the kernel's ``mode``.
 MODES = ("local", "zeros", "circular", "wrap")
 
@@ -444,8 +448,10 @@ def shiftmap_state(x, a, b2, images, log_w=None, *, k: int, boundary: str = "cir
       wrap_patches: circular only: also the candidate windows that wrap around.
       kind: "els" or "local" (LS: same-location windows cut at the border).
       block: floats of the jnp form's largest per-step array (memory knob only).
-      engine: "auto" (the fused kernel on CPU when it builds, else the jnp form), "kernel"
-        (CPU kernel; jnp form on other platforms) or "xla" (the jnp form).
+      engine: "auto" (the fused kernel on CPU when it builds, else the jnp form; off the CPU
+        the faster of the Pallas kernel and the jnp form, measured: ``accelerator_form``),
+        "kernel" (CPU kernel; jnp form on other platforms), "xla" (the jnp form) or "pallas"
+        (the Pallas kernel; in Pallas's interpreter on the CPU: slow, for tests).
 
     The state composes with the rest of ``core.softmax`` (``merge``, ``finalize``); its acc
     holds Σ exp(logit − max)·y(j) of the raw (uncentred) values. Works under jit and vmap;
@@ -461,15 +467,68 @@ def shiftmap_state(x, a, b2, images, log_w=None, *, k: int, boundary: str = "cir
     def xla_path(x, a, b2, images, log_w):
         return _xla_form(mode)(x, a, b2, images, log_w, k=k, block=block)
 
-    if engine == "xla" or not native.available():
+    def pallas_path(x, a, b2, images, log_w):
+        return shiftmap_pallas().pallas_state(x, a, b2, images, log_w, k=k, mode=mode)
+
+    if engine == "pallas":
+        return native.with_reference_derivatives(pallas_path, xla_path)(x, a, b2, images, log_w)
+    on_cpu = jax.default_backend() == "cpu"
+    if engine == "xla" or (on_cpu and not native.available()):
         return xla_path(x, a, b2, images, log_w)
+    # Off the CPU (or for a program an accelerator process places there): the measured form.
+    accel = xla_path
+    if not on_cpu and engine == "auto":
+        bsz, h, w, c = x.shape
+        if accelerator_form(h, w, c, k, mode, images.shape[0], bsz) == "pallas":
+            accel = native.with_reference_derivatives(pallas_path, xla_path)
+    if not native.available():
+        return accel(x, a, b2, images, log_w)
 
     def fused(x, a, b2, images, log_w):
         return softmax.SoftmaxState(*native.shiftmap_softmax_state(
             x, a, b2, images, log_w, k, MODES.index(mode)))
 
-    fast = native.kernel_on_cpu(fused, xla_path)
+    fast = native.kernel_on_cpu(fused, accel)
     return native.with_reference_derivatives(fast, xla_path)(x, a, b2, images, log_w)
+
+
+def shiftmap_pallas():
+    """The Pallas module, imported on first use (Pallas's import costs start-up time that
+    CPU runs never need)."""
+    from els_jax.engines import shiftmap_pallas as mod
+    return mod
+
+
+def accelerator_form(h: int, w: int, c: int, k: int, mode: str, n: int, batch: int = 1, *,
+                     interpret: bool = False) -> str:
+    """Which form runs the shift-map engine on an accelerator: "pallas" (the kernel) or "xla"
+    (the jnp form), measured once per shape class on ``jax.devices()[0]`` (``autotune.select``,
+    cached on disk) on min(N, 256) synthetic images. The static rule (autotuning off) is the
+    jnp form: the kernel has been run here only in the interpreter. A kernel that fails to
+    compile for the device raises in its probe and is left out. ``interpret``: probe the
+    kernel in Pallas's interpreter (tests on the CPU)."""
+    from els_jax.engines import autotune
+    shape = {"mode": mode, "k": int(k), "C": int(c), "H": int(h), "W": int(w),
+             "N": autotune.bucket(n), "B": autotune.bucket(batch)}
+
+    def probes():
+        rng = np.random.default_rng(0)
+        n_probe = int(min(n, 256))
+        images = jnp.asarray(rng.uniform(-1, 1, (n_probe, h, w, c)), jnp.float32)
+        x = jnp.asarray(0.7 * np.asarray(images)[rng.integers(0, n_probe, batch)]
+                        + 0.7 * rng.normal(size=(batch, h, w, c)), jnp.float32)
+        args = (x, jnp.full((batch,), 0.5 ** 0.5, jnp.float32), jnp.full((batch,), 0.5),
+                images, jnp.zeros((n_probe,), jnp.float32))
+        xla = functools.partial(_xla_form(mode), k=int(k), block=DEFAULT_BLOCK)
+        kern = functools.partial(shiftmap_pallas().pallas_state, k=int(k), mode=mode,
+                                 interpret=interpret)
+        return ({"xla": lambda: jax.block_until_ready(xla(*args)),
+                 "pallas": lambda: jax.block_until_ready(kern(*args))},
+                f"{n_probe} synthetic images, B = {batch}", None)
+
+    return autotune.select("shiftmap_form", shape, ("xla", "pallas"), "xla",
+                           "static rule: the jnp form (the Pallas kernel is measured first)",
+                           probes).engine
 
 
 def shiftmap_x0(x, a, b2, images, log_w=None, *, k: int, boundary: str = "circular",
