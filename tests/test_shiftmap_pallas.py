@@ -108,6 +108,13 @@ def test_jit_vmap_jvp_grad():
         x1[None], a1, b21, images, engine="pallas", **kw)[0])(
         jnp.asarray(x), jnp.asarray(a), jnp.asarray(b2))
     np.testing.assert_allclose(np.asarray(mapped), direct, atol=1e-6, rtol=0)
+    # vmap over batches of two (the second reversed): the kernel reads each query's a, b² by
+    # its program id, which must stay the query's, not the mapped axis's.
+    xs, as_, b2s = (jnp.stack([jnp.asarray(v), jnp.asarray(v)[::-1]]) for v in (x, a, b2))
+    mapped = jax.vmap(lambda x2, a2, b22: sm.shiftmap_x0(x2, a2, b22, images, engine="pallas",
+                                                          **kw))(xs, as_, b2s)
+    np.testing.assert_allclose(np.asarray(mapped[0]), direct, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(np.asarray(mapped[1]), direct[::-1], atol=1e-6, rtol=0)
 
     a, b2 = _reference_coeffs(0.3, 2)
     rng = np.random.default_rng(5)

@@ -101,11 +101,13 @@ def frame_plan(h: int, w: int, k: int, mode: str):
 def _kernel(oy_ref, ox_ref, vy_ref, vx_ref, ky_ref, kx_ref, coef_ref, lw_ref, x_ref, y_ref,
             max_ref, tot_ref, acc_ref, *, c: int, m: int, per_program: int, shifts: int,
             big_p: int, big_q: int, hp: int, wp: int):
-    """One program: query image b (x_ref [1, C, P, Q]) against ``per_program`` images (y_ref
-    [per_program, C, rows, cols], lw_ref [1, per_program]) over every shift; writes its partial
-    state (max_ref, tot_ref [1, 1, Hp, Wp], acc_ref [1, 1, C, Hp, Wp])."""
-    a = coef_ref[0, 0]
-    scale = coef_ref[0, 1]                                   # −1 / (2 b²)
+    """Program (b, g): query image b (x_ref [1, C, P, Q]; a, −1/(2b²) in coef_ref [B, 2])
+    against group g's ``per_program`` images (y_ref [per_program, C, rows, cols]; log weights
+    lw_ref [G, per_program]) over every shift; writes its partial state (max_ref, tot_ref
+    [1, 1, Hp, Wp], acc_ref [1, 1, C, Hp, Wp])."""
+    b, g = pl.program_id(0), pl.program_id(1)
+    a = coef_ref[b, 0]
+    scale = coef_ref[b, 1]                                   # −1 / (2 b²)
     xs = [x_ref[0, ch] for ch in range(c)]                   # C × [P, Q]
     ky = ky_ref[...]
     kx = kx_ref[...]
@@ -121,7 +123,7 @@ def _kernel(oy_ref, ox_ref, vy_ref, vx_ref, ky_ref, kx_ref, coef_ref, lw_ref, x_
         box = jnp.dot(jnp.dot(ky, f, precision=_HI, preferred_element_type=jnp.float32), kx,
                       precision=_HI, preferred_element_type=jnp.float32)        # [Hp, Wp]
         valid = (vy_ref[s][:, None] * vx_ref[s][None, :]) > 0
-        logit = jnp.where(valid, box * scale + lw_ref[0, img], -jnp.inf)
+        logit = jnp.where(valid, box * scale + lw_ref[g, img], -jnp.inf)
         new_max = jnp.maximum(mx, logit)
         ref = jnp.where(new_max == -jnp.inf, 0.0, new_max)   # no −inf − (−inf)
         alpha = jnp.exp(mx - ref)
@@ -183,8 +185,9 @@ def _state(x, a, b2, images, log_w, *, k, mode, per_program, interpret):
             pl.BlockSpec((shifts, wp), lambda b, g: (0, 0)),
             pl.BlockSpec((hp, big_p), lambda b, g: (0, 0)),
             pl.BlockSpec((big_q, wp), lambda b, g: (0, 0)),
-            pl.BlockSpec((1, 2), lambda b, g: (b, 0)),
-            pl.BlockSpec((1, per_program), lambda b, g: (g, 0)),
+            # Small tables whole (a block equal to the array suits every backend's tiling).
+            pl.BlockSpec((bsz, 2), lambda b, g: (0, 0)),
+            pl.BlockSpec((groups, per_program), lambda b, g: (0, 0)),
             pl.BlockSpec((1, c, big_p, big_q), lambda b, g: (b, 0, 0, 0)),
             pl.BlockSpec((per_program, c, plan["rows"], plan["cols"]),
                          lambda b, g: (g, 0, 0, 0)),
