@@ -354,3 +354,42 @@ def test_probes_and_the_merge_estimate_see_a_sorted_set_whole():
     blank = (got == -1).all(axis=(1, 2, 3))
     assert blank.sum() == 16 and not blank[:16].any()
     np.testing.assert_array_equal(els_window.spread_sample(data, 500), data)
+
+
+def test_merge_estimates_are_remembered_on_disk_for_the_same_images(tmp_path, monkeypatch):
+    """``estimate_unique_fraction`` is computed once per data and parameters and read back
+    from ``$ELS_JAX_CACHE/estimates.json`` (a warm run skips it), keyed by the images it
+    reads: other images or another k are computed afresh; with ELS_JAX_AUTOTUNE=0 nothing
+    is written."""
+    monkeypatch.setenv("ELS_JAX_CACHE", str(tmp_path))
+    rng = np.random.default_rng(4)
+    data = np.concatenate([rng.uniform(-1, 1, (40, 8, 8, 1)),
+                           -np.ones((40, 8, 8, 1))]).astype(np.float32)
+    calls = []
+    real = els_window.count_unique_rows
+    monkeypatch.setattr(els_window, "count_unique_rows",
+                        lambda rows: calls.append(1) or real(rows))
+    kw = dict(k=3, boundary="zeros", sample=64, first=16)
+
+    monkeypatch.setenv("ELS_JAX_AUTOTUNE", "0")
+    off = els_window.estimate_unique_fraction(data, **kw)
+    assert calls and not (tmp_path / "estimates.json").exists()
+
+    monkeypatch.setenv("ELS_JAX_AUTOTUNE", "1")
+    autotune.clear_memory_cache()
+    try:
+        first = els_window.estimate_unique_fraction(data, **kw)
+        n_calls = len(calls)
+        autotune.clear_memory_cache()             # a new process: only the disk remembers
+        again = els_window.estimate_unique_fraction(data, **kw)
+        assert again == first == off and len(calls) == n_calls
+        assert (tmp_path / "estimates.json").exists()
+        other = data.copy()
+        other[40:] = rng.uniform(-1, 1, (40, 8, 8, 1))     # nothing merges any more
+        assert els_window.estimate_unique_fraction(other, **kw) > 0.97
+        assert len(calls) > n_calls
+        n_calls = len(calls)
+        els_window.estimate_unique_fraction(data, **{**kw, "k": 5})
+        assert len(calls) > n_calls
+    finally:
+        autotune.clear_memory_cache()

@@ -78,6 +78,9 @@ _THREAD = "els-autotune"   # the measuring thread's name prefix
 _lock = threading.RLock()  # one measurement at a time; guards the caches
 _memory: dict = {}         # key → Choice, this process
 _by_class: dict = {}       # (kind, shape without k) → {k: probe times}, this process
+_memo: dict = {}           # key → value of ``remembered``, this process
+_memo_lock = threading.Lock()  # its own: a probe's thread may compute an estimate while a
+                               # measurement holds _lock
 
 
 class Choice(NamedTuple):
@@ -150,6 +153,8 @@ def clear_memory_cache():
     with _lock:
         _memory.clear()
         _by_class.clear()
+    with _memo_lock:
+        _memo.clear()
 
 
 def bucket(v: int) -> int:
@@ -164,21 +169,21 @@ def _key(kind: str, shape: Mapping, engines: Sequence[str]):
     return hashlib.sha256(text.encode()).hexdigest()[:24], fields
 
 
-def _read_disk() -> dict:
+def _read_disk(path: Path | None = None) -> dict:
     try:
-        data = json.loads(cache_file().read_text())
+        data = json.loads((path or cache_file()).read_text())
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
 
 
-def _write_disk(key: str, entry: dict):
+def _write_disk(key: str, entry, path: Path | None = None):
     """Adds one entry to the cache file: read, merge, write a temporary file and rename it
     over the old one (atomic: a concurrent reader sees the old or the new file, whole)."""
-    path = cache_file()
+    path = path or cache_file()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = _read_disk()
+        data = _read_disk(path)
         data[key] = entry
         fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
         try:
@@ -191,6 +196,31 @@ def _write_disk(key: str, entry: dict):
     except OSError as err:                        # a read-only home: measure again next time
         warnings.warn(f"els_jax: could not write the engine cache {path}: {err}",
                       RuntimeWarning, stacklevel=3)
+
+
+def remembered(name: str, fields: Mapping, compute: Callable[[], float]) -> float:
+    """``compute()`` (a deterministic statistic of the data, e.g. the fraction of windows
+    that merge; not a timing) once per ``fields``, kept in ``$ELS_JAX_CACHE/estimates.json``
+    so that a later run skips it. ``fields`` must identify the data (e.g. a hash of what
+    compute reads) and the parameters. With ``ELS_JAX_AUTOTUNE=0`` nothing is read or
+    written (hermetic runs; the value is the same either way)."""
+    if not autotune_enabled():
+        return compute()
+    text = json.dumps({"name": name, **dict(fields)}, sort_keys=True, default=str)
+    key = hashlib.sha256(text.encode()).hexdigest()[:24]
+    path = cache_dir() / "estimates.json"
+    with _memo_lock:
+        if key in _memo:
+            return _memo[key]
+    hit = _read_disk(path).get(key)
+    if isinstance(hit, dict) and isinstance(hit.get("value"), (int, float)):
+        value = float(hit["value"])
+    else:
+        value = float(compute())
+        _write_disk(key, {"value": value, "name": name, "fields": dict(fields)}, path)
+    with _memo_lock:
+        _memo[key] = value
+    return value
 
 
 def measure(calls: Mapping[str, Callable[[], object]], *, rounds: int = PROBE_ROUNDS,
