@@ -393,3 +393,50 @@ def test_merge_estimates_are_remembered_on_disk_for_the_same_images(tmp_path, mo
         assert len(calls) > n_calls
     finally:
         autotune.clear_memory_cache()
+
+
+def test_a_window_bank_reads_its_merged_rows_back_exactly(tmp_path, monkeypatch):
+    """A deduplicated window bank's grouping (which rows are distinct, how often each occurs)
+    is kept in ``$ELS_JAX_CACHE/estimates`` and read back by the next build from the same
+    images: the bank is the same bit for bit, without sorting again; other images are
+    grouped afresh, and a damaged file is recomputed, not trusted."""
+    from els_jax.engines import layout as geo
+    monkeypatch.setenv("ELS_JAX_CACHE", str(tmp_path))
+    monkeypatch.setenv("ELS_JAX_AUTOTUNE", "1")
+    rng = np.random.default_rng(6)
+    images = np.concatenate([rng.uniform(-1, 1, (6, 8, 8, 1)),
+                             -np.ones((6, 8, 8, 1))]).astype(np.float32)
+    gp = geo.grouped_passes(3, "zeros", False, 8, 8, False, "window")[0]
+    sorts = []
+    real = els_window.unique_row_index
+    monkeypatch.setattr(els_window, "unique_row_index",
+                        lambda rows: sorts.append(1) or real(rows))
+
+    def bank(imgs):
+        b, _ = els_window.build_window_bank(imgs, 3, gp, imgs.mean(axis=(0, 1, 2)),
+                                            dedup=True, block=1 << 16)
+        return np.asarray(b.keys), np.asarray(b.values)
+
+    first = bank(images)
+    assert len(sorts) == 1 and len(list((tmp_path / "estimates").glob("*.npz"))) == 1
+    again = bank(images)
+    assert len(sorts) == 1                                 # read back, not sorted again
+    for u, v in zip(first, again):
+        np.testing.assert_array_equal(u, v)
+    # the merged bank: blank windows collapse to few rows, log counts sum to every window
+    keys = first[0][0]
+    live = np.isfinite(keys[:, -1])
+    windows = 12 * gp.cand_pixels.shape[1]
+    assert live.sum() == 6 * gp.cand_pixels.shape[1] + 1        # random ones, one blank
+    assert np.isclose(np.exp(keys[live, -1]).sum(), windows)
+
+    other = images.copy()
+    other[6:] = rng.uniform(-1, 1, (6, 8, 8, 1))
+    bank(other)
+    assert len(sorts) == 2                                 # other images: their own grouping
+
+    for f in (tmp_path / "estimates").glob("*.npz"):
+        f.write_bytes(b"not an npz")
+    damaged = bank(images)
+    assert len(sorts) == 3
+    np.testing.assert_array_equal(damaged[0], first[0])

@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Callable, Mapping, NamedTuple, Sequence
 
 import jax
+import numpy as np
 
 from els_jax.core.cachedir import cache_dir
 
@@ -221,6 +222,41 @@ def remembered(name: str, fields: Mapping, compute: Callable[[], float]) -> floa
     with _memo_lock:
         _memo[key] = value
     return value
+
+
+def remembered_arrays(name: str, fields: Mapping, compute: Callable[[], dict],
+                      max_bytes: int = 64 << 20) -> dict:
+    """``compute()`` (a dict of numpy arrays derived deterministically from the data, e.g.
+    which rows of a window bank are distinct) once per ``fields``, kept as
+    ``$ELS_JAX_CACHE/estimates/<name>_<key>.npz`` (written atomically; only when the arrays
+    take at most ``max_bytes``). ``fields`` must identify the data (a hash of every byte
+    compute reads) and the parameters. With ``ELS_JAX_AUTOTUNE=0`` nothing is read or
+    written. A file that does not load is computed afresh."""
+    if not autotune_enabled():
+        return compute()
+    text = json.dumps({"name": name, **dict(fields)}, sort_keys=True, default=str)
+    path = cache_dir() / "estimates" / f"{name}_{hashlib.sha256(text.encode()).hexdigest()[:24]}.npz"
+    try:
+        with np.load(path) as z:
+            return {key: z[key] for key in z.files}
+    except Exception:                             # noqa: BLE001 - absent or unreadable: compute
+        pass
+    out = compute()
+    if sum(np.asarray(v).nbytes for v in out.values()) <= max_bytes:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".npz", dir=path.parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    np.savez(f, **out)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        except OSError as err:
+            warnings.warn(f"els_jax: could not write {path}: {err}", RuntimeWarning,
+                          stacklevel=2)
+    return out
 
 
 def measure(calls: Mapping[str, Callable[[], object]], *, rounds: int = PROBE_ROUNDS,

@@ -114,15 +114,15 @@ def count_unique_rows(rows: np.ndarray) -> int:
     return len(np.unique(_row_projections(u32).view(np.complex128).reshape(-1)))
 
 
-def unique_rows(rows: np.ndarray):
-    """Unique rows of a float32 [M, F] array (bitwise) and how often each occurs.
+def unique_row_index(rows: np.ndarray):
+    """(first, counts): the index of each distinct row's first occurrence in a float32 [M, F]
+    array (bitwise; in the order of ``unique_rows``) and how often it occurs.
 
     Each row's bits, read as integers, are projected on two random vectors in float64 (a
     BLAS product, a chunk of rows at a time) and the pairs sorted as complex numbers; the
     grouping is then checked bit for bit against the rows (a collision, essentially never,
     falls back to sorting the rows' bytes)."""
-    rows = np.ascontiguousarray(rows, np.float32)
-    u32 = rows.view(np.uint32)
+    u32 = np.ascontiguousarray(rows, np.float32).view(np.uint32)
     proj = _row_projections(u32)
     _, first, inverse, counts = np.unique(proj.view(np.complex128).reshape(-1),
                                           return_index=True, return_inverse=True,
@@ -130,6 +130,35 @@ def unique_rows(rows: np.ndarray):
     if not np.array_equal(u32, u32[first[inverse.reshape(-1)]]):     # a collision
         void = u32.view(np.dtype((np.void, 4 * u32.shape[1]))).reshape(-1)
         _, first, counts = np.unique(void, return_index=True, return_counts=True)
+    return first, counts
+
+
+def unique_rows(rows: np.ndarray):
+    """Unique rows of a float32 [M, F] array (bitwise) and how often each occurs
+    (``unique_row_index``)."""
+    rows = np.ascontiguousarray(rows, np.float32)
+    first, counts = unique_row_index(rows)
+    return rows[first], counts
+
+
+def remembered_unique_rows(rows: np.ndarray, source: dict):
+    """``unique_rows(rows)``, its row index kept on disk (``autotune.remembered_arrays``) under
+    ``source``: fields that determine ``rows`` bit for bit (a hash of the images and μ they
+    were cut from, k, the pass). A warm mnist5k run (N = 1000, k = 3 and 5) skips 0.5 s of
+    sorting; the rows themselves are cut again (cheap), only the grouping is read back."""
+    rows = np.ascontiguousarray(rows, np.float32)
+
+    def compute():
+        first, counts = unique_row_index(rows)
+        small = np.int32 if len(rows) < 2 ** 31 else np.int64     # half the file
+        return {"first": first.astype(small), "counts": counts.astype(small)}
+
+    got = autotune.remembered_arrays("unique_rows", {**source, "rows": list(rows.shape)},
+                                     compute)
+    first, counts = got["first"], got["counts"]
+    if (first.ndim != 1 or first.shape != counts.shape or int(counts.sum()) != len(rows)
+            or (len(first) and int(first.max()) >= len(rows))):
+        first, counts = unique_row_index(rows)                  # not this data's: recompute
     return rows[first], counts
 
 
@@ -340,7 +369,15 @@ def build_window_bank(images: np.ndarray, k: int, gp: geo.Grouped, mu: np.ndarra
     d = c * (h * w if whole else k * k)
     v = h * w * c if whole else c
     if dedup:
-        groups = [unique_rows(host_window_rows(images, k, gp, gi, mu)) for gi in range(g)]
+        digest = hashlib.sha256(np.ascontiguousarray(images, np.float32).tobytes())
+        digest.update(np.ascontiguousarray(mu, np.float32).tobytes())
+        source = {"images": digest.hexdigest()[:32], "k": int(k), "mode": gp.cand_mode,
+                  "version": 1}
+        groups = [remembered_unique_rows(
+            host_window_rows(images, k, gp, gi, mu),
+            {**source, "group": gi, "pixels": hashlib.sha256(
+                np.ascontiguousarray(gp.cand_pixels[gi]).tobytes()).hexdigest()[:16]})
+            for gi in range(g)]
         m = max(len(u) for u, _ in groups)
     else:
         m = n * gp.cand_pixels.shape[1]
