@@ -74,6 +74,8 @@ import numpy as np
 from els_jax.core import softmax
 from els_jax.core.validation import check_patch_size
 from els_jax.engines import native
+from els_jax.engines.shiftplan import axis_plan
+from els_jax.engines.shiftplan import geometry as _geometry
 
 __all__ = ["shiftmap_state", "shiftmap_state_xla", "shiftmap_x0", "axis_plan", "pair_count",
            "pair_logits", "accelerator_form",
@@ -110,30 +112,6 @@ def resolve_kind(kind: str, k: int, h: int, w: int, boundary: str,
     if k > 2 * max(h, w) - 1:
         raise ValueError(f"patch size k={k} exceeds 2·max(H, W) − 1 = {2 * max(h, w) - 1}")
     return "local" if k >= min(h, w) else "zeros"
-
-
-def axis_plan(n: int, k: int, mode: str):
-    """The pairs along one axis of length n: (shifts [S] int, valid [S, n] bool), valid[s, i]
-    iff query coordinate i pairs with candidate centre i + shifts[s] (mod n for "circular" and
-    "wrap", whose shifts are 0 … n−1). Straight from docs/theory.md §2 (module docstring)."""
-    m = k // 2
-    i = np.arange(n)
-    if mode == "local":
-        return np.zeros(1, np.int64), np.ones((1, n), bool)
-    if mode in ("circular", "wrap"):
-        d = np.arange(n)
-        j = (i[None, :] + d[:, None]) % n
-        valid = np.ones((n, n), bool) if mode == "wrap" else (j >= m) & (j < n - m)
-        return d, valid
-    if mode != "zeros":
-        raise ValueError(f"unknown mode {mode!r}")
-    inner = n - 2 * m
-    d = np.arange(-(inner - 1), inner)
-    j = i[None, :] + d[:, None]
-    interior = (i >= m) & (i < n - m)
-    valid = ((d[:, None] == 0) & ~interior[None, :]) | (
-        interior[None, :] & (j >= m) & (j < n - m))
-    return d, valid
 
 
 def pair_count(h: int, w: int, k: int, mode: str) -> int:
@@ -187,18 +165,6 @@ def _shift_logits(x_ext, y_d, a5, scale, lw, valid_y, valid_x, k: int):
     logits = jnp.transpose(box, (0, 2, 3, 1)) * scale + lw               # [B, H, W, n]
     valid = valid_y[:, None] & valid_x[None, :]
     return jnp.where(valid[None, :, :, None], logits, -jnp.inf)
-
-
-def _geometry(h: int, w: int, k: int, mode: str):
-    """Shifts and pads of the jnp form: per flattened shift s (dy = sy[iy[s]], dx = sx[ix[s]]),
-    the offsets of y_d in the padded images and the per-axis valid masks."""
-    sy, vy = axis_plan(h, k, mode)
-    sx, vx = axis_plan(w, k, mode)
-    iy, ix = np.divmod(np.arange(len(sy) * len(sx)), len(sx))
-    lo_y, hi_y = max(0, -int(sy.min())), max(0, int(sy.max()))
-    lo_x, hi_x = max(0, -int(sx.min())), max(0, int(sx.max()))
-    return (sy[iy], sx[ix], sy[iy] + lo_y, sx[ix] + lo_x, vy[iy], vx[ix],
-            (lo_y, hi_y, lo_x, hi_x))
 
 
 def pair_logits(x, a, b2, images, log_w=None, *, k: int, boundary: str = "circular",

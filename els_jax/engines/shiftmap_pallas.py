@@ -5,7 +5,7 @@ query image x, a training image y and a shift d,
 
     f_d(p) = Σ_c (x_ext(p) − a·y(p + d))²,      logit(i) = −(box_k f_d)(i)/(2b²) + log w(y),
 
-masked to the pairs that exist (``shiftmap.axis_plan``), and one online softmax per query
+masked to the pairs that exist (``shiftplan.axis_plan``), and one online softmax per query
 pixel over every (image, shift), with the values y(i + d).
 
 Why a kernel. The plain-jnp form (``shiftmap._state_xla*``) is exact on any backend but XLA
@@ -51,6 +51,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from els_jax.core import softmax
+from els_jax.engines.shiftplan import geometry
 
 __all__ = ["pallas_state", "frame_plan", "DEFAULT_IMAGES_PER_PROGRAM"]
 
@@ -72,9 +73,8 @@ def frame_plan(h: int, w: int, k: int, mode: str):
     [S] offsets of y_d's frame in the padded image, ``vy`` [S, Hp], ``vx`` [S, Wp] 0/1 valid
     masks of the query rows / columns), the banded box matrices ``ky`` [Hp, P] and ``kx``
     [Q, Wp], the frame sizes and the image padding (before, after) per axis."""
-    from els_jax.engines import shiftmap as sm   # (shiftmap imports this module lazily)
     m = k // 2
-    _, _, oy, ox, vy, vx, (lo_y, hi_y, lo_x, hi_x) = sm._geometry(h, w, k, mode)
+    _, _, oy, ox, vy, vx, (lo_y, hi_y, lo_x, hi_x) = geometry(h, w, k, mode)
     big_p, big_q = _pow2(h + 2 * m), _pow2(w + 2 * m)
     hp, wp = _pow2(h), _pow2(w)
     # Padded image rows: m + lo before (the frame of shift oy starts at row oy), and after
