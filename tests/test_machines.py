@@ -689,3 +689,65 @@ def test_a_float32_jax_array_of_images_is_held_as_it_is():
         a = ej.make_machine(kind, imgs, **kw).x0(x, 0.5, 0)
         b = ej.make_machine(kind, host, **kw).x0(x, 0.5, 0)
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+# --- uint8 training images (docs/theory.md §9) ------------------------------------------------
+
+def _uint8_case():
+    rng = np.random.default_rng(12)
+    u8 = rng.integers(0, 256, (5, 6, 6, 1)).astype(np.uint8)
+    u8[3] = 0                                            # a blank image: windows that merge
+    x = jnp.asarray(rng.normal(size=(2, 6, 6, 1)), jnp.float32)
+    return u8, ej.data.UINT8_TO_UNIT[u8], x
+
+
+def test_uint8_pixels_are_u_minus_127_5_over_127_5():
+    """A uint8 pixel u is (u − 127.5)/127.5 in float32 (docs/theory.md §9), the same value
+    from the loaders' ``to_unit_range`` and from ``unit_images`` on numpy, on a jax array and
+    under jit; other integer images are rejected, floats pass through."""
+    u = np.arange(256, dtype=np.uint8)
+    want = (u.astype(np.float64) - 127.5) / 127.5
+    table = ej.data.UINT8_TO_UNIT
+    assert table.dtype == np.float32
+    np.testing.assert_array_equal(table, want.astype(np.float32))
+    assert table[0] == -1.0 and table[255] == 1.0
+    np.testing.assert_array_equal(ej.data.to_unit_range(u), table)
+    np.testing.assert_array_equal(ej.data.unit_images(u), table)
+    np.testing.assert_array_equal(np.asarray(ej.data.unit_images(jnp.asarray(u))), table)
+    np.testing.assert_array_equal(np.asarray(jax.jit(ej.data.unit_images)(jnp.asarray(u))),
+                                  table)
+    with pytest.raises(ValueError, match="ambiguous"):
+        ej.data.unit_images(u.astype(np.int32))
+    f = np.zeros(3, np.float32)
+    assert ej.data.unit_images(f) is f
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("ideal_x0", {}), ("equivariant_x0", {}), ("local_x0", {"k": 3}),
+    ("els_x0", {"k": 3, "boundary": "circular"}), ("els_x0", {"k": 3, "boundary": "zeros"}),
+    ("gaussian_x0", {}), ("nearest_x0", {}), ("pca_locality_x0", {}),
+    ("scfdm_x0", {"key": jax.random.PRNGKey(0)}), ("els_soft_x0", {"sigma": 1.0, "k_max": 3}),
+    ("reference_x0", {"kind": "els", "k": 3})])
+def test_every_machine_reads_uint8_images_as_pixels(name, kw):
+    """Every functional machine given uint8 images computes what it computes on their float
+    values: not on 0…255 (which silently gave a different machine)."""
+    u8, unit, x = _uint8_case()
+    fn = getattr(ej, name)
+    got = np.asarray(fn(x, 0.4, u8, **kw))
+    want = np.asarray(fn(x, 0.4, unit, **kw))
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+    assert np.abs(want).max() <= 1.0 + 1e-5
+
+
+@pytest.mark.parametrize("kind,kw", [("els", {"scales": 3, "boundary": "zeros"}),
+                                     ("els", {"scales": 3, "boundary": "circular"}),
+                                     ("local", {"scales": 3}), ("ideal", {}),
+                                     ("nearest", {}), ("els_soft", {"sigmas": 1.0, "k_max": 3})])
+def test_make_machine_reads_uint8_images_as_pixels(kind, kw):
+    """``make_machine`` on uint8 images (numpy or jax) equals the machine on their float
+    values, banks and merged windows included."""
+    u8, unit, x = _uint8_case()
+    want = np.asarray(ej.make_machine(kind, unit, **kw).x0(x, 0.4, 0))
+    for images in (u8, jnp.asarray(u8)):
+        got = np.asarray(ej.make_machine(kind, images, **kw).x0(x, 0.4, 0))
+        np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)

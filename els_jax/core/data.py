@@ -35,6 +35,7 @@ import numpy as np
 from els_jax.core.cachedir import cache_dir
 
 __all__ = ["load_dataset", "load_digits", "load_mnist5k", "load_tfds", "load_npz", "to_unit_range",
+           "unit_images", "UINT8_TO_UNIT",
            "DatasetUnavailableError", "TFDS_DATASETS", "DATASETS"]
 
 # TFDS name → (image key, label key or None).
@@ -51,9 +52,37 @@ class DatasetUnavailableError(FileNotFoundError):
     """A TFDS data set is not prepared where we looked, and nothing may be downloaded."""
 
 
+# docs/theory.md §9: a uint8 pixel u is (u − 127.5)/127.5 in float32, the same value wherever
+# it is converted (host, XLA, a kernel, a chunk at a time). As a 256-entry table: XLA may turn
+# a division by a constant into a multiplication by its reciprocal (1 ulp off for 126 of the
+# 256 values on XLA:CPU), a gather cannot.
+UINT8_TO_UNIT = ((np.arange(256, dtype=np.float32) - np.float32(127.5))
+                 / np.float32(127.5)).astype(np.float32)
+
+
 def to_unit_range(pixels, max_value: float = 255.0):
-    """uint8-like pixels in [0, max_value] → float32 in [−1, 1] (pixel/(max/2) − 1)."""
+    """Pixels in [0, max_value] → float32 in [−1, 1]: uint8 0…255 by ``UINT8_TO_UNIT``
+    ((u − 127.5)/127.5), others (e.g. scikit-learn's digits, 0…16) pixel/(max/2) − 1."""
+    pixels = np.asarray(pixels)
+    if pixels.dtype == np.uint8 and max_value == 255.0:
+        return UINT8_TO_UNIT[pixels]
     return (np.asarray(pixels, np.float32) / (max_value / 2.0) - 1.0).astype(np.float32)
+
+
+def unit_images(images):
+    """Training images as the machines read them: float images as given (in [−1, 1]); uint8
+    images (0…255, as TFDS and PIL hand them out) as (u − 127.5)/127.5 (``UINT8_TO_UNIT``;
+    numpy stays numpy, a jax array or tracer is converted by a gather). Other integer types
+    are ambiguous and rejected."""
+    dtype = np.dtype(images.dtype if hasattr(images, "dtype") else np.asarray(images).dtype)
+    if dtype == np.uint8:
+        if isinstance(images, np.ndarray):
+            return UINT8_TO_UNIT[images]
+        return jnp.asarray(UINT8_TO_UNIT)[jnp.asarray(images).astype(jnp.int32)]
+    if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
+        raise ValueError(f"training images of dtype {dtype} are ambiguous: pass floats in "
+                         "[−1, 1] or uint8 pixels 0…255")
+    return images
 
 
 def _resize(images: np.ndarray, size: int) -> np.ndarray:

@@ -36,6 +36,7 @@ from jax.sharding import PartitionSpec as P
 
 from els_jax.engines import local
 from els_jax.core import patches, softmax
+from els_jax.core.data import unit_images
 
 __all__ = ["BorderBank", "build_border_bank", "border_states", "border_results",
            "border_partition_specs", "stream_border_states"]
@@ -148,7 +149,7 @@ def build_border_bank(images: np.ndarray, k: int, mu, n_total: int) -> BorderBan
     """The ``BorderBank`` of images [N, H, W, C] padded with absent images to ``n_total``.
     Built in numpy: a machine builds one per patch size, and compiling a builder per k cost
     more than the build."""
-    images = np.asarray(images, np.float32)
+    images = np.asarray(unit_images(images), np.float32)
     mu = np.asarray(mu, np.float32)
     n = images.shape[0]
     padded = np.concatenate([images, np.zeros((n_total - n,) + images.shape[1:], np.float32)])

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from els_jax.core import softmax
+from els_jax.core.data import unit_images
 from els_jax.engines import native
 
 __all__ = ["LocalBank", "build_local_bank", "build_local_bank_from", "transpose_images",
@@ -42,7 +43,7 @@ def _box_sum(v, k: int, axis: int):
 
 def transpose_images(images):
     """[N, H, W, C] → [C, H, W, N], the layout ``_local_x0_t`` streams (images minor)."""
-    return jnp.transpose(jnp.asarray(images, jnp.float32), (3, 1, 2, 0))
+    return jnp.transpose(jnp.asarray(unit_images(images), jnp.float32), (3, 1, 2, 0))
 
 
 class LocalBank(NamedTuple):

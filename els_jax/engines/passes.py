@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from els_jax.core import softmax
+from els_jax.core.data import unit_images
 from els_jax.engines import border as border_lib
 from els_jax.engines import interior as interior_lib
 from els_jax.engines import layout as geo
@@ -195,7 +196,7 @@ def build_bank(images, *, k: int, method: str, boundary: str = "circular",
 
     Returns (MachineBank, BankSpec); banks are padded to whole chunks × ``n_shards``.
     """
-    images = np.asarray(images, np.float32)
+    images = np.asarray(unit_images(images), np.float32)
     n, h, w, c = images.shape
     mu = images.mean(axis=(0, 1, 2))
     dedup, unique_fraction = merge_plan(images, k=k, boundary=boundary,

@@ -39,6 +39,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from els_jax.core import softmax
+from els_jax.core.data import unit_images
 from els_jax.engines import layout as els_layout, native, shiftmap, window as els_window
 
 __all__ = ["gaussian_window", "axis_weights", "soft_groups", "restrict_groups",
@@ -372,7 +373,7 @@ def build_soft_bank(images, *, k_max: int, boundary: str = "circular",
     With ``dedup``, identical candidates (window and value) are merged into one with log w =
     log(count) — exact — when that leaves at most ``dedup_threshold`` of them. A class mask
     is applied by passing only the selected images. Returns (SoftBank, SoftSpec)."""
-    images = np.asarray(images, np.float32)
+    images = np.asarray(unit_images(images), np.float32)
     n, h, w, c = images.shape
     k = check_k_max(k_max, h, w, boundary, wrap_patches)
     if dedup and not (boundary == "zeros" and k >= min(h, w)):     # the ELS layout: estimate

@@ -24,6 +24,7 @@ from els_jax.machines import factory as machine_lib
 from els_jax.experiment import metrics
 from els_jax.core import sampler
 from els_jax.core import schedules as schedules_lib
+from els_jax.core.data import unit_images
 
 __all__ = ["Calibration", "calibrate", "candidate_machines", "default_candidates", "median_odd"]
 
@@ -190,7 +191,7 @@ def _initial_sigmas(init_sigmas, init_scales, m: int):
 def fit_subset(images, mask, size: int | None, seed: int = 0):
     """The images an els_soft fit uses: all (size None), or a fixed random subset of ``size``
     of the images ``mask`` selects (sorted indices; all of them if there are fewer)."""
-    images = np.asarray(images, np.float32)
+    images = np.asarray(unit_images(images), np.float32)
     if size is None:
         return images
     if int(size) < 1:

@@ -19,6 +19,7 @@ from els_jax.machines import factory as machine_lib
 from els_jax.machines import posterior as pv
 from els_jax.core import sampler
 from els_jax.core import schedules as schedules_lib
+from els_jax.core.data import unit_images
 
 __all__ = ["mosaic_run"]
 
@@ -47,7 +48,7 @@ def mosaic_run(images, x_T, scales, *, boundary="zeros", schedule=schedules_lib.
       dict with the per-sample creativity numbers (also in mosaic.json).
     """
     schedule = schedules_lib.get(schedule)
-    images = np.asarray(images, np.float32)
+    images = np.asarray(unit_images(images), np.float32)
     scale_list = [int(scales)] * steps if np.ndim(scales) == 0 else [int(k) for k in scales]
     times = sampler.uniform_times(len(scale_list))
     machine = machine_lib.make_machine("els", images, scales=scale_list, boundary=boundary,

@@ -33,6 +33,7 @@ import numpy as np
 from els_jax.core import data as data_lib
 from els_jax.core import sampler
 from els_jax.core import schedules as schedules_lib
+from els_jax.core.data import unit_images
 from els_jax.experiment.calibrate_run import calibrate_scales, calibrate_soft
 from els_jax.experiment.compare import check_same_inputs, compare_models
 from els_jax.experiment.config import (ReproduceConfig, default_train_config,
@@ -105,7 +106,7 @@ def reproduce(cfg: ReproduceConfig, out: str, *, progress: bool = True) -> dict:
     images, train_labels = data_lib.load_dataset(tcfg.dataset, data_dir=tcfg.data_dir,
                                                  image_size=tcfg.image_size,
                                                  max_examples=tcfg.max_examples)
-    images = np.asarray(images, np.float32)
+    images = np.asarray(unit_images(images), np.float32)
     num_classes = getattr(model, "num_classes", None)
     boundary = tcfg.padding
     schedule = schedules_lib.get(tcfg.schedule)

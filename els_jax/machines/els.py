@@ -43,6 +43,7 @@ import numpy as np
 from els_jax.core import conversions, patches
 from els_jax.core import schedules as schedules_lib
 from els_jax.core.validation import check_query_and_images, mask_log_weights
+from els_jax.core.data import unit_images
 from els_jax.engines import layout as geo
 from els_jax.engines import passes, select
 from els_jax.engines.layout import DEFAULT_BLOCK
@@ -75,7 +76,7 @@ def els_x0(x, t, images, *, k: int, boundary: str = "circular", wrap_patches: bo
     check_query_and_images(x, images)
     x = jnp.asarray(x, jnp.float32)
     coeffs = schedules_lib.query_coefficients(t, x.shape[0], schedule)
-    return els_x0_at(x, coeffs, jnp.asarray(images, jnp.float32),
+    return els_x0_at(x, coeffs, jnp.asarray(unit_images(images), jnp.float32),
                      mask_log_weights(mask, images.shape[0]), k=k, boundary=boundary,
                      wrap_patches=wrap_patches, block=block, method=method)
 
@@ -107,7 +108,7 @@ def els_score(x, t, images, *, k: int, boundary: str = "circular", wrap_patches:
     check_query_and_images(x, images)
     x = jnp.asarray(x, jnp.float32)
     coeffs = schedules_lib.query_coefficients(t, x.shape[0], schedule)
-    x0 = els_x0_at(x, coeffs, jnp.asarray(images, jnp.float32),
+    x0 = els_x0_at(x, coeffs, jnp.asarray(unit_images(images), jnp.float32),
                    mask_log_weights(mask, images.shape[0]), k=k, boundary=boundary,
                    wrap_patches=wrap_patches, block=block, method=method)
     return conversions.x0_to_score_at(x0, x, coeffs)
@@ -121,7 +122,7 @@ def build_bank(images, *, k: int, boundary: str = "circular", wrap_patches: bool
     """The ELS (or ideal) machine's candidate bank with its engine chosen: ``method`` "auto"
     is resolved by ``select.resolve_els_engine`` (given the estimated fraction of distinct
     windows), then ``passes.build_bank`` builds it. Returns (MachineBank, BankSpec)."""
-    images = np.asarray(images, np.float32)
+    images = np.asarray(unit_images(images), np.float32)
     n, h, w, c = images.shape
     merge, unique_fraction = passes.merge_plan(
         images, k=k, boundary=boundary, wrap_patches=wrap_patches, dedup=dedup, ideal=ideal,

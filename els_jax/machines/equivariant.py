@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from els_jax.core import conversions, softmax
 from els_jax.core import schedules as schedules_lib
 from els_jax.core.validation import check_query_and_images, mask_log_weights
+from els_jax.core.data import unit_images
 
 __all__ = ["equivariant_score", "equivariant_x0", "equivariant_x0_at"]
 
@@ -97,7 +98,7 @@ def equivariant_x0(x, t, images, *, schedule=schedules_lib.Cosine(), mask=None,
 
 def _x0(x, coeffs, images, mask, block):
     log_w = mask_log_weights(mask, images.shape[0])
-    images = jnp.asarray(images, jnp.float32)
+    images = jnp.asarray(unit_images(images), jnp.float32)
     return equivariant_x0_at(x, coeffs.a, coeffs.b2, images, log_w,
                              jnp.mean(images, axis=(0, 1, 2)), block=int(block))
 

@@ -27,6 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from els_jax.core import patches, validation
 from els_jax.core import schedules as schedules_lib
+from els_jax.core.data import unit_images
 from els_jax.engines import border as els_border
 from els_jax.engines import layout as els_layout
 from els_jax.engines import local as local_engine
@@ -304,7 +305,7 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
             "float32" + (", on the host and on the device," if copies == 2 else ","),
             "pass fewer images (a subset or a class mask), or run where more memory is free")
     given = images
-    images = np.asarray(images, np.float32)
+    images = np.asarray(unit_images(images), np.float32)
     if images.ndim != 4:
         raise ValueError(f"images must be [N, H, W, C]; got shape {images.shape}")
     if mask is not None:

@@ -35,6 +35,7 @@ from jaxtyping import Array, Float
 from els_jax.core import conversions, softmax
 from els_jax.core import schedules as schedules_lib
 from els_jax.core.validation import check_query_and_images, mask_log_weights
+from els_jax.core.data import unit_images
 
 __all__ = ["GaussianFit", "fit_gaussian", "fit_flat", "selection_weights", "gaussian_fit_x0",
            "gaussian_x0", "gaussian_score", "wiener_gains", "check_rank"]
@@ -105,7 +106,7 @@ def fit_gaussian(images, *, mask=None) -> GaussianFit:
     if images.shape[0] == 0:
         raise ValueError("the training set is empty")
     log_w = mask_log_weights(mask, images.shape[0])
-    flat = jnp.asarray(images, jnp.float32).reshape(images.shape[0], -1)
+    flat = jnp.asarray(unit_images(images), jnp.float32).reshape(images.shape[0], -1)
     return fit_flat(flat, selection_weights(log_w))
 
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from els_jax.core import conversions
 from els_jax.core import schedules as schedules_lib
 from els_jax.core import softmax
+from els_jax.core.data import unit_images
 from els_jax.core.validation import check_query_and_images, mask_log_weights
 
 __all__ = ["ideal_score", "ideal_x0", "ideal_x0_at", "prepare", "chunk_scores"]
@@ -32,6 +33,7 @@ __all__ = ["ideal_score", "ideal_x0", "ideal_x0_at", "prepare", "chunk_scores"]
 def prepare(images):
     """What does not depend on the query: the images flattened [N, D], their mean μ [D] and
     ‖x_i − μ‖²/2 [N] (from centred values, for accuracy)."""
+    images = unit_images(images)                   # uint8 pixels: docs/theory.md §9
     flat = images.reshape(images.shape[0], -1).astype(jnp.float32)
     mu = jnp.mean(flat, axis=0)
     return flat, mu, 0.5 * jnp.sum(jnp.square(flat - mu[None]), axis=-1)

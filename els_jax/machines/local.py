@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from els_jax.core import conversions
 from els_jax.core import schedules as schedules_lib
 from els_jax.core.validation import check_patch_size, check_query_and_images, mask_log_weights
+from els_jax.core.data import unit_images
 from els_jax.engines import local as engine_lib
 from els_jax.engines import select
 
@@ -58,7 +59,7 @@ def local_x0(x, t, images, *, k: int, schedule=schedules_lib.Cosine(), mask=None
     k = check_local_k(k, x.shape[1], x.shape[2])
     x = jnp.asarray(x, jnp.float32)
     coeffs = schedules_lib.query_coefficients(t, x.shape[0], schedule)
-    return local_x0_at(x, coeffs, jnp.asarray(images, jnp.float32),
+    return local_x0_at(x, coeffs, jnp.asarray(unit_images(images), jnp.float32),
                        mask_log_weights(mask, images.shape[0]), k=k, block=int(block))
 
 
@@ -80,6 +81,6 @@ def local_score(x, t, images, *, k: int, schedule=schedules_lib.Cosine(), mask=N
     k = check_local_k(k, x.shape[1], x.shape[2])
     x = jnp.asarray(x, jnp.float32)
     coeffs = schedules_lib.query_coefficients(t, x.shape[0], schedule)
-    x0 = local_x0_at(x, coeffs, jnp.asarray(images, jnp.float32),
+    x0 = local_x0_at(x, coeffs, jnp.asarray(unit_images(images), jnp.float32),
                      mask_log_weights(mask, images.shape[0]), k=k, block=int(block))
     return conversions.x0_to_score_at(x0, x, coeffs)

@@ -53,6 +53,7 @@ from jaxtyping import Array, Bool, Float
 from els_jax.core import conversions, softmax
 from els_jax.machines import gaussian as gaussian_lib
 from els_jax.core import schedules as schedules_lib
+from els_jax.core.data import unit_images
 from els_jax.core.validation import check_query_and_images, mask_log_weights
 
 __all__ = ["pca_locality_x0", "pca_locality_score", "pca_locality_mask", "locality_mask_at",
@@ -83,6 +84,7 @@ class Candidates(NamedTuple):
 @jax.jit
 def prepare(images, log_w) -> Candidates:
     """``Candidates`` of images [N, H, W, C] with log weights [N] (0 / −inf)."""
+    images = unit_images(images)                   # uint8 pixels: docs/theory.md §9
     flat = images.reshape(images.shape[0], -1).astype(jnp.float32)
     selected = jnp.isfinite(log_w)[:, None]
     return Candidates(flat=flat, flat_t=flat.T, log_w=log_w,

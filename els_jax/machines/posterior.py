@@ -31,6 +31,7 @@ from els_jax.engines import layout as els_layout
 from els_jax.core import softmax
 from els_jax.core import schedules as schedules_lib
 from els_jax.core.validation import check_query_and_images, mask_log_weights
+from els_jax.core.data import unit_images
 
 __all__ = ["Provenance", "provenance", "mosaic_image", "creativity"]
 
@@ -196,7 +197,7 @@ def provenance(x, t, images, *, kind: str = "els", k: int | None = None,
         raise ValueError(f"top_k must be at least 1; got {top_k}")
     x = jnp.asarray(x, jnp.float32)
     coeffs = schedules_lib.query_coefficients(t, x.shape[0], schedule)
-    out = _provenance(x, coeffs.a, coeffs.b2, jnp.asarray(images, jnp.float32),
+    out = _provenance(x, coeffs.a, coeffs.b2, jnp.asarray(unit_images(images), jnp.float32),
                       mask_log_weights(mask, len(images)), kind=kind, k=int(k),
                       boundary=boundary, wrap_patches=bool(wrap_patches), top_k=int(top_k),
                       block=int(block))
@@ -218,7 +219,7 @@ def provenance(x, t, images, *, kind: str = "els", k: int | None = None,
 
 def mosaic_image(prov: Provenance, images) -> np.ndarray:
     """The patch mosaic: each pixel = the centre pixel of its heaviest candidate, [B, H, W, C]."""
-    images = np.asarray(images)
+    images = np.asarray(unit_images(images))
     n, r, c = (np.asarray(a)[..., 0] for a in (prov.image, prov.row, prov.col))
     return images[n, r, c]
 
@@ -234,7 +235,7 @@ def creativity(samples, images, prov: Provenance) -> dict[str, np.ndarray]:
     has d_train ≈ 0 (and one source).
     """
     x = np.asarray(samples, np.float64)
-    tr = np.asarray(images, np.float64).reshape(len(images), -1)
+    tr = np.asarray(unit_images(images), np.float64).reshape(len(images), -1)
     flat = x.reshape(len(x), -1)
     d2 = (flat ** 2).sum(1)[:, None] - 2 * flat @ tr.T + (tr ** 2).sum(1)[None]
     nearest = d2.argmin(1)

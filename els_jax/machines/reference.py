@@ -39,6 +39,7 @@ import numpy as np
 from els_jax.core import conversions, softmax
 from els_jax.core import schedules as schedules_lib
 from els_jax.core.validation import check_patch_size, check_query_and_images, mask_log_weights
+from els_jax.core.data import unit_images
 
 __all__ = ["reference_x0", "reference_score", "allowed_pairs", "KINDS"]
 
@@ -138,7 +139,7 @@ def reference_x0(x, t, images, *, kind: str, k: int | None = None, boundary: str
         k = check_patch_size(k, x.shape[1], x.shape[2])
     x = jnp.asarray(x, jnp.float32)
     coeffs = schedules_lib.query_coefficients(t, x.shape[0], schedule)
-    return _reference_x0(x, coeffs.a, coeffs.b2, jnp.asarray(images, jnp.float32),
+    return _reference_x0(x, coeffs.a, coeffs.b2, jnp.asarray(unit_images(images), jnp.float32),
                          mask_log_weights(mask, images.shape[0]), kind=kind, k=k,
                          boundary=boundary, wrap_patches=bool(wrap_patches))
 

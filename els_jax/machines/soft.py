@@ -43,6 +43,7 @@ from jaxtyping import Array, Float
 from els_jax.core import conversions
 from els_jax.core import schedules as schedules_lib
 from els_jax.core.validation import check_query_and_images, mask_log_weights
+from els_jax.core.data import unit_images
 from els_jax.engines import layout as els_layout
 from els_jax.engines.soft import (ENGINES, SoftBank, SoftSpec, axis_weights, build_soft_bank,
                                   check_k_max, computed_pixels, gaussian_window, pair_count,
@@ -104,7 +105,7 @@ def els_soft_x0(x: Float[Array, "b h w c"], t, images: Float[Array, "n h w c"], 
     h, w = x.shape[1], x.shape[2]
     k = check_k_max(k_max, h, w, boundary, wrap_patches)
     sigma = _check_sigma(sigma)
-    images = jnp.asarray(images, jnp.float32)
+    images = jnp.asarray(unit_images(images), jnp.float32)
     log_w = mask_log_weights(mask, images.shape[0])
     x = jnp.asarray(x, jnp.float32)
     coeffs = schedules_lib.query_coefficients(t, x.shape[0], schedule)
@@ -259,7 +260,7 @@ def make_soft_machine(images, *, sigmas: float | Sequence[float], k_max: int,
     schedule = schedules_lib.get(schedule)
     sigma_list, sigma_const = _normalise_sigmas(sigmas)
     given = images
-    images = np.asarray(images, np.float32)
+    images = np.asarray(unit_images(images), np.float32)
     if images.ndim != 4:
         raise ValueError(f"images must be [N, H, W, C]; got shape {images.shape}")
     if mask is not None:
