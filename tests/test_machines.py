@@ -751,3 +751,24 @@ def test_make_machine_reads_uint8_images_as_pixels(kind, kw):
     for images in (u8, jnp.asarray(u8)):
         got = np.asarray(ej.make_machine(kind, images, **kw).x0(x, 0.4, 0))
         np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("boundary", ["zeros", "circular"])
+def test_the_shift_map_holds_uint8_images_as_uint8(boundary):
+    """Streamed on the shift map, a machine built from uint8 images holds them as uint8 on
+    the device (a quarter of float32's bytes; the kernel and the jnp form convert a chunk at
+    a time) and computes what the machine of their float values computes, bit for bit;
+    with a class mask too, and under jax.grad w.r.t. the queries."""
+    u8, unit, x = _uint8_case()
+    mask = np.array([True, True, False, True, True])
+    for kw in ({}, {"mask": mask}):
+        m8 = ej.make_machine("els", u8, scales=[3, 5], boundary=boundary, method="shiftmap", **kw)
+        mf = ej.make_machine("els", unit, scales=[3, 5], boundary=boundary, method="shiftmap",
+                             **kw)
+        for i in (0, 1):
+            assert m8._x0_fns[m8.patch_size(i)].bank.dtype == jnp.uint8
+            np.testing.assert_array_equal(np.asarray(m8.x0(x, 0.3, i)),
+                                          np.asarray(mf.x0(x, 0.3, i)))
+    g8 = jax.grad(lambda x: jnp.sum(m8.x0(x, 0.3, 0) ** 2))(x)
+    gf = jax.grad(lambda x: jnp.sum(mf.x0(x, 0.3, 0) ** 2))(x)
+    np.testing.assert_allclose(np.asarray(g8), np.asarray(gf), atol=1e-6, rtol=0)

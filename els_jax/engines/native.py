@@ -266,7 +266,8 @@ def shiftmap_softmax_state(x, a, b2, images, log_w, k: int, mode: int, weights=N
 
         logit = −(box_k f_d)(i) / (2b²) + log_w[n],   f_d(p) = Σ_c (x(p) − a·y_n(p + d))²,
 
-    value y_n(j). x [B, H, W, C] (raw, not centred); a, b² [B]; images [N, H, W, C]; log_w
+    value y_n(j). x [B, H, W, C] (raw, not centred); a, b² [B]; images [N, H, W, C] (float32,
+    or uint8 pixels, read as (u − 127.5)/127.5 a block at a time: held at a quarter); log_w
     [N] (−inf = absent). ``weights`` [k], optional: the separable window
     weights[δy]·weights[δx] in place of the k×k box (els_soft's Gaussian; direct sums, k
     multiply-adds per output and axis). Returns (max, total, acc): [B, H, W], [B, H, W],
@@ -282,5 +283,6 @@ def shiftmap_softmax_state(x, a, b2, images, log_w, k: int, mode: int, weights=N
     weights = jnp.zeros((0,), jnp.float32) if weights is None else jnp.asarray(weights,
                                                                              jnp.float32)
     return jax.ffi.ffi_call("els_shiftmap_softmax", out, vmap_method="sequential")(
-        x.astype(jnp.float32), coef.astype(jnp.float32), images.astype(jnp.float32),
+        x.astype(jnp.float32), coef.astype(jnp.float32),
+        images if images.dtype == jnp.uint8 else images.astype(jnp.float32),
         log_w.astype(jnp.float32), weights, k=np.int64(k), mode=np.int64(mode))

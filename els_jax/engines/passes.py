@@ -82,14 +82,15 @@ def stream_x0(x, a, b2, images, log_w, mu=None, *, k, boundary, wrap_patches, bl
                 state_of, mesh, (P(), P(), P(), P("cands"), P("cands")))(x, a, b2, images, log_w))
 
         def window_path(x, a, b2, images, log_w, mu):
-            return stream_x0(x, a, b2, images, log_w, mu, k=k, boundary=boundary,
+            return stream_x0(x, a, b2, unit_images(images), log_w, mu, k=k, boundary=boundary,
                              wrap_patches=wrap_patches, block=block, method="window", mesh=mesh)
         # Values from the shift maps, derivatives from the window engine (tested against the
         # reference's): its matmul per chunk differentiates faster than the shift maps' scan
         # over every shift (whose own derivatives are exact as well: tests/test_autodiff.py).
-        mu = jnp.mean(images, axis=(0, 1, 2)) if mu is None else mu
+        mu = jnp.mean(unit_images(images), axis=(0, 1, 2)) if mu is None else mu
         return native.with_reference_derivatives(shift_path, window_path)(
             x, a, b2, images, log_w, mu)
+    images = unit_images(images)          # uint8 pixels: the window and row engines read floats
     if mu is None:
         mu = jnp.mean(images, axis=(0, 1, 2))
     lay = row_lib.row_layout(k, boundary, wrap_patches, h, w) if method == "row" else None

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from els_jax.core.data import unit_images
 from els_jax.engines import interior as interior_lib
 from els_jax.engines import layout as geo
 from els_jax.engines import local as local_lib
@@ -161,7 +162,8 @@ def _probe_inputs(n: int, batch: int, h: int, w: int, c: int, data=None):
     reproducible."""
     rng = np.random.default_rng(0)
     if data is not None and len(data) >= n:
-        images = np.asarray(window_lib.spread_sample(data, n), np.float32).reshape(n, h, w, c)
+        images = np.asarray(unit_images(window_lib.spread_sample(data, n)),
+                            np.float32).reshape(n, h, w, c)
     else:
         images = rng.uniform(-1, 1, (n, h, w, c)).astype(np.float32)
     x = 0.7 * images[rng.integers(0, n, batch)] + 0.7 * rng.normal(size=(batch, h, w, c))

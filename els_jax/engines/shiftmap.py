@@ -175,6 +175,7 @@ def pair_logits(x, a, b2, images, log_w=None, *, k: int, boundary: str = "circul
     with candidate centre (i + dy[s], j + dx[s]) (mod H, W for "circular")."""
     x, a, b2, images, log_w = _prepare(x, a, b2, images, log_w)
     _check(x, images, log_w)
+    images = jnp.asarray(unit_images(images), jnp.float32)
     bsz, h, w, c = x.shape
     mode = resolve_kind(kind, k, h, w, boundary, bool(wrap_patches))
     m = k // 2
@@ -201,7 +202,7 @@ def _over_chunks(state, images, log_w, n_img: int, step):
 
     def chunk_body(state, chunk):
         start, first = chunk
-        imgs = jax.lax.dynamic_slice_in_dim(images, start, n_img)
+        imgs = unit_images(jax.lax.dynamic_slice_in_dim(images, start, n_img))  # uint8: here
         lw = jax.lax.dynamic_slice_in_dim(log_w, start, n_img)
         return step(state, imgs, jnp.where(rows >= first, lw, -jnp.inf)[None, None, None, :]), None
 
@@ -374,7 +375,9 @@ def _prepare(x, a, b2, images, log_w):
     bsz = x.shape[0]
     a = jnp.broadcast_to(jnp.asarray(a, jnp.float32), (bsz,))
     b2 = jnp.broadcast_to(jnp.asarray(b2, jnp.float32), (bsz,))
-    images = jnp.asarray(unit_images(images), jnp.float32)
+    images = jnp.asarray(images)
+    if images.dtype != jnp.uint8:                  # uint8 pixels stay uint8: read per chunk
+        images = jnp.asarray(unit_images(images), jnp.float32)
     if log_w is None:
         log_w = jnp.zeros((images.shape[0],), jnp.float32)
     return x, a, b2, images, jnp.asarray(log_w, jnp.float32)
@@ -408,7 +411,8 @@ def shiftmap_state(x, a, b2, images, log_w=None, *, k: int, boundary: str = "cir
       x: queries [B, H, W, C].
       a, b2: the coefficients a = sqrt(ᾱ), b² = 1 − ᾱ, one per query image [B] (or scalars);
         b² as the machine floors it (not floored here).
-      images: training images [N, H, W, C] (any float dtype; read as float32).
+      images: training images [N, H, W, C]: floats (read as float32), or uint8 pixels, held
+        as uint8 and read as (u − 127.5)/127.5 a chunk at a time (docs/theory.md §9).
       log_w: log prior weight per image [N] (−inf = absent: class masks); default 0.
       k: odd patch size.
       boundary: "circular" or "zeros" (ELS; ignored for kind "local").

@@ -51,6 +51,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from els_jax.core import softmax
+from els_jax.core.data import unit_images
 from els_jax.engines.shiftplan import geometry
 
 __all__ = ["pallas_state", "frame_plan", "DEFAULT_IMAGES_PER_PROGRAM"]
@@ -223,7 +224,7 @@ def _state(x, a, b2, images, log_w, *, k, mode, per_program, interpret):
 
     def chunk_body(state, item):
         start, first = item
-        imgs = jax.lax.dynamic_slice_in_dim(images, start, chunk)
+        imgs = unit_images(jax.lax.dynamic_slice_in_dim(images, start, chunk))  # uint8: here
         lw = jax.lax.dynamic_slice_in_dim(log_w, start, chunk)
         lw = jnp.where(rows >= first, lw, -jnp.inf).reshape(groups, per_program)
         mx, tot, acc = call(*tables, coef, lw, xe, pad_images(imgs))
@@ -239,7 +240,7 @@ def _state(x, a, b2, images, log_w, *, k, mode, per_program, interpret):
 def pallas_state(x, a, b2, images, log_w, *, k: int, mode: str,
                  per_program: int = DEFAULT_IMAGES_PER_PROGRAM, interpret: bool | None = None):
     """``shiftmap.shiftmap_state`` by the Pallas kernel, for prepared arguments (x [B, H, W, C],
-    a, b2 [B], images [N, H, W, C], log_w [N], float32) and a resolved pair rule ``mode``
+    a, b2 [B], images [N, H, W, C] float32 or uint8 pixels, log_w [N], float32) and a resolved pair rule ``mode``
     (``shiftmap.MODES``). interpret: run the kernel in Pallas's interpreter (default: on the
     CPU, where Pallas has no compiler of its own). Forward values only: differentiate through
     ``shiftmap.shiftmap_state``."""

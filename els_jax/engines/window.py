@@ -24,6 +24,7 @@ from els_jax.engines import autotune
 from els_jax.engines import layout as geo
 from els_jax.engines import native
 from els_jax.core import patches, softmax
+from els_jax.core.data import unit_images
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -314,7 +315,8 @@ def estimate_unique_fraction(images, *, k, boundary="circular", wrap_patches=Fal
     Looks at ``first`` images before: a fraction above ``clear`` there means nothing worth
     merging (natural or random images), and is returned as it is (4× less work for every
     patch size of a machine that will not deduplicate anyway)."""
-    samples = {m: np.asarray(spread_sample(images, m), np.float32) for m in (first, sample)}
+    samples = {m: np.asarray(unit_images(spread_sample(images, m)), np.float32)
+               for m in (first, sample)}
 
     def fraction(m):
         sub = samples[m]

@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from els_jax.core import patches, validation
 from els_jax.core import schedules as schedules_lib
-from els_jax.core.data import unit_images
+from els_jax.core.data import UINT8_TO_UNIT, unit_images
 from els_jax.engines import border as els_border
 from els_jax.engines import layout as els_layout
 from els_jax.engines import local as local_engine
@@ -82,11 +82,23 @@ def _split_images(images_j, mesh):
     return jax.device_put(_pad_axis(images_j, pad, 0), split), jax.device_put(log_w, split)
 
 
+def _pixel_mean(u8):
+    """The per-channel mean [C] of uint8 pixels read as (u − 127.5)/127.5, from a histogram
+    (no float copy of the images)."""
+    c = u8.shape[-1]
+    flat = u8.reshape(-1, c)
+    counts = np.stack([np.bincount(flat[:, ch], minlength=256) for ch in range(c)])
+    return counts @ UINT8_TO_UNIT.astype(np.float64) / len(flat)
+
+
 def _stream_fn(images_j, k, boundary, wrap_patches, method, block, unique,
                mesh=None):
     """ELS x̂_0 with candidates streamed straight from the images (no bank); with a ``mesh``
     the images are split over its devices (the data mean stays that of the whole set)."""
-    mu = jnp.mean(images_j, axis=(0, 1, 2))
+    if images_j.dtype == jnp.uint8:       # pixels (the shift map): their mean, as float32
+        mu = jnp.asarray(_pixel_mean(np.asarray(images_j)), jnp.float32)
+    else:
+        mu = jnp.mean(images_j, axis=(0, 1, 2))
     images, log_w = _split_images(images_j, mesh)
     kw = dict(k=k, boundary=boundary, wrap_patches=wrap_patches, block=block, method=method,
               mesh=mesh)
@@ -298,14 +310,20 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
         raise ValueError(f"unknown boundary {boundary!r}; choose one of {patches.BOUNDARIES}")
     schedule = schedules_lib.get(schedule)
     shape = np.shape(images)
-    if len(shape) == 4:      # a host copy in float32 and one on the device, before any bank
-        copies = host_copies(images)
+    # uint8 pixels (docs/theory.md §9) are held as uint8 (a quarter of float32's bytes) and
+    # read as (u − 127.5)/127.5 where they are used: a chunk at a time by the shift-map
+    # engine, the whole set only while a bank is built from them.
+    pixels = np.dtype(getattr(images, "dtype", np.float32)) == np.uint8
+    if len(shape) == 4:      # a host copy and one on the device, before any bank
+        copies = 2 if pixels and not isinstance(images, jax.Array) else host_copies(images)
         validation.check_fits(
-            copies * 4 * int(np.prod(shape)), f"the {shape[0]} training images {shape[1:]} as "
-            "float32" + (", on the host and on the device," if copies == 2 else ","),
+            copies * (1 if pixels else 4) * int(np.prod(shape)),
+            f"the {shape[0]} training images {shape[1:]} as "
+            + ("uint8" if pixels else "float32")
+            + (", on the host and on the device," if copies == 2 else ","),
             "pass fewer images (a subset or a class mask), or run where more memory is free")
     given = images
-    images = np.asarray(unit_images(images), np.float32)
+    images = np.asarray(images) if pixels else np.asarray(unit_images(images), np.float32)
     if images.ndim != 4:
         raise ValueError(f"images must be [N, H, W, C]; got shape {images.shape}")
     if mask is not None:
@@ -320,8 +338,9 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
     if kind in FAMILIES:                  # built once: fit, flat images, masks per t
         start = time.perf_counter()
         with _BackgroundCompiler(compile_for, (h, w, c)) as background:
-            fn = families.family_fn(kind, device_images(given, images), rank=rank, tau=tau, block=block,
-                            chunk=chunk, **scfdm_kw)
+            fn = families.family_fn(kind, device_images(given, np.asarray(
+                unit_images(images), np.float32)), rank=rank, tau=tau, block=block,
+                chunk=chunk, **scfdm_kw)
             background.submit(fn)
         machine = Machine(kind, {None: fn}, None, schedule, None)
         machine.build_seconds = time.perf_counter() - start
@@ -329,7 +348,22 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
     scale_list, k_const = _normalise_scales(kind, scales)
     sizes = sorted(set(scale_list)) if scale_list is not None else [k_const]
     n_shards = 1 if mesh is None else mesh.devices.size
-    images_j = device_images(given, images)
+    cache = {}
+
+    def images_j():                       # the images on the device as float32, once
+        if "j" not in cache:
+            cache["j"] = device_images(given, np.asarray(unit_images(images), np.float32))
+        return cache["j"]
+
+    def stream_images(engine):
+        """What a streamed size reads: uint8 pixels stay uint8 on the device for the shift-map
+        engine (it converts a chunk at a time); every other engine reads float32."""
+        if not (pixels and engine == "shiftmap"):
+            return images_j()
+        if "u8" not in cache:
+            cache["u8"] = (given if isinstance(given, jax.Array) and mask is None
+                           else jnp.asarray(images))
+        return cache["u8"]
 
     def bank_fn(k, ideal=False, method="auto", unique_fraction=None):
         settings = dict(k=k, boundary=boundary, wrap_patches=wrap_patches, dedup=dedup,
@@ -355,8 +389,6 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
                                                           spec=spec, mesh=mesh, block=block)
         return fn
 
-    cache = {}
-
     def images_key():                     # the images' content, hashed once per machine
         if "key" not in cache:
             cache["key"] = bank_cache.content_key(images)
@@ -364,7 +396,7 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
 
     def images_t():                       # the LS layout, transposed once per machine
         if "t" not in cache:
-            cache["t"] = local_engine.transpose_images(images_j)
+            cache["t"] = local_engine.transpose_images(images_j())
         return cache["t"]
 
     start = time.perf_counter()
@@ -429,15 +461,15 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
         if kind == "ideal":
             add(None, bank_fn(0, ideal=True))
         elif kind == "equivariant":
-            add(None, _equivariant_fn(images_j, block, mesh))
+            add(None, _equivariant_fn(images_j(), block, mesh))
         for k, path, choice, unique in plan:
             if path == "local":
                 fn = _local_fn(images_t(), k, block, ls_engine, mesh)
             elif path == "bank":
                 fn = bank_fn(k, method=choice.engine, unique_fraction=unique)
             else:
-                fn = _stream_fn(images_j, k, boundary, wrap_patches, choice.engine, block,
-                                unique, mesh)
+                fn = _stream_fn(stream_images(choice.engine), k, boundary, wrap_patches,
+                                choice.engine, block, unique, mesh)
             fn.why = {"engine": choice.engine, "reason": choice.reason}
             if choice.times:
                 fn.why["times"] = choice.times
