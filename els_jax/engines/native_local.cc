@@ -1187,14 +1187,8 @@ struct ShiftShape {
 // One item: query image b against images [n0, n1), every shift; state over all H·W pixels.
 // CC: the number of channels when at most RowStates::kRegC, else 0 (any C).
 // wk: optional per-axis weights [k] (the window wk[δy]·wk[δx] instead of the k×k box).
-// A training image's pixel as the machines read it: float32 as stored, uint8 u as
-// (u − 127.5)/127.5 (docs/theory.md §9; float division of exact operands, correctly rounded:
-// the same values as core.data.UINT8_TO_UNIT), converted as a block is packed.
-inline float pixel_value(float v) { return v; }
-inline float pixel_value(uint8_t u) { return (static_cast<float>(u) - 127.5f) / 127.5f; }
-
-template <int64_t NB, int64_t CC, typename TI>
-void shift_item(const ShiftShape& s, const float* x, const float* coef, const TI* images,
+template <int64_t NB, int64_t CC>
+void shift_item(const ShiftShape& s, const float* x, const float* coef, const float* images,
                 const float* log_w, const float* wk, int64_t b, int64_t n0, int64_t n1,
                 float* mx, float* tot, float* acc) {
   const int64_t H = s.h, W = s.w, C = CC > 0 ? CC : s.c, k = s.k, m = k / 2, HW = H * W;
@@ -1231,10 +1225,9 @@ void shift_item(const ShiftShape& s, const float* x, const float* coef, const TI
   for (int64_t nb0 = n0; nb0 < n1; nb0 += NB) {
     const int64_t nb = std::min(NB, n1 - nb0);
     for (int64_t j = 0; j < nb; ++j) {
-      const TI* img = images + (nb0 + j) * HW * C;
+      const float* img = images + (nb0 + j) * HW * C;
       for (int64_t px = 0; px < HW; ++px)
-        for (int64_t ch = 0; ch < C; ++ch)
-          pack[(ch * HW + px) * NB + j] = pixel_value(img[px * C + ch]);
+        for (int64_t ch = 0; ch < C; ++ch) pack[(ch * HW + px) * NB + j] = img[px * C + ch];
       lw[j] = log_w[nb0 + j];
     }
     for (int64_t j = nb; j < NB; ++j) {                 // absent images: weight exactly 0
@@ -1374,6 +1367,14 @@ void shift_item(const ShiftShape& s, const float* x, const float* coef, const TI
   states.write(mx, tot, acc);
 }
 
+// uint8 pixels u → (u − 127.5)/127.5 into ``out`` (resized to ``count``). Not inlined: the
+// shift-map items' code stays as it is for float32 images.
+__attribute__((noinline)) void convert_pixels(const uint8_t* src, int64_t count,
+                                              std::vector<float>& out) {
+  out.resize(count);
+  for (int64_t e = 0; e < count; ++e) out[e] = (static_cast<float>(src[e]) - 127.5f) / 127.5f;
+}
+
 ffi::Error ShiftCall(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x,
                      const ffi::Buffer<ffi::F32>& coef, const ffi::AnyBuffer& images,
                      const ffi::Buffer<ffi::F32>& log_w, const float* wk, int64_t k,
@@ -1400,37 +1401,42 @@ ffi::Error ShiftCall(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x,
   const Shape s{ss.b, ss.h, ss.w, ss.c, ss.n, k};
   const float *xp = x.typed_data(), *cp = coef.typed_data();
   const float* lp = log_w.typed_data();
-  auto run = [&](const auto* ip) {
-    run_items(pool, s, ss.h * ss.w, kShiftBlock,
-              [&](int64_t b, int64_t n0, int64_t n1, float* mx, float* tot, float* acc) {
-                constexpr int64_t NB = kShiftBlock;
-                switch (ss.c) {
-                  case 1: return shift_item<NB, 1>(ss, xp, cp, ip, lp, wk, b, n0, n1, mx, tot, acc);
-                  case 2: return shift_item<NB, 2>(ss, xp, cp, ip, lp, wk, b, n0, n1, mx, tot, acc);
-                  case 3: return shift_item<NB, 3>(ss, xp, cp, ip, lp, wk, b, n0, n1, mx, tot, acc);
-                  case 4: return shift_item<NB, 4>(ss, xp, cp, ip, lp, wk, b, n0, n1, mx, tot, acc);
-                  default: return shift_item<NB, 0>(ss, xp, cp, ip, lp, wk, b, n0, n1, mx, tot, acc);
-                }
-              },
-              out_max->typed_data(), out_total->typed_data(), out_acc->typed_data());
-  };
-  // Images float32, or uint8 held as they came (a quarter of the memory), converted per block.
-  if (images.element_type() == ffi::DataType::F32) {
-    run(static_cast<const float*>(images.untyped_data()));
-  } else if (images.element_type() == ffi::DataType::U8) {
-    run(static_cast<const uint8_t*>(images.untyped_data()));
-  } else {
+  const bool u8 = images.element_type() == ffi::DataType::U8;
+  if (!u8 && images.element_type() != ffi::DataType::F32) {
     return ffi::Error::InvalidArgument("images must be float32 or uint8");
   }
+  const int64_t per_image = ss.h * ss.w * ss.c;
+  run_items(pool, s, ss.h * ss.w, kShiftBlock,
+            [&](int64_t b, int64_t n0, int64_t n1, float* mx, float* tot, float* acc) {
+              constexpr int64_t NB = kShiftBlock;
+              const float* ip = static_cast<const float*>(images.untyped_data());
+              const float* lw = lp;
+              std::vector<float> converted;
+              if (u8) {
+                // uint8 pixels (held at a quarter of float32's bytes) read as (u − 127.5)/127.5
+                // (docs/theory.md §9; float division of exact operands, correctly rounded: the
+                // values of core.data.UINT8_TO_UNIT), the item's images at a time. One
+                // instantiation of shift_item for both: a second (uint8) one made GCC inline
+                // less of the first, and circular k = 7 took 6–11 % longer.
+                convert_pixels(static_cast<const uint8_t*>(images.untyped_data()) +
+                                   n0 * per_image, (n1 - n0) * per_image, converted);
+                ip = converted.data();                   // images n0 … n1 − 1 as 0 … n1 − n0 − 1
+                lw = lp + n0;
+                n1 -= n0;
+                n0 = 0;
+              }
+              switch (ss.c) {
+                case 1: return shift_item<NB, 1>(ss, xp, cp, ip, lw, wk, b, n0, n1, mx, tot, acc);
+                case 2: return shift_item<NB, 2>(ss, xp, cp, ip, lw, wk, b, n0, n1, mx, tot, acc);
+                case 3: return shift_item<NB, 3>(ss, xp, cp, ip, lw, wk, b, n0, n1, mx, tot, acc);
+                case 4: return shift_item<NB, 4>(ss, xp, cp, ip, lw, wk, b, n0, n1, mx, tot, acc);
+                default: return shift_item<NB, 0>(ss, xp, cp, ip, lw, wk, b, n0, n1, mx, tot, acc);
+              }
+            },
+            out_max->typed_data(), out_total->typed_data(), out_acc->typed_data());
   return ffi::Error::Success();
 }
 
-// x [B, H, W, C], coef [B, 2] = (a, b²), images [N, H, W, C] (float32, or uint8 pixels read as
-// (u − 127.5)/127.5), log_w [N], weights [k] or [0];
-// attributes k (odd) and mode (0 local, 1 zeros, 2 circular, 3 wrap) → max [B, H, W],
-// total [B, H, W], acc [B, H, W, C]. weights [k]: the separable window w[δy]·w[δx] in place
-// of the k×k box (the pair's distance Σ_δ w[δy]·w[δx]·f_d(i + δ); els_soft's Gaussian);
-// weights [0]: the box.
 ffi::Error ShiftMapImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                         ffi::Buffer<ffi::F32> coef, ffi::AnyBuffer images,
                         ffi::Buffer<ffi::F32> log_w, ffi::Buffer<ffi::F32> weights, int64_t k,
