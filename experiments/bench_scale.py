@@ -22,8 +22,8 @@ wall time including bank building and compilation.
 
 Every case runs in a process of its own, so its peak memory is its own: ``peak_rss_GB`` is the
 child's maximum resident set (``ru_maxrss``; on an accelerator also the device's
-``peak_bytes_in_use``), ``images_GB`` the images' own float32 bytes, ``over_images_GB`` the
-difference (issue 23's bound: ≤ 2 GB).
+``peak_bytes_in_use``), ``images_GB`` the images' own bytes (float32; uint8 with ``--uint8``,
+docs/theory.md §9), ``over_images_GB`` the difference (issue 23's bound: ≤ 2 GB).
 
 Per row: seconds, ``pairs`` (the (query pixel, candidate) pairs that exist by docs/theory.md
 §2's pair rule: per axis of length n with m = k//2, zeros (n − 2m)² + 2m, circular n·(n − 2m),
@@ -65,21 +65,27 @@ def pairs(shape, k: int, boundary: str, batch: int) -> int:
     return batch * n * axis_pairs(h, k, boundary) * axis_pairs(w, k, boundary)
 
 
-def _images(shape, seed=0):
+def _images(shape, seed=0, uint8=False):
     """Synthetic images as a float32 jax array holding the only copy: filled a chunk at a
     time in a 64-byte-aligned host buffer, which ``jax.device_put`` adopts on a CPU without
-    copying (a machine holds a jax array as it is: ``machines.base.device_images``)."""
+    copying (a machine holds a jax array as it is: ``machines.base.device_images``). With
+    ``uint8``: the same pixels as uint8 (docs/theory.md §9: machines hold them as they are
+    where the shift map streams them)."""
     import jax
     import numpy as np
+
+    from els_jax.core.data import UINT8_TO_UNIT
     rng = np.random.default_rng(seed)
-    size = int(np.prod(shape)) * 4
+    item = 1 if uint8 else 4
+    size = int(np.prod(shape)) * item
     raw = np.empty(size + 64, np.uint8)
     start = (-raw.ctypes.data) % 64
-    out = raw[start:start + size].view(np.float32).reshape(shape)
+    out = raw[start:start + size].view(np.uint8 if uint8 else np.float32).reshape(shape)
     step = max(1, (1 << 26) // max(1, int(np.prod(shape[1:]))))
     for s in range(0, shape[0], step):               # a chunk at a time: no second copy
         e = min(shape[0], s + step)
-        out[s:e] = rng.integers(0, 256, (e - s,) + tuple(shape[1:])) / 127.5 - 1.0
+        u = rng.integers(0, 256, (e - s,) + tuple(shape[1:]), dtype=np.uint8)
+        out[s:e] = u if uint8 else UINT8_TO_UNIT[u]
     return jax.device_put(out)
 
 
@@ -105,7 +111,7 @@ def run_case(case: dict) -> dict:
 
     shape = tuple(case["shape"])
     n, h, w, c = shape
-    images = _images(shape)
+    images = _images(shape, uint8=case.get("uint8", False))
     out = dict(case, images_GB=round(images.nbytes / 2**30, 3))
     key = jax.random.PRNGKey(0)
     if case["kind"] == "call":
@@ -177,9 +183,10 @@ def cases(args):
             for k in args.ks:
                 for batch in args.batches:
                     yield {"kind": "call", "shape": shape, "data": name, "k": k,
-                           "boundary": boundary, "batch": batch}
+                           "boundary": boundary, "batch": batch, "uint8": args.uint8}
         if not args.no_sample:
-            yield {"kind": "sample", "shape": shape, "data": name, "scales": UNET_SCALES}
+            yield {"kind": "sample", "shape": shape, "data": name, "scales": UNET_SCALES,
+                   "uint8": args.uint8}
 
 
 def table(path: str) -> str:
@@ -212,6 +219,8 @@ def main(argv=None):
     p.add_argument("--batches", type=lambda s: [int(v) for v in s.split(",")], default=[1, 16])
     p.add_argument("--no-sample", action="store_true", help="skip the 20-step samples")
     p.add_argument("--no-calls", action="store_true", help="only the 20-step samples")
+    p.add_argument("--uint8", action="store_true",
+                   help="images as uint8 pixels (held as uint8 by the shift map) instead of float32")
     p.add_argument("--out", help="also append the JSON lines to this file")
     p.add_argument("--case", help=argparse.SUPPRESS)            # one case, in a child process
     p.add_argument("--table", help="print a Markdown table of a JSON-lines file and exit")

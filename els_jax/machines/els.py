@@ -52,16 +52,27 @@ from els_jax.machines import local as local_lib
 __all__ = ["els_score", "els_x0", "els_x0_at", "build_bank"]
 
 
+def _held(images):
+    """The images as the engines take them: uint8 pixels as they are (the shift map reads
+    them a chunk at a time, docs/theory.md §9; the other engines convert them), anything else
+    as float32 (``unit_images`` rejects other integer types)."""
+    if np.dtype(images.dtype) == np.uint8:
+        return jnp.asarray(images)
+    return jnp.asarray(unit_images(images), jnp.float32)
+
+
 def els_x0_at(x, coeffs, images, log_w, *, k: int, boundary: str = "circular",
               wrap_patches: bool = False, block: int = DEFAULT_BLOCK, method: str = "auto"):
     """ELS x̂_0 [B, H, W, C] from the coefficients a, b² [B] (``schedules.query_coefficients``)
-    and log weights [N] (−inf = absent image). ``els_x0`` and ``els_score`` call it."""
+    and log weights [N] (−inf = absent image); images float32, or uint8 pixels. ``els_x0``
+    and ``els_score`` call it."""
     h, w = x.shape[1], x.shape[2]
     k = geo.check_k(k, h, w, boundary, wrap_patches)
     if boundary not in patches.BOUNDARIES:
         raise ValueError(f"unknown boundary {boundary!r}; choose one of {patches.BOUNDARIES}")
     if boundary == "zeros" and k >= min(h, w):       # docs §2: zero-padded ELS with k ≥ H is LS
-        return local_lib.local_x0_at(x, coeffs, images, log_w, k=k)
+        return local_lib.local_x0_at(x, coeffs, jnp.asarray(unit_images(images), jnp.float32),
+                                     log_w, k=k)
     method = select.resolve_els_engine(
         method, k, x.shape[3], h, boundary, w=w, wrap_patches=bool(wrap_patches),
         n=images.shape[0], batch=x.shape[0], block=int(block)).engine
@@ -76,7 +87,7 @@ def els_x0(x, t, images, *, k: int, boundary: str = "circular", wrap_patches: bo
     check_query_and_images(x, images)
     x = jnp.asarray(x, jnp.float32)
     coeffs = schedules_lib.query_coefficients(t, x.shape[0], schedule)
-    return els_x0_at(x, coeffs, jnp.asarray(unit_images(images), jnp.float32),
+    return els_x0_at(x, coeffs, _held(images),
                      mask_log_weights(mask, images.shape[0]), k=k, boundary=boundary,
                      wrap_patches=wrap_patches, block=block, method=method)
 
@@ -108,7 +119,7 @@ def els_score(x, t, images, *, k: int, boundary: str = "circular", wrap_patches:
     check_query_and_images(x, images)
     x = jnp.asarray(x, jnp.float32)
     coeffs = schedules_lib.query_coefficients(t, x.shape[0], schedule)
-    x0 = els_x0_at(x, coeffs, jnp.asarray(unit_images(images), jnp.float32),
+    x0 = els_x0_at(x, coeffs, _held(images),
                    mask_log_weights(mask, images.shape[0]), k=k, boundary=boundary,
                    wrap_patches=wrap_patches, block=block, method=method)
     return conversions.x0_to_score_at(x0, x, coeffs)

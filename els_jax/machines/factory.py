@@ -92,12 +92,11 @@ def _pixel_mean(u8):
 
 
 def _stream_fn(images_j, k, boundary, wrap_patches, method, block, unique,
-               mesh=None):
+               mesh=None, mu=None):
     """ELS x̂_0 with candidates streamed straight from the images (no bank); with a ``mesh``
-    the images are split over its devices (the data mean stays that of the whole set)."""
-    if images_j.dtype == jnp.uint8:       # pixels (the shift map): their mean, as float32
-        mu = jnp.asarray(_pixel_mean(np.asarray(images_j)), jnp.float32)
-    else:
+    the images are split over its devices (the data mean stays that of the whole set).
+    mu: the data mean [C] (default: of ``images_j``, which must then be float)."""
+    if mu is None:
         mu = jnp.mean(images_j, axis=(0, 1, 2))
     images, log_w = _split_images(images_j, mesh)
     kw = dict(k=k, boundary=boundary, wrap_patches=wrap_patches, block=block, method=method,
@@ -355,6 +354,11 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
             cache["j"] = device_images(given, np.asarray(unit_images(images), np.float32))
         return cache["j"]
 
+    def pixel_mean():                     # uint8 pixels' mean [C], once per machine
+        if "mu8" not in cache:
+            cache["mu8"] = jnp.asarray(_pixel_mean(images), jnp.float32)
+        return cache["mu8"]
+
     def stream_images(engine):
         """What a streamed size reads: uint8 pixels stay uint8 on the device for the shift-map
         engine (it converts a chunk at a time); every other engine reads float32."""
@@ -468,8 +472,9 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
             elif path == "bank":
                 fn = bank_fn(k, method=choice.engine, unique_fraction=unique)
             else:
-                fn = _stream_fn(stream_images(choice.engine), k, boundary, wrap_patches,
-                                choice.engine, block, unique, mesh)
+                src = stream_images(choice.engine)
+                fn = _stream_fn(src, k, boundary, wrap_patches, choice.engine, block, unique,
+                                mesh, pixel_mean() if src.dtype == jnp.uint8 else None)
             fn.why = {"engine": choice.engine, "reason": choice.reason}
             if choice.times:
                 fn.why["times"] = choice.times
