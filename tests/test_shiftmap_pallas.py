@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import els_jax as ej
 from els_jax.core import softmax
 from els_jax.engines import autotune
 from els_jax.engines import shiftmap as sm
@@ -191,3 +192,28 @@ def test_frame_plan_box_matrices_sum_exactly_the_windows():
         for j in range(plan["Wp"]):
             want = f[i:i + k, j:j + k].sum() if (i < h and j < w) else 0.0
             assert abs(box[i, j] - want) < 1e-12
+
+
+@pytest.mark.parametrize("boundary,wrap", [("zeros", False), ("circular", False),
+                                           ("circular", True)])
+def test_els_soft_window_equals_the_xla_form(boundary, wrap):
+    """The Gaussian window (the banded matrices weighted by g₁(δ)): els_soft by the Pallas
+    kernel equals its XLA matmul form, functional and as a machine, and its derivative in σ
+    (the XLA form's, through ``with_reference_derivatives``) is the XLA form's."""
+    x, images, a, b2 = _data(2)
+    kw = dict(sigma=1.2, k_max=5, boundary=boundary, wrap_patches=wrap)
+    got = np.asarray(ej.els_soft_x0(x, 0.3, images, engine="pallas", **kw))
+    want = np.asarray(ej.els_soft_x0(x, 0.3, images, engine="xla", **kw))
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+    if boundary == "zeros":
+        m = ej.make_machine("els_soft", images, sigmas=[0.8, 1.5], k_max=3, method="pallas")
+        mx = ej.make_machine("els_soft", images, sigmas=[0.8, 1.5], k_max=3, method="xla")
+        assert m.explain()[3]["engine"] == "soft_pallas"
+        for i in (0, 1):
+            np.testing.assert_allclose(np.asarray(m.x0(x, 0.4, i)), np.asarray(mx.x0(x, 0.4, i)),
+                                       atol=2e-5, rtol=0)
+        d = jax.grad(lambda s: jnp.sum(ej.els_soft_x0(x, 0.3, images, engine="pallas",
+                                                      **{**kw, "sigma": s}) ** 2))(1.2)
+        dx = jax.grad(lambda s: jnp.sum(ej.els_soft_x0(x, 0.3, images, engine="xla",
+                                                       **{**kw, "sigma": s}) ** 2))(1.2)
+        np.testing.assert_allclose(float(d), float(dx), rtol=1e-4)

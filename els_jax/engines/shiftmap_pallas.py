@@ -94,8 +94,13 @@ def frame_plan(h: int, w: int, k: int, mode: str):
     ky = ((i < h) & (r >= i) & (r < i + k)).astype(np.float32)
     c, j = np.arange(big_q)[:, None], np.arange(wp)[None, :]
     kx = ((j < w) & (c >= j) & (c < j + k)).astype(np.float32)
+    # The window's offset δ = r − i (rows) and c − j (columns) of each band entry, for a
+    # weighted window w[δy]·w[δx] (els_soft's Gaussian) in place of the box.
+    ky_off = np.clip(r - i, 0, k - 1).astype(np.int32)
+    kx_off = np.clip(c - j, 0, k - 1).astype(np.int32)
     return dict(oy=oy.astype(np.int32), ox=ox.astype(np.int32), vy=vy_p, vx=vx_p, ky=ky,
-                kx=kx, P=big_p, Q=big_q, Hp=hp, Wp=wp, pad_y=pad_y, pad_x=pad_x,
+                kx=kx, ky_off=ky_off, kx_off=kx_off,
+                P=big_p, Q=big_q, Hp=hp, Wp=wp, pad_y=pad_y, pad_x=pad_x,
                 ext_y=ext_y, ext_x=ext_x, rows=rows, cols=cols)
 
 
@@ -154,7 +159,7 @@ def _merge_groups(mx, tot, acc):
 
 
 @functools.partial(jax.jit, static_argnames=("k", "mode", "per_program", "interpret"))
-def _state(x, a, b2, images, log_w, *, k, mode, per_program, interpret):
+def _state(x, a, b2, images, log_w, weights, *, k, mode, per_program, interpret):
     bsz, h, w, c = x.shape
     n = images.shape[0]
     m = k // 2
@@ -204,7 +209,14 @@ def _state(x, a, b2, images, log_w, *, k, mode, per_program, interpret):
         interpret=interpret,
         name="els_shiftmap",
     )
-    tables = tuple(jnp.asarray(plan[key]) for key in ("oy", "ox", "vy", "vx", "ky", "kx"))
+    # The banded matrices: 0/1 for the box; w[δ] on the band for a weighted window.
+    if weights is None:
+        ky, kx = jnp.asarray(plan["ky"]), jnp.asarray(plan["kx"])
+    else:
+        weights = jnp.asarray(weights, jnp.float32)
+        ky = jnp.asarray(plan["ky"]) * weights[jnp.asarray(plan["ky_off"])]
+        kx = jnp.asarray(plan["kx"]) * weights[jnp.asarray(plan["kx_off"])]
+    tables = tuple(jnp.asarray(plan[key]) for key in ("oy", "ox", "vy", "vx")) + (ky, kx)
 
     def pad_images(imgs):
         """[n, H, W, C] → [n, C, rows, cols]: extended as the rule extends candidates
@@ -237,14 +249,16 @@ def _state(x, a, b2, images, log_w, *, k, mode, per_program, interpret):
                                 state.acc[:, :h, :w, :])
 
 
-def pallas_state(x, a, b2, images, log_w, *, k: int, mode: str,
+def pallas_state(x, a, b2, images, log_w, *, k: int, mode: str, weights=None,
                  per_program: int = DEFAULT_IMAGES_PER_PROGRAM, interpret: bool | None = None):
     """``shiftmap.shiftmap_state`` by the Pallas kernel, for prepared arguments (x [B, H, W, C],
     a, b2 [B], images [N, H, W, C] float32 or uint8 pixels, log_w [N], float32) and a resolved pair rule ``mode``
     (``shiftmap.MODES``). interpret: run the kernel in Pallas's interpreter (default: on the
-    CPU, where Pallas has no compiler of its own). Forward values only: differentiate through
-    ``shiftmap.shiftmap_state``."""
+    CPU, where Pallas has no compiler of its own). weights [k], optional: the separable
+    window weights[δy]·weights[δx] in place of the k×k box (els_soft's Gaussian,
+    ``soft.axis_weights``). Forward values only: differentiate through
+    ``shiftmap.shiftmap_state`` (or ``soft.pallas_x0``)."""
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    return _state(x, a, b2, images, log_w, k=int(k), mode=mode, per_program=int(per_program),
-                  interpret=bool(interpret))
+    return _state(x, a, b2, images, log_w, weights, k=int(k), mode=mode,
+                  per_program=int(per_program), interpret=bool(interpret))

@@ -44,7 +44,8 @@ from els_jax.engines import layout as els_layout, native, shiftmap, window as el
 
 __all__ = ["gaussian_window", "axis_weights", "soft_groups", "restrict_groups",
            "computed_pixels", "pixel_units", "pair_count", "sample_pixels", "check_k_max",
-           "ENGINES", "resolve_engine", "shiftmap_x0", "stream_x0", "SoftBank", "SoftSpec",
+           "ENGINES", "resolve_engine", "shiftmap_x0", "stream_x0", "pallas_x0", "SoftBank",
+           "SoftSpec",
            "build_soft_bank", "soft_bank_x0"]
 
 _HI = jax.lax.Precision.HIGHEST
@@ -246,16 +247,23 @@ def _halve_to_block(chunk: int, per_candidate: int, block: int) -> int:
 # derivatives from the XLA stream (``native.with_reference_derivatives``).
 # "xla": the matmul form below, from a bank of candidate windows when it fits ``bank_bytes``
 # (else streamed from the images): k_max²·C multiply-adds per pair; any backend.
+# "pallas": the shift-map form as the Pallas kernel (``shiftmap_pallas.py``, its banded box
+# matrices weighted by the Gaussian): for GPUs and TPUs, asked for explicitly (it has run here
+# only in Pallas's interpreter, which is what engine="pallas" runs on a CPU); no bank;
+# derivatives from the XLA stream.
 # "auto" = "shiftmap" when the kernels build and the default device is a CPU, else "xla".
 # Measured on mnist5k (N = 5000, 32×32×1, k_max = 9, zeros; experiments/bench_soft.py):
 # see the README's els_soft section.
-ENGINES = ("auto", "shiftmap", "xla")
+ENGINES = ("auto", "shiftmap", "xla", "pallas")
 
 
 def resolve_engine(engine: str) -> str:
-    """"shiftmap" or "xla" for ``engine`` (one of ``ENGINES``) on this process's devices."""
+    """"shiftmap", "xla" or "pallas" for ``engine`` (one of ``ENGINES``) on this process's
+    devices."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
+    if engine == "pallas":
+        return "pallas"
     on_cpu = jax.default_backend() == "cpu"
     if engine == "shiftmap":
         if not native.available():
@@ -296,6 +304,35 @@ def shiftmap_x0(x, a, b2, sigma, images, log_w, mu, *, k, boundary, wrap_patches
 
     fused = native.kernel_on_cpu(kern, xla)
     return native.with_reference_derivatives(fused, xla)(x, a, b2, sigma, images, log_w, mu)
+
+
+def pallas_values_x0(x, a, b2, sigma, images, log_w, mu, *, k, boundary, wrap_patches,
+                     block, pixels=None):
+    """x̂_0 by the Pallas kernel over all pixels (values only; with ``pixels``: 0 outside
+    ``computed_pixels``, as the XLA form). In Pallas's interpreter on a CPU."""
+    del block, mu                          # the map sums squares directly: no centring
+    bsz, h, w, c = x.shape
+    mode = shiftmap.resolve_kind("els", k, h, w, boundary, wrap_patches)
+    state = shiftmap.shiftmap_pallas().pallas_state(x, a, b2, images, log_w, k=k, mode=mode,
+                                                    weights=axis_weights(sigma, k))
+    x0 = softmax.finalize(state)
+    if pixels is not None:
+        on = np.zeros(h * w, bool)
+        on[computed_pixels(k, boundary, wrap_patches, h, w, pixels)] = True
+        x0 = jnp.where(jnp.asarray(on.reshape(1, h, w, 1)), x0, 0.0)
+    return x0
+
+
+@functools.partial(jax.jit, static_argnames=("k", "boundary", "wrap_patches", "block",
+                                             "pixels"))
+def pallas_x0(x, a, b2, sigma, images, log_w, mu, *, k, boundary, wrap_patches, block,
+              pixels=None):
+    """x̂_0 [B, H, W, C]: values from the Pallas kernel, derivatives from the XLA stream
+    (``stream_x0``; the same function)."""
+    kw = dict(k=k, boundary=boundary, wrap_patches=wrap_patches, block=block, pixels=pixels)
+    return native.with_reference_derivatives(
+        functools.partial(pallas_values_x0, **kw), functools.partial(stream_x0, **kw))(
+        x, a, b2, sigma, images, log_w, mu)
 
 
 # ----------------------------------------------------------------------------------------

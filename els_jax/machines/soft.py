@@ -47,7 +47,7 @@ from els_jax.core.data import unit_images
 from els_jax.engines import layout as els_layout
 from els_jax.engines.soft import (ENGINES, SoftBank, SoftSpec, axis_weights, build_soft_bank,
                                   check_k_max, computed_pixels, gaussian_window, pair_count,
-                                  resolve_engine, sample_pixels, shiftmap_x0,
+                                  pallas_x0, resolve_engine, sample_pixels, shiftmap_x0,
                                   soft_bank_x0, soft_groups, stream_x0)
 from els_jax.machines.base import Machine, device_images
 
@@ -55,6 +55,10 @@ __all__ = ["els_soft_x0", "els_soft_score", "gaussian_window", "axis_weights", "
            "resolve_engine", "ENGINES", "pair_count",
            "soft_groups", "SoftBank", "SoftSpec", "build_soft_bank", "soft_bank_x0",
            "SoftMachine", "make_soft_machine"]
+
+
+# The streamed forms by ``resolve_engine``'s answer (a bank is the "xla" form's alternative).
+_RUN = {"shiftmap": shiftmap_x0, "xla": stream_x0, "pallas": pallas_x0}
 
 
 def sigma_for_scale(k: int) -> float:
@@ -96,7 +100,8 @@ def els_soft_x0(x: Float[Array, "b h w c"], t, images: Float[Array, "n h w c"], 
       mask: optional boolean [N] selecting candidate images (class-conditional).
       schedule: a Schedule or its name.
       block: logits per streamed chunk (memory knob only).
-      engine: "auto", "shiftmap" or "xla" (``ENGINES``: the same values to float32 rounding).
+      engine: "auto", "shiftmap", "xla" or "pallas" (the Pallas kernel for GPUs and TPUs; in
+        the interpreter on a CPU) (``ENGINES``: the same values to float32 rounding).
 
         >>> x0 = els_soft_x0(x, 0.4, images, sigma=1.5, k_max=7, boundary="zeros")
         >>> dx0_dsigma = jax.jacfwd(lambda s: els_soft_x0(x, 0.4, images, sigma=s, k_max=7))(1.5)
@@ -109,7 +114,7 @@ def els_soft_x0(x: Float[Array, "b h w c"], t, images: Float[Array, "n h w c"], 
     log_w = mask_log_weights(mask, images.shape[0])
     x = jnp.asarray(x, jnp.float32)
     coeffs = schedules_lib.query_coefficients(t, x.shape[0], schedule)
-    run = shiftmap_x0 if resolve_engine(engine) == "shiftmap" else stream_x0
+    run = _RUN[resolve_engine(engine)]
     return run(x, coeffs.a, coeffs.b2, sigma, images, log_w, jnp.mean(images, axis=(0, 1, 2)),
                k=k, boundary=boundary, wrap_patches=bool(wrap_patches), block=int(block))
 
@@ -250,8 +255,9 @@ def make_soft_machine(images, *, sigmas: float | Sequence[float], k_max: int,
         ``els_window.estimate_unique_fraction``, as the ELS machine does).
       block: logits per streamed chunk. bank_bytes: the largest bank to precompute; above it
         candidates are streamed from the images at every call (memory independent of N).
-      engine: "auto", "shiftmap" (the fused CPU kernel from the images: no bank) or "xla"
-        (bank or stream); ``ENGINES``.
+      engine: "auto", "shiftmap" (the fused CPU kernel from the images: no bank), "xla"
+        (bank or stream) or "pallas" (the Pallas kernel from the images, for GPUs and TPUs;
+        interpreted on a CPU); ``ENGINES``.
       compile_for: optional queries [B, H, W, C]: compile now (one executable for all steps).
       mesh: not supported (candidate sharding is for the hard-window machines).
     """
@@ -273,8 +279,8 @@ def make_soft_machine(images, *, sigmas: float | Sequence[float], k_max: int,
     k = check_k_max(k_max, h, w, boundary, wrap_patches)
     start = time.perf_counter()
     n_cands = sum(gp.cand_pixels.size for gp in soft_groups(k, boundary, wrap_patches, h, w))
-    use_kernel = resolve_engine(engine) == "shiftmap"
-    if not use_kernel and n * n_cands * (k * k * c + c + 1) * 4 <= bank_bytes:
+    path = resolve_engine(engine)
+    if path == "xla" and n * n_cands * (k * k * c + c + 1) * 4 <= bank_bytes:
         bank, spec = build_soft_bank(images, k_max=k, boundary=boundary,
                                      wrap_patches=wrap_patches, dedup=dedup,
                                      dedup_threshold=dedup_threshold, block=block)
@@ -296,7 +302,7 @@ def make_soft_machine(images, *, sigmas: float | Sequence[float], k_max: int,
         mu = jnp.mean(images_j, axis=(0, 1, 2))
         log_w = jnp.zeros((n,), jnp.float32)
         kw = dict(k=k, boundary=boundary, wrap_patches=bool(wrap_patches), block=block)
-        run = shiftmap_x0 if use_kernel else stream_x0
+        run = _RUN[path]
 
         def pure(x, coeffs, sigma, arrays, pixels=None):
             return run(jnp.asarray(x, jnp.float32), coeffs.a, coeffs.b2, sigma, *arrays,
@@ -308,8 +314,8 @@ def make_soft_machine(images, *, sigmas: float | Sequence[float], k_max: int,
         fn.lower = lambda x, coeffs, sigma: run.lower(
             jnp.asarray(x, jnp.float32), coeffs.a, coeffs.b2, jnp.float32(sigma), images_j,
             log_w, mu, **kw)
-        info = {"engine": "soft_shiftmap" if use_kernel else "soft", "bank": False,
-                "unique_fraction": 1.0}
+        info = {"engine": {"shiftmap": "soft_shiftmap", "pallas": "soft_pallas"}.get(
+                    path, "soft"), "bank": False, "unique_fraction": 1.0}
     fn.info = info
     soft = SoftMachine(fn, sigma_list, sigma_const, k, schedule, info, boundary, wrap_patches)
     if compile_for is not None:
