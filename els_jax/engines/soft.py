@@ -275,21 +275,35 @@ def resolve_engine(engine: str) -> str:
     return "xla"
 
 
-def shiftmap_kernel_x0(x, a, b2, sigma, images, log_w, mu, *, k, boundary, wrap_patches,
-                        block, pixels=None):
-    """x̂_0 by the shift-map kernel over all pixels (with ``pixels``: 0 outside
-    ``computed_pixels``, as the XLA form)."""
-    del block, mu                          # the map sums squares directly: no centring
-    bsz, h, w, c = x.shape
+def _shift_form_x0(form, x, a, b2, sigma, images, log_w, *, k, boundary, wrap_patches,
+                   pixels):
+    """x̂_0 of the shift-map form (docs/theory.md §9.3, the box weighted by g₁(δy)·g₁(δx)) by
+    ``form``: "kernel" (the fused CPU kernel) or "pallas" (``shiftmap_pallas``); over all
+    pixels, or with ``pixels`` 0 outside ``computed_pixels`` (as the XLA form). The map sums
+    squares directly: no centring on μ."""
+    h, w = x.shape[1], x.shape[2]
     mode = shiftmap.resolve_kind("els", k, h, w, boundary, wrap_patches)
-    mx, tot, acc = native.shiftmap_softmax_state(
-        x, a, b2, images, log_w, k, shiftmap.MODES.index(mode), weights=axis_weights(sigma, k))
-    x0 = softmax.finalize(softmax.SoftmaxState(mx, tot, acc))
+    weights = axis_weights(sigma, k)
+    if form == "kernel":
+        state = softmax.SoftmaxState(*native.shiftmap_softmax_state(
+            x, a, b2, images, log_w, k, shiftmap.MODES.index(mode), weights=weights))
+    else:
+        state = shiftmap.shiftmap_pallas().pallas_state(x, a, b2, images, log_w, k=k,
+                                                        mode=mode, weights=weights)
+    x0 = softmax.finalize(state)
     if pixels is not None:
         on = np.zeros(h * w, bool)
         on[computed_pixels(k, boundary, wrap_patches, h, w, pixels)] = True
         x0 = jnp.where(jnp.asarray(on.reshape(1, h, w, 1)), x0, 0.0)
     return x0
+
+
+def shiftmap_kernel_x0(x, a, b2, sigma, images, log_w, mu, *, k, boundary, wrap_patches,
+                        block, pixels=None):
+    """x̂_0 by the shift-map kernel over all pixels (``_shift_form_x0``)."""
+    del block, mu
+    return _shift_form_x0("kernel", x, a, b2, sigma, images, log_w, k=k, boundary=boundary,
+                          wrap_patches=wrap_patches, pixels=pixels)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "boundary", "wrap_patches", "block",
@@ -308,19 +322,11 @@ def shiftmap_x0(x, a, b2, sigma, images, log_w, mu, *, k, boundary, wrap_patches
 
 def pallas_values_x0(x, a, b2, sigma, images, log_w, mu, *, k, boundary, wrap_patches,
                      block, pixels=None):
-    """x̂_0 by the Pallas kernel over all pixels (values only; with ``pixels``: 0 outside
-    ``computed_pixels``, as the XLA form). In Pallas's interpreter on a CPU."""
-    del block, mu                          # the map sums squares directly: no centring
-    bsz, h, w, c = x.shape
-    mode = shiftmap.resolve_kind("els", k, h, w, boundary, wrap_patches)
-    state = shiftmap.shiftmap_pallas().pallas_state(x, a, b2, images, log_w, k=k, mode=mode,
-                                                    weights=axis_weights(sigma, k))
-    x0 = softmax.finalize(state)
-    if pixels is not None:
-        on = np.zeros(h * w, bool)
-        on[computed_pixels(k, boundary, wrap_patches, h, w, pixels)] = True
-        x0 = jnp.where(jnp.asarray(on.reshape(1, h, w, 1)), x0, 0.0)
-    return x0
+    """x̂_0 by the Pallas kernel over all pixels (``_shift_form_x0``; values only). In Pallas's
+    interpreter on a CPU."""
+    del block, mu
+    return _shift_form_x0("pallas", x, a, b2, sigma, images, log_w, k=k, boundary=boundary,
+                          wrap_patches=wrap_patches, pixels=pixels)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "boundary", "wrap_patches", "block",
