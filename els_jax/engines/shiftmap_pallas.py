@@ -16,7 +16,7 @@ every shift: each (image, shift) step reads one window of y and writes nothing.
 
 How the program is laid out, for GPUs (Triton) and TPUs (Mosaic) alike:
 
-- grid (B, G): query image b, group g of ``images_per_program`` training images. Each program
+- grid (B, G): query image b, group g of ``per_program`` training images. Each program
   returns its partial softmax state; the G partial states are merged (exact log-sum-exp) in
   XLA, so programs never share an accumulator (Triton runs the grid in parallel).
 - channel-first, power-of-two frames. Every in-kernel array is [P, Q] (the extended frame
@@ -27,12 +27,15 @@ How the program is laid out, for GPUs (Triton) and TPUs (Mosaic) alike:
 - box sums as two matmuls with banded 0/1 matrices, Ky [Hp, P] · f · Kx [Q, Wp] (Ky[i, r] = 1
   iff i < H and i ≤ r < i + k): a sum of k² nonnegative terms with float32 accumulation, no
   prefix sums and no subtraction (the precision argument of docs/theory.md §9), at HIGHEST
-  precision (DEFAULT is TF32/bf16 on accelerators: several nats at small t). A matmul is the
-  one way to sum shifted windows that both Triton and Mosaic lower for any k.
+  precision (DEFAULT is TF32/bf16 on accelerators: several nats at small t). A matmul sums
+  the shifted windows without slicing in-register values at unaligned offsets (which Triton
+  cannot do), for any k. With ``weights`` the band carries w[δ] (els_soft's Gaussian window
+  w[δy]·w[δx]) instead of ones.
 - the online softmax per pixel, elementwise; absent pairs carry −inf and add exactly zero.
 
 Memory: the training images are streamed through the kernel in chunks (``lax.scan``), each
-chunk padded for the shifts on the fly, so memory is O(chunk), never N·(#shifts).
+chunk padded for the shifts on the fly (uint8 pixels converted there, docs/theory.md §9.2), so
+memory is O(chunk), never N·(#shifts).
 
 Status. Tested on the CPU in Pallas's interpret mode against the jnp form and the float64
 oracles (tests/test_shiftmap_pallas.py); never compiled for a GPU or TPU here (no accelerator
