@@ -25,17 +25,16 @@ import functools
 import hashlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from els_jax.core.cachedir import cache_dir
+from els_jax.core.cachedir import cache_dir, write_npz_atomic
 
 __all__ = ["load_dataset", "load_digits", "load_mnist5k", "load_tfds", "load_npz", "to_unit_range",
-           "unit_images", "UINT8_TO_UNIT",
+           "unit_images", "held_images", "UINT8_TO_UNIT",
            "DatasetUnavailableError", "TFDS_DATASETS", "DATASETS"]
 
 # TFDS name → (image key, label key or None).
@@ -83,6 +82,17 @@ def unit_images(images):
         raise ValueError(f"training images of dtype {dtype} are ambiguous: pass floats in "
                          "[−1, 1] or uint8 pixels 0…255")
     return images
+
+
+def held_images(images):
+    """The training images as the engines take them (a jax array): uint8 pixels as they are
+    (the shift-map engine reads them a chunk at a time, docs/theory.md §9.2; the other
+    engines convert them with ``unit_images``), anything else as float32 (``unit_images``
+    rejects other integer types)."""
+    dtype = np.dtype(images.dtype if hasattr(images, "dtype") else np.asarray(images).dtype)
+    if dtype == np.uint8:
+        return jnp.asarray(images)
+    return jnp.asarray(unit_images(images), jnp.float32)
 
 
 def _resize(images: np.ndarray, size: int) -> np.ndarray:
@@ -140,15 +150,7 @@ def _write_mnist5k(path: Path, pixels: np.ndarray, labels: np.ndarray):
             and pixels.max() <= 255):
         return
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".npz", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, pixels=pixels.astype(np.uint8), labels=labels)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_npz_atomic(path, pixels=pixels.astype(np.uint8), labels=labels)
     except OSError:
         pass
 

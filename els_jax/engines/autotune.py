@@ -60,7 +60,7 @@ from typing import Callable, Mapping, NamedTuple, Sequence
 import jax
 import numpy as np
 
-from els_jax.core.cachedir import cache_dir
+from els_jax.core.cachedir import cache_dir, write_npz_atomic
 
 __all__ = ["Choice", "select", "measure", "autotune_enabled", "platform_signature",
            "cpu_info", "cache_file", "clear_memory_cache", "bucket",
@@ -199,6 +199,12 @@ def _write_disk(key: str, entry, path: Path | None = None):
                       RuntimeWarning, stacklevel=3)
 
 
+def _memo_key(name: str, fields: Mapping) -> str:
+    """The key of a remembered value: a hash of its name and fields."""
+    text = json.dumps({"name": name, **dict(fields)}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
 def remembered(name: str, fields: Mapping, compute: Callable[[], float]) -> float:
     """``compute()`` (a deterministic statistic of the data, e.g. the fraction of windows
     that merge; not a timing) once per ``fields``, kept in ``$ELS_JAX_CACHE/estimates.json``
@@ -207,8 +213,7 @@ def remembered(name: str, fields: Mapping, compute: Callable[[], float]) -> floa
     written (hermetic runs; the value is the same either way)."""
     if not autotune_enabled():
         return compute()
-    text = json.dumps({"name": name, **dict(fields)}, sort_keys=True, default=str)
-    key = hashlib.sha256(text.encode()).hexdigest()[:24]
+    key = _memo_key(name, fields)
     path = cache_dir() / "estimates.json"
     with _memo_lock:
         if key in _memo:
@@ -234,8 +239,7 @@ def remembered_arrays(name: str, fields: Mapping, compute: Callable[[], dict],
     written. A file that does not load is computed afresh."""
     if not autotune_enabled():
         return compute()
-    text = json.dumps({"name": name, **dict(fields)}, sort_keys=True, default=str)
-    path = cache_dir() / "estimates" / f"{name}_{hashlib.sha256(text.encode()).hexdigest()[:24]}.npz"
+    path = cache_dir() / "estimates" / f"{name}_{_memo_key(name, fields)}.npz"
     try:
         with np.load(path) as z:
             return {key: z[key] for key in z.files}
@@ -244,15 +248,7 @@ def remembered_arrays(name: str, fields: Mapping, compute: Callable[[], dict],
     out = compute()
     if sum(np.asarray(v).nbytes for v in out.values()) <= max_bytes:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".npz", dir=path.parent)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    np.savez(f, **out)
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            write_npz_atomic(path, **out)
         except OSError as err:
             warnings.warn(f"els_jax: could not write {path}: {err}", RuntimeWarning,
                           stacklevel=2)

@@ -73,7 +73,7 @@ import numpy as np
 
 from els_jax.core import softmax
 from els_jax.core.validation import check_patch_size
-from els_jax.core.data import unit_images
+from els_jax.core.data import held_images, unit_images
 from els_jax.engines import native
 from els_jax.engines.shiftplan import axis_plan
 from els_jax.engines.shiftplan import geometry as _geometry
@@ -375,9 +375,7 @@ def _prepare(x, a, b2, images, log_w):
     bsz = x.shape[0]
     a = jnp.broadcast_to(jnp.asarray(a, jnp.float32), (bsz,))
     b2 = jnp.broadcast_to(jnp.asarray(b2, jnp.float32), (bsz,))
-    images = jnp.asarray(images)
-    if images.dtype != jnp.uint8:                  # uint8 pixels stay uint8: read per chunk
-        images = jnp.asarray(unit_images(images), jnp.float32)
+    images = held_images(images)                  # uint8 pixels stay uint8: read per chunk
     if log_w is None:
         log_w = jnp.zeros((images.shape[0],), jnp.float32)
     return x, a, b2, images, jnp.asarray(log_w, jnp.float32)

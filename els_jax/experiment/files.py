@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
+from els_jax.core.cachedir import write_npz_atomic
 
 __all__ = ["atomic_write_text", "atomic_json", "atomic_npz", "read_json", "Timer"]
 
@@ -29,9 +29,7 @@ def atomic_json(path: str, obj):
 
 
 def atomic_npz(path: str, **arrays):
-    tmp = f"{path}.tmp-{os.getpid()}.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    write_npz_atomic(path, **arrays)
 
 
 def read_json(path: str):

@@ -160,7 +160,7 @@ def device_images(images, host) -> jax.Array:
 
 
 def host_copies(images) -> int:
-    """How many float32 copies of ``images`` a machine built from them holds on the host
-    (1 for a float32 jax array, held as it is; 2 for anything else: the host array and a
-    device copy)."""
-    return 1 if isinstance(images, jax.Array) and images.dtype == jnp.float32 else 2
+    """How many copies of ``images`` (in their own dtype, float32 or uint8) a machine built
+    from them holds on the host (1 for a float32 or uint8 jax array, held as it is; 2 for
+    anything else: the host array and a device copy)."""
+    return 1 if isinstance(images, jax.Array) and images.dtype in (jnp.float32, jnp.uint8) else 2

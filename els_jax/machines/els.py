@@ -43,22 +43,13 @@ import numpy as np
 from els_jax.core import conversions, patches
 from els_jax.core import schedules as schedules_lib
 from els_jax.core.validation import check_query_and_images, mask_log_weights
-from els_jax.core.data import unit_images
+from els_jax.core.data import held_images, unit_images
 from els_jax.engines import layout as geo
 from els_jax.engines import passes, select
 from els_jax.engines.layout import DEFAULT_BLOCK
 from els_jax.machines import local as local_lib
 
 __all__ = ["els_score", "els_x0", "els_x0_at", "build_bank"]
-
-
-def _held(images):
-    """The images as the engines take them: uint8 pixels as they are (the shift map reads
-    them a chunk at a time, docs/theory.md §9; the other engines convert them), anything else
-    as float32 (``unit_images`` rejects other integer types)."""
-    if np.dtype(images.dtype) == np.uint8:
-        return jnp.asarray(images)
-    return jnp.asarray(unit_images(images), jnp.float32)
 
 
 def els_x0_at(x, coeffs, images, log_w, *, k: int, boundary: str = "circular",
@@ -87,7 +78,7 @@ def els_x0(x, t, images, *, k: int, boundary: str = "circular", wrap_patches: bo
     check_query_and_images(x, images)
     x = jnp.asarray(x, jnp.float32)
     coeffs = schedules_lib.query_coefficients(t, x.shape[0], schedule)
-    return els_x0_at(x, coeffs, _held(images),
+    return els_x0_at(x, coeffs, held_images(images),
                      mask_log_weights(mask, images.shape[0]), k=k, boundary=boundary,
                      wrap_patches=wrap_patches, block=block, method=method)
 
@@ -119,7 +110,7 @@ def els_score(x, t, images, *, k: int, boundary: str = "circular", wrap_patches:
     check_query_and_images(x, images)
     x = jnp.asarray(x, jnp.float32)
     coeffs = schedules_lib.query_coefficients(t, x.shape[0], schedule)
-    x0 = els_x0_at(x, coeffs, _held(images),
+    x0 = els_x0_at(x, coeffs, held_images(images),
                    mask_log_weights(mask, images.shape[0]), k=k, boundary=boundary,
                    wrap_patches=wrap_patches, block=block, method=method)
     return conversions.x0_to_score_at(x0, x, coeffs)

@@ -314,7 +314,7 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
     # engine, the whole set only while a bank is built from them.
     pixels = np.dtype(getattr(images, "dtype", np.float32)) == np.uint8
     if len(shape) == 4:      # a host copy and one on the device, before any bank
-        copies = 2 if pixels and not isinstance(images, jax.Array) else host_copies(images)
+        copies = host_copies(images)
         validation.check_fits(
             copies * (1 if pixels else 4) * int(np.prod(shape)),
             f"the {shape[0]} training images {shape[1:]} as "
