@@ -28,7 +28,8 @@ from els_jax.machines.pca_locality import pca_locality_score, pca_locality_x0
 from els_jax.machines.soft import els_soft_score, els_soft_x0
 from els_jax.machines.scfdm import scfdm_score, scfdm_x0
 from els_jax.machines.reference import reference_score, reference_x0
-from els_jax.machines.posterior import Provenance, creativity, mosaic_image, provenance
+from els_jax.machines.posterior import (Provenance, creativity, mosaic_image, nearest_training,
+                                        provenance)
 from els_jax.machines.factory import Machine, candidate_mesh, make_machine
 
 # The networks (Flax, optax, orbax) and the experiment are imported on first use of one of
@@ -93,7 +94,7 @@ __all__ = [
     "TrainConfig", "create_train_state", "train_step", "train_and_evaluate", "load_trained",
     "metrics", "calibration", "experiment",
     "Calibration", "calibrate", "candidate_machines", "ReproduceConfig", "reproduce",
-    "Provenance", "provenance", "mosaic_image", "creativity",
+    "Provenance", "provenance", "mosaic_image", "creativity", "nearest_training",
     "soft", "els_soft_score", "els_soft_x0", "SigmaCalibration", "calibrate_sigma",
     "reference", "reference_x0", "reference_score",
 ]

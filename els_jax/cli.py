@@ -43,8 +43,11 @@ def _cmd_sample(args) -> int:
 
     options = _machine_options(args)      # flag errors before any data is loaded
     args.steps = _sample_steps(args.steps, options)
+    # uint8 where the set needs no resizing (docs/theory.md §9.2): the same machine, a quarter
+    # of the memory.
     images, labels = ej.load_dataset(args.dataset, data_dir=args.data_dir,
-                                     image_size=args.image_size, max_examples=args.max_examples)
+                                     image_size=args.image_size, max_examples=args.max_examples,
+                                     keep_uint8=True)
     mask = None
     if args.label is not None:
         mask = labels == args.label
@@ -68,17 +71,17 @@ def _cmd_sample(args) -> int:
     out = args.out or _new_run_dir(f"sample-{args.machine}")
     os.makedirs(out, exist_ok=True)
     # Nearest training image per sample: "is it new or memorised?" at a glance.
-    d2 = ((x0.reshape(len(x0), -1)[:, None] - images.reshape(len(images), -1)[None]) ** 2).sum(-1)
+    nearest, rms = ej.nearest_training(x0, images)
+    dist = rms * np.sqrt(x0[0].size)                      # ‖x − x_nearest‖
     np.savez(os.path.join(out, "samples.npz"), samples=x0, x_T=np.asarray(x_T),
-             times=np.asarray(times), nearest_index=d2.argmin(1),
-             nearest_dist=np.sqrt(d2.min(1)))
+             times=np.asarray(times), nearest_index=nearest, nearest_dist=dist)
     save_image_grid(os.path.join(out, "samples.png"), x0,
                     title=f"{args.machine} machine, {args.dataset}, {args.steps} steps")
     options.pop("key", None)
     summary = {"machine": args.machine, "dataset": args.dataset, "n_train": int(len(images)),
                "num": args.num, "steps": args.steps, "solver": args.solver, "grid": args.grid,
                "elapsed_s": round(elapsed, 3),
-               "median_nearest_train_dist": float(np.median(np.sqrt(d2.min(1)))), "out": out}
+               "median_nearest_train_dist": float(np.median(dist)), "out": out}
     summary.update({k: list(v) if isinstance(v, tuple) else v for k, v in options.items()})
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

@@ -37,6 +37,41 @@ def test_tfds_loader_on_mock_data(name, channels):
     assert labels.dtype == np.int32 and labels.shape == (6,)
 
 
+def test_keep_uint8_hands_out_the_stored_pixels_where_nothing_is_resized(tmp_path, rng):
+    """keep_uint8 (docs/theory.md §9.2): sets stored as uint8 at the requested size come as
+    their pixels, which ``unit_images`` (every machine) reads as exactly the float32 values
+    the loader returns without it; resized sets stay float32."""
+    with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
+        cifar, cifar_labels = ej.load_dataset("cifar10")
+        held, held_labels = ej.load_dataset("cifar10", keep_uint8=True)
+        mnist28, _ = ej.load_dataset("mnist", image_size=28, keep_uint8=True)
+        mnist32, _ = ej.load_dataset("mnist", keep_uint8=True)          # resized 28 → 32
+    assert held.dtype == np.uint8 and held.shape == (6, 32, 32, 3)
+    np.testing.assert_array_equal(data.unit_images(held), cifar)
+    np.testing.assert_array_equal(held_labels, cifar_labels)
+    assert mnist28.dtype == np.uint8 and mnist28.shape == (6, 28, 28, 1)
+    assert mnist32.dtype == np.float32 and mnist32.shape == (6, 32, 32, 1)
+
+    pix = rng.integers(0, 256, size=(5, 6, 6, 3), dtype=np.uint8)
+    np.savez(tmp_path / "u8.npz", images=pix)
+    kept, _ = ej.load_dataset(str(tmp_path / "u8.npz"), keep_uint8=True)
+    np.testing.assert_array_equal(kept, pix)
+    as_float, _ = ej.load_dataset(str(tmp_path / "u8.npz"))
+    np.testing.assert_array_equal(data.unit_images(kept), as_float)
+    resized, _ = ej.load_dataset(str(tmp_path / "u8.npz"), image_size=8, keep_uint8=True)
+    assert resized.dtype == np.float32 and resized.shape == (5, 8, 8, 3)
+    # (u − 127.5)/127.5 through the one table, not u/127.5 − 1 (1 ulp apart for 128 values).
+    np.testing.assert_array_equal(as_float, data.UINT8_TO_UNIT[pix])
+
+    digits28, labels28 = ej.load_dataset("mnist5k", image_size=28, max_examples=50,
+                                         keep_uint8=True)
+    float28, _ = ej.load_dataset("mnist5k", image_size=28, max_examples=50)
+    assert digits28.dtype == np.uint8 and float28.dtype == np.float32
+    np.testing.assert_array_equal(data.unit_images(digits28), float28)
+    assert ej.load_dataset("mnist5k", max_examples=3, keep_uint8=True)[0].dtype == np.float32
+    assert ej.load_dataset("digits", keep_uint8=True)[0].dtype == np.float32   # 0…16
+
+
 def test_celeba_is_cropped_square_and_resized():
     with tfds.testing.mock_data(num_examples=3, policy=tfds.testing.MockPolicy.USE_CODE):
         images, _ = ej.load_dataset("celeb_a", image_size=16)
@@ -116,7 +151,7 @@ def test_mnist5k_parse_is_cached_exactly_and_a_bad_cache_is_parsed_again(tmp_pat
         (cached,) = tmp_path.glob("mnist5k_*.npz")
         again, again_labels = fresh()
         assert len(parses) == 1
-        assert again.dtype == np.float32 and again_labels.dtype == np.int32
+        assert pixels.dtype == again.dtype == np.uint8 and again_labels.dtype == np.int32
         np.testing.assert_array_equal(again, pixels)
         np.testing.assert_array_equal(again_labels, labels)
         raw, raw_labels = real()

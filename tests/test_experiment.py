@@ -279,6 +279,46 @@ def test_reproduce_end_to_end_and_resume(tmp_path):
         dataclasses.replace(TINY, families=("wiener",)).validate()
 
 
+def test_reproduce_holds_uint8_training_sets_as_uint8_and_reports_the_same(tmp_path,
+                                                                          monkeypatch):
+    """A set stored as uint8 at its own size reaches every family as uint8 (docs/theory.md
+    §9.2): the report is the one the float32 set gives, to the last digit."""
+    import dataclasses
+    from els_jax.core import data as data_lib
+    from els_jax.machines import factory
+
+    pix, _ = ej.load_dataset("digits", max_examples=200)
+    pix = np.round((pix + 1.0) * 127.5).astype(np.uint8)             # whole pixels 0…255
+    path = str(tmp_path / "u8.npz")
+    np.savez(path, images=pix, labels=np.arange(200) % 10)
+    cfg = dataclasses.replace(TINY, dataset=path, max_examples=None, families=("gaussian",),
+                              side_families=(), n_seeds=2, calib_seeds=1, candidates=(3,))
+    seen = []
+    make = factory.make_machine
+
+    def spy(kind, images, *args, **kwargs):
+        seen.append((kind, np.dtype(images.dtype)))
+        return make(kind, images, *args, **kwargs)
+    monkeypatch.setattr(factory, "make_machine", spy)
+    held = reproduce(cfg, str(tmp_path / "u8"), progress=False)
+    assert {kind for kind, _ in seen} >= {"els", "ideal", "gaussian"}
+    assert all(dtype == np.uint8 for _, dtype in seen)
+
+    load = data_lib.load_dataset
+    monkeypatch.setattr(data_lib, "load_dataset",
+                        lambda *a, **kw: load(*a, **{**kw, "keep_uint8": False}))
+    seen.clear()
+    as_float = reproduce(dataclasses.replace(cfg, checkpoint=str(tmp_path / "u8" / "network")),
+                         str(tmp_path / "f32"), progress=False)
+    assert seen and all(dtype == np.float32 for _, dtype in seen)
+    assert held["scales"] == as_float["scales"]
+    assert held["median_r2"] == as_float["median_r2"]
+    for name in ("els", "is", "gaussian"):
+        a, b = (np.load(os.path.join(tmp_path, run, "parts", f"{name}.npz"))["x0"]
+                for run in ("u8", "f32"))
+        np.testing.assert_array_equal(a, b)
+
+
 def test_reproduce_rejects_bad_config():
     import dataclasses
     with pytest.raises(ValueError, match="odd"):

@@ -111,6 +111,26 @@ def test_creativity_separates_memorised_from_new(tiny):
     assert c["n_sources"][1] >= 2
 
 
+def test_nearest_training_streams_chunks_and_equals_the_dense_argmin():
+    """nearest_training reads the images a chunk at a time: the same index (the first on
+    ties, also across chunks) and RMS distance as the dense float64 computation, for uint8
+    images as their (u − 127.5)/127.5 values."""
+    rng = np.random.default_rng(3)
+    pix = rng.integers(0, 256, (23, 4, 5, 2), dtype=np.uint8)
+    pix[17] = pix[4]                                  # a tie across chunks: 4 must win
+    images = ej.core.data.unit_images(pix).astype(np.float64)
+    samples = np.concatenate([images[[4, 9]] + 0.01, rng.normal(size=(3, 4, 5, 2))])
+    d2 = ((samples.reshape(5, 1, -1) - images.reshape(1, 23, -1)) ** 2).sum(-1)
+    for imgs in (pix, images.astype(np.float32)):
+        for chunk in (1, 5, 100):
+            idx, rms = pv.nearest_training(samples, imgs, chunk=chunk)
+            np.testing.assert_array_equal(idx, d2.argmin(1))
+            np.testing.assert_allclose(rms, np.sqrt(d2.min(1) / 40), rtol=1e-6)
+    assert idx[0] == 4
+    with pytest.raises(ValueError, match="like the samples"):
+        pv.nearest_training(samples, pix[:, :3])
+
+
 def test_provenance_rejects_bad_input(tiny):
     images, x = tiny
     with pytest.raises(ValueError, match="kind"):

