@@ -462,3 +462,63 @@ def test_bad_inputs_are_clear_errors(rng):
         ej.make_machine("pca_locality", images, tau=-1.0)
     with pytest.raises(ValueError, match="selects no training image"):
         ej.make_machine("gaussian", images, mask=np.zeros(7, bool))
+
+
+def test_image_stats_read_a_chunk_at_a_time_equal_float64():
+    """μ and ½‖x_i − μ‖² of uint8 and float images, streamed in chunks (the last one shifted
+    back over rows already seen), against float64 NumPy."""
+    from els_jax.machines import ideal
+    rng = np.random.default_rng(5)
+    pix = rng.integers(0, 256, (23, 3, 2, 2), dtype=np.uint8)
+    values = ej.core.data.UINT8_TO_UNIT[pix].reshape(23, -1).astype(np.float64)
+    mu = values.mean(0)
+    half_sq = 0.5 * ((values - mu) ** 2).sum(1)
+    for images in (pix, values.reshape(pix.shape).astype(np.float32)):
+        for chunk in (5, 23, 64):
+            got_mu, got_hs = ideal.image_stats(jnp.asarray(images), chunk_size=chunk)
+            _close(got_mu, mu, rtol=1e-6, atol=1e-6)
+            _close(got_hs, half_sq, rtol=1e-5, atol=1e-6)
+
+
+def test_families_stream_uint8_images_without_a_float_copy():
+    """docs/theory.md §9.2 for the families: the ideal, nearest and scfdm streams, PCA-locality
+    and the streamed Gaussian fit read uint8 images a chunk at a time. Their compiled programs
+    hold no float32 copy of the set (XLA's temporaries stay under a quarter of its bytes) and
+    give the float32 set's values."""
+    from els_jax.machines import ideal, scfdm
+    rng = np.random.default_rng(6)
+    n, shape = 8192, (8, 8, 3)
+    pix = jnp.asarray(rng.integers(0, 256, (n,) + shape, dtype=np.uint8))
+    as_float = jnp.asarray(ej.core.data.unit_images(np.asarray(pix)))
+    copy_bytes = n * math.prod(shape) * 4
+    x = jnp.asarray(0.7 * np.asarray(as_float[:2]) + 0.3 * rng.normal(size=(2,) + shape),
+                    jnp.float32)
+    a, b2 = jnp.full((2,), 0.7, jnp.float32), jnp.full((2,), 0.51, jnp.float32)
+    log_w = jnp.zeros((n,), jnp.float32)
+    w = jnp.full((n,), 1.0 / n, jnp.float32)
+    fit = gaussian.fit_flat(as_float, w, direct_max=0, qr_rows=256)
+    zero_eps = jnp.zeros((2,) + shape)
+
+    def stream_args(src):
+        return (x, a, b2, src, *ideal.image_stats(src, chunk_size=256), log_w)
+
+    # name → (jitted function, its arguments for a set of images, its static keywords)
+    calls = {
+        "ideal": (ideal.ideal_prepared_x0, stream_args, dict(chunk_size=128)),
+        "nearest": (nearest.nearest_prepared_x0, stream_args, dict(chunk_size=128)),
+        "scfdm": (scfdm.scfdm_x0_at, lambda src: (x, a, b2, zero_eps) + stream_args(src)[3:],
+                  dict(temperature=jnp.float32(1.0), noise_scale=jnp.float32(0.1), top_k=None,
+                       chunk_size=128)),
+        "stats": (ideal.image_stats, lambda src: (src,), dict(chunk_size=256)),
+        "fit": (gaussian.fit_flat, lambda src: (src, w), dict(direct_max=0, qr_rows=256)),
+        "pca": (pca_locality.fit_x0,
+                lambda src: (x, a, b2, fit, pca_locality.prepare(src, log_w), jnp.float32(0.05)),
+                dict(chunk_size=64, shared=True)),
+    }
+    for name, (fn, args, kw) in calls.items():
+        temp = fn.lower(*args(pix), **kw).compile().memory_analysis().temp_size_in_bytes
+        assert temp < copy_bytes / 4, (name, temp, copy_bytes)
+        for u, f in zip(jax.tree_util.tree_leaves(fn(*args(pix), **kw)),
+                        jax.tree_util.tree_leaves(fn(*args(as_float), **kw))):
+            np.testing.assert_allclose(np.asarray(u), np.asarray(f), rtol=1e-5, atol=1e-5,
+                                       err_msg=name)

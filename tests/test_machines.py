@@ -396,7 +396,8 @@ def test_dedup_and_bank_equal_plain_streaming():
     np.testing.assert_allclose(float(jnp.exp(bank.windows[0].log_w).sum()), total, rtol=1e-6)
 
 
-def test_ideal_machine_merges_duplicate_images_exactly():
+def test_ideal_machine_with_duplicate_images_equals_the_functional_one():
+    """Streamed from the images (one device; a mesh's bank merges duplicates, exactly)."""
     x, images = _setup(0.5, n=3)
     dup = jnp.concatenate([images, images[:1], images[:1]])
     m = ej.make_machine("ideal", dup)

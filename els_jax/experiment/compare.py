@@ -84,8 +84,10 @@ def pca_mask_sizes(images, train_labels, labels, times, *, schedule, tau=None) -
     tau = pca_lib.DEFAULT_TAU if tau is None else tau
     sizes = []
     for _, label in by_label(labels):
-        sel = np.ones(len(images), bool) if label is None else np.asarray(train_labels) == label
-        fit = gaussian_lib.fit_gaussian(jnp.asarray(np.asarray(images)[sel]))
+        # The whole set as it is held (no copy), or one class's images.
+        fit = gaussian_lib.fit_gaussian(
+            images if label is None
+            else jnp.asarray(np.asarray(images)[np.asarray(train_labels) == label]))
         per_step = []
         for t in np.asarray(times)[:-1]:
             c = schedules_lib.query_coefficients(jnp.float32(t), 1, schedule)

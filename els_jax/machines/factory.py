@@ -36,6 +36,7 @@ from els_jax.engines import row as els_row
 from els_jax.engines import window as els_window
 from els_jax.machines import bank_cache, els, families, soft
 from els_jax.machines import equivariant as equivariant_lib
+from els_jax.machines import ideal as ideal_lib
 from els_jax.machines.base import Machine, candidate_mesh, device_images, host_copies, inputs
 from els_jax.machines.local import check_local_k
 
@@ -155,6 +156,24 @@ def _equivariant_fn(images_j, block, mesh=None):
     fn.bank = images
     fn.lower = lambda x, coeffs: equivariant_lib.equivariant_x0_at.lower(
         *inputs(x, coeffs, mesh), images, log_w, mu, **kw)
+    return fn
+
+
+def _ideal_stream_fn(images_h, block, chunk):
+    """IS x̂_0 streamed from the held images (float32 or uint8, no bank, no copy): memory
+    O(chunk·D) beyond them whatever N. Only μ and ½‖x_i − μ‖² [N] are computed here."""
+    n, dim = images_h.shape[0], int(np.prod(images_h.shape[1:]))
+    mu, half_sq = jax.block_until_ready(ideal_lib.image_stats(images_h))
+    log_w = jnp.zeros((n,), jnp.float32)
+    size = int(min(n, chunk or max(256, els_layout.pow2_floor(max(1, block // dim)))))
+    kw = dict(chunk_size=size)
+
+    def fn(x, coeffs):
+        return ideal_lib.ideal_prepared_x0(*inputs(x, coeffs, None), images_h, mu, half_sq,
+                                           log_w, **kw)
+    fn.info = {"engine": "stream", "bank": False, "chunk": size}
+    fn.lower = lambda x, coeffs: ideal_lib.ideal_prepared_x0.lower(
+        *inputs(x, coeffs, None), images_h, mu, half_sq, log_w, **kw)
     return fn
 
 
@@ -337,9 +356,8 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
     if kind in FAMILIES:                  # built once: fit, flat images, masks per t
         start = time.perf_counter()
         with _BackgroundCompiler(compile_for, (h, w, c)) as background:
-            fn = families.family_fn(kind, device_images(given, np.asarray(
-                unit_images(images), np.float32)), rank=rank, tau=tau, block=block,
-                chunk=chunk, **scfdm_kw)
+            fn = families.family_fn(kind, device_images(given, images), rank=rank, tau=tau,
+                                    block=block, chunk=chunk, **scfdm_kw)
             background.submit(fn)
         machine = Machine(kind, {None: fn}, None, schedule, None)
         machine.build_seconds = time.perf_counter() - start
@@ -463,7 +481,11 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
 
     with background:
         if kind == "ideal":
-            add(None, bank_fn(0, ideal=True))
+            # One device: streamed from the images as held (a bank of every image, keys and
+            # values, is twice their float32 bytes and its build several times that: 16.7 GB
+            # over the images at CelebA's N). A mesh: the bank, split over its devices.
+            add(None, bank_fn(0, ideal=True) if mesh is not None else
+                _ideal_stream_fn(device_images(given, images), block, chunk))
         elif kind == "equivariant":
             add(None, _equivariant_fn(images_j(), block, mesh))
         for k, path, choice, unique in plan:

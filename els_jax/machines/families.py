@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from els_jax.machines import gaussian as gaussian_lib
+from els_jax.machines import ideal
 from els_jax.machines import nearest as nearest_lib
 from els_jax.machines import pca_locality as pca_lib
 from els_jax.machines import scfdm as scfdm_lib
@@ -21,7 +22,8 @@ FAMILIES = ("gaussian", "nearest", "pca_locality", "scfdm")
 
 def family_fn(kind, images_j, *, rank, tau, block, chunk, max_masks=64, temperature=None,
               num_perturb=None, noise_scale=None, top_k=None, key=None):
-    """x̂_0 of a docs/theory.md §7 family with everything that does not depend on x built once, here:
+    """x̂_0 of a docs/theory.md §7 family with everything that does not depend on x built once, here
+    (images_j [N, H, W, C], float32 or uint8 pixels, held as they are: docs/theory.md §9.2):
     the Gaussian fit (gaussian, pca_locality), the flattened images (and their mean, norms,
     pixel ranges), scfdm's perturbations.
     scfdm (temperature, num_perturb, noise_scale, top_k, key; None = its default): the ε_m
@@ -47,7 +49,10 @@ def family_fn(kind, images_j, *, rank, tau, block, chunk, max_masks=64, temperat
         return fn
     log_w = jnp.zeros((n,), jnp.float32)
     if kind == "nearest":
-        flat, mu, half_sq = jax.block_until_ready(nearest_lib.prepare(images_j))
+        # The images are held as given, flattened (and uint8 converted) a chunk at a time
+        # inside the call; only μ and the norms are computed here.
+        flat = images_j
+        mu, half_sq = jax.block_until_ready(ideal.image_stats(images_j))
         size = int(max(1, min(chunk or 256, n)))
 
         def fn(x, coeffs):
@@ -61,7 +66,8 @@ def family_fn(kind, images_j, *, rank, tau, block, chunk, max_masks=64, temperat
         params = scfdm_lib.check_params(temperature=temperature, num_perturb=num_perturb,
                                         noise_scale=noise_scale, top_k=top_k, key=key, n=n)
         eps = jax.block_until_ready(scfdm_lib.perturbations(key, params, images_j.shape[1:]))
-        flat, mu, half_sq = jax.block_until_ready(scfdm_lib.prepare(images_j))
+        flat = images_j
+        mu, half_sq = jax.block_until_ready(ideal.image_stats(images_j))
         size = int(max(1, min(chunk or 256, n)))
         kw = dict(temperature=jnp.float32(params.temperature),
                   noise_scale=jnp.float32(params.noise_scale), top_k=params.top_k,

@@ -36,6 +36,7 @@ from els_jax.core import conversions, softmax
 from els_jax.core import schedules as schedules_lib
 from els_jax.core.validation import check_query_and_images, mask_log_weights
 from els_jax.core.data import unit_images
+from els_jax.machines import ideal
 
 __all__ = ["GaussianFit", "fit_gaussian", "fit_flat", "selection_weights", "gaussian_fit_x0",
            "gaussian_x0", "gaussian_score", "wiener_gains", "check_rank"]
@@ -57,36 +58,58 @@ class GaussianFit(NamedTuple):
     eigvecs: Float[Array, "d k"]
 
 
+def _weighted_mean(flat, weights, rows):
+    """Σ_i w_i x_i [D] of flat [N, D] (uint8 or float), ``rows`` images at a time."""
+    n, d = flat.shape
+    starts, first_new = softmax.chunk_starts(n, rows)
+    idx = jnp.arange(rows, dtype=jnp.int32)
+
+    def body(total, chunk):
+        start, first = chunk
+        w = jnp.where(idx >= first, jax.lax.dynamic_slice_in_dim(weights, start, rows), 0.0)
+        return total + jnp.matmul(w, ideal.rows_at(flat, start, rows), precision=_HIGHEST), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((d,), jnp.float32), (starts, first_new))
+    return total
+
+
 def _r_factor(flat, mean, sqrt_w, rows):
     """A triangular R [D, D] with RᵀR = AᵀA, A = (flat − μ)·√w, for a tall flat [N, D]: QR of
     the running R stacked on each centred chunk of ``rows`` rows (a chunk's rows already seen
-    by the previous one are zeroed, see ``softmax.chunk_starts``)."""
+    by the previous one are zeroed, see ``softmax.chunk_starts``; uint8 rows converted a chunk
+    at a time)."""
     n, d = flat.shape
     starts, first_new = softmax.chunk_starts(n, rows)
     idx = jnp.arange(rows, dtype=jnp.int32)
 
     def body(r, chunk):
         start, first = chunk
-        block = jax.lax.dynamic_slice_in_dim(flat, start, rows) - mean[None]
+        block = ideal.rows_at(flat, start, rows) - mean[None]
         scale = jax.lax.dynamic_slice_in_dim(sqrt_w, start, rows)
         block = jnp.where((idx >= first)[:, None], block * scale[:, None], 0.0)
         return jnp.linalg.qr(jnp.concatenate([r, block]), mode="r"), None
 
-    r, _ = jax.lax.scan(body, jnp.zeros((d, d), flat.dtype), (starts, first_new))
+    r, _ = jax.lax.scan(body, jnp.zeros((d, d), jnp.float32), (starts, first_new))
     return r
 
 
 @functools.partial(jax.jit, static_argnames=("direct_max", "qr_rows"))
 def fit_flat(flat, weights, *, direct_max: int = SVD_DIRECT_MAX, qr_rows: int | None = None):
-    """``GaussianFit`` of the rows of ``flat`` [N, D] with weights [N] (≥ 0, summing to 1).
-    ``direct_max``, ``qr_rows``: when and in which chunks to stream (not result knobs)."""
+    """``GaussianFit`` of the rows of ``flat`` [N, D] (or images [N, H, W, C], flattened in
+    (H, W, C) order here; uint8 pixels read as ``unit_images``) with weights [N] (≥ 0,
+    summing to 1). Above ``direct_max`` entries the rows are streamed ``qr_rows`` at a time
+    (memory O(D²) beyond the images; not result knobs)."""
+    flat = ideal.flat_images(flat)
     n, d = flat.shape
-    mean = jnp.matmul(weights, flat, precision=_HIGHEST)
     sqrt_w = jnp.sqrt(weights)
     if n <= d or n * d <= direct_max:
-        a = (flat - mean[None]) * sqrt_w[:, None]
+        values = unit_images(flat).astype(jnp.float32)
+        mean = jnp.matmul(weights, values, precision=_HIGHEST)
+        a = (values - mean[None]) * sqrt_w[:, None]
     else:
-        a = _r_factor(flat, mean, sqrt_w, min(n, qr_rows or max(4 * d, 1024)))
+        rows = min(n, qr_rows or max(4 * d, 1024))
+        mean = _weighted_mean(flat, weights, rows)
+        a = _r_factor(flat, mean, sqrt_w, rows)
     _, s, vh = jnp.linalg.svd(a, full_matrices=False)
     noise = math.sqrt(d) * float(jnp.finfo(jnp.float32).eps) * s[0]
     return GaussianFit(mean=mean, eigvals=jnp.where(s > noise, s * s, 0.0), eigvecs=vh.T)
@@ -106,8 +129,9 @@ def fit_gaussian(images, *, mask=None) -> GaussianFit:
     if images.shape[0] == 0:
         raise ValueError("the training set is empty")
     log_w = mask_log_weights(mask, images.shape[0])
-    flat = jnp.asarray(unit_images(images), jnp.float32).reshape(images.shape[0], -1)
-    return fit_flat(flat, selection_weights(log_w))
+    unit_images(images[:1])               # other integer types are rejected here
+    # Flattened (and uint8 converted) inside the jitted fit: an eager reshape copies the set.
+    return fit_flat(images, selection_weights(log_w))
 
 
 def check_rank(rank, dim: int) -> int:

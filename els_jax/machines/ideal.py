@@ -26,17 +26,62 @@ from els_jax.core import softmax
 from els_jax.core.data import unit_images
 from els_jax.core.validation import check_query_and_images, mask_log_weights
 
-__all__ = ["ideal_score", "ideal_x0", "ideal_x0_at", "prepare", "chunk_scores"]
+__all__ = ["ideal_score", "ideal_x0", "ideal_x0_at", "ideal_prepared_x0", "prepare",
+           "image_stats", "flat_images", "rows_at", "chunk_scores", "STATS_CHUNK"]
 
 
-@jax.jit
+STATS_CHUNK = 4096          # images per chunk of ``image_stats``' passes (memory knob)
+
+
+def flat_images(images):
+    """images [N, ...] → [N, D] as they are held (uint8 pixels stay uint8: docs/theory.md
+    §9.2). Inside jit a reshape is free; the machines pass their images [N, H, W, C] and let
+    the jitted functions flatten them (an eager reshape, or a jitted function returning the
+    flat array, would copy the whole set)."""
+    return images.reshape(images.shape[0], -1)
+
+
+def rows_at(flat, start, size: int):
+    """``size`` rows of ``flat`` from ``start`` as float32 pixels, [size, D] (uint8 converted
+    here, a chunk at a time)."""
+    return unit_images(jax.lax.dynamic_slice_in_dim(flat, start, size)).astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size",))
+def image_stats(images, chunk_size: int = STATS_CHUNK):
+    """μ [D] and ½‖x_i − μ‖² [N] (from centred values, for accuracy) of images [N, ...],
+    uint8 or float, read ``chunk_size`` images at a time: memory O(chunk·D) beyond the
+    images, whatever N."""
+    flat = flat_images(images)
+    n, d = flat.shape
+    size = int(min(chunk_size, n))
+    starts, first_new = softmax.chunk_starts(n, size)
+    rows = jnp.arange(size, dtype=jnp.int32)
+
+    def add(total, chunk):
+        start, first = chunk
+        c = jnp.where((rows >= first)[:, None], rows_at(flat, start, size), 0.0)
+        return total + jnp.sum(c, axis=0), None
+
+    total, _ = jax.lax.scan(add, jnp.zeros((d,), jnp.float32), (starts, first_new))
+    mu = total / n
+
+    def norms(out, chunk):
+        start, _ = chunk       # rows seen twice (the shifted last chunk) get the same value
+        c = rows_at(flat, start, size)
+        return jax.lax.dynamic_update_slice_in_dim(
+            out, 0.5 * jnp.sum(jnp.square(c - mu[None]), axis=-1), start, 0), None
+
+    half_sq, _ = jax.lax.scan(norms, jnp.zeros((n,), jnp.float32), (starts, first_new))
+    return mu, half_sq
+
+
 def prepare(images):
-    """What does not depend on the query: the images flattened [N, D], their mean μ [D] and
-    ‖x_i − μ‖²/2 [N] (from centred values, for accuracy)."""
-    images = unit_images(images)                   # uint8 pixels: docs/theory.md §9
-    flat = images.reshape(images.shape[0], -1).astype(jnp.float32)
-    mu = jnp.mean(flat, axis=0)
-    return flat, mu, 0.5 * jnp.sum(jnp.square(flat - mu[None]), axis=-1)
+    """What does not depend on the query: the images flattened [N, D] as held
+    (``flat_images``), their mean μ [D] and ‖x_i − μ‖²/2 [N] (``image_stats``). For use inside
+    jit; a machine keeps only (μ, ½‖x_i − μ‖²) and its images."""
+    mu, half_sq = image_stats(images)
+    return flat_images(images), mu, half_sq
 
 
 def chunk_scores(q, a, flat, half_sq, log_w, start, first, chunk_size: int):
@@ -52,7 +97,7 @@ def chunk_scores(q, a, flat, half_sq, log_w, start, first, chunk_size: int):
       previous chunk already covered set to −inf.
     """
     rows = jnp.arange(chunk_size, dtype=jnp.int32)
-    c = jax.lax.dynamic_slice_in_dim(flat, start, chunk_size)              # [M, D]
+    c = rows_at(flat, start, chunk_size)                                   # [M, D] float32
     hs = jax.lax.dynamic_slice_in_dim(half_sq, start, chunk_size)
     lw = jax.lax.dynamic_slice_in_dim(log_w, start, chunk_size)
     lw = jnp.where(rows >= first, lw, -jnp.inf)                            # seen before
@@ -61,13 +106,14 @@ def chunk_scores(q, a, flat, half_sq, log_w, start, first, chunk_size: int):
 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size",))
-def ideal_x0_at(x, a, b2, images, log_w, *, chunk_size):
-    """IS x̂_0 [B, H, W, C] from the coefficients a, b² [B] and log weights [N]."""
+def ideal_prepared_x0(x, a, b2, images, mu, half_sq, log_w, *, chunk_size):
+    """IS x̂_0 [B, H, W, C] from the coefficients a, b² [B], the images [N, ...] (uint8 or
+    float, or ``flat_images``' [N, D]), ``image_stats``' μ and ½‖x_i − μ‖² and log weights
+    [N]: the images streamed ``chunk_size`` at a time."""
     bsz = x.shape[0]
-    n = images.shape[0]
+    flat = flat_images(images)
+    n = flat.shape[0]
     a, b2 = a[:, None], b2[:, None]
-
-    flat, mu, half_sq = prepare(images)
     # Centred query q = x − a·μ. The logit −‖q − a(c − μ)‖²/(2b²) equals, up to terms that are
     # the same for every candidate, (a q·c − a²‖c − μ‖²/2)/b²; a small q keeps q·c accurate.
     q = x.reshape(bsz, -1) - a * mu[None]                 # [B, D]
@@ -79,6 +125,13 @@ def ideal_x0_at(x, a, b2, images, log_w, *, chunk_size):
 
     state, _ = jax.lax.scan(body, softmax.init((bsz,), flat.shape[1]), (starts, first_new))
     return softmax.finalize(state).reshape(x.shape)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size",))
+def ideal_x0_at(x, a, b2, images, log_w, *, chunk_size):
+    """IS x̂_0 [B, H, W, C] from the coefficients a, b² [B] and log weights [N]."""
+    mu, half_sq = image_stats(images)
+    return ideal_prepared_x0(x, a, b2, images, mu, half_sq, log_w, chunk_size=chunk_size)
 
 
 def ideal_x0(x, t, images, *, schedule=schedules_lib.Cosine(), mask=None, chunk_size: int = 256):

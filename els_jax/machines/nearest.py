@@ -23,6 +23,7 @@ from els_jax.core import conversions, softmax
 from els_jax.machines import ideal
 from els_jax.machines.ideal import prepare
 from els_jax.core import schedules as schedules_lib
+from els_jax.core.data import unit_images
 from els_jax.core.validation import check_query_and_images, mask_log_weights
 
 __all__ = ["nearest_x0", "nearest_score", "nearest_index", "prepare", "nearest_prepared_index",
@@ -32,8 +33,10 @@ __all__ = ["nearest_x0", "nearest_score", "nearest_index", "prepare", "nearest_p
 @functools.partial(jax.jit, static_argnames=("chunk_size",))
 def nearest_prepared_index(x, a, b2, flat, mu, half_sq, log_w, *, chunk_size):
     """i* [B] (int32) from ``prepare``'s arrays and the coefficients a, b² [B] (b² does not
-    change the argmin); log_w [N] is 0 for a candidate, −inf if excluded."""
+    change the argmin); log_w [N] is 0 for a candidate, −inf if excluded. ``flat``: the
+    images [N, D] or [N, H, W, C], uint8 or float (streamed a chunk at a time)."""
     bsz = x.shape[0]
+    flat = ideal.flat_images(flat)
     n = flat.shape[0]
     a = a[:, None]
     q = x.reshape(bsz, -1) - a * mu[None]                                   # [B, D]
@@ -58,7 +61,7 @@ def nearest_prepared_index(x, a, b2, flat, mu, half_sq, log_w, *, chunk_size):
 def nearest_prepared_x0(x, a, b2, flat, mu, half_sq, log_w, *, chunk_size):
     """x̂_0 = x_{i*} [B, H, W, C] from ``prepare``'s arrays (see ``nearest_prepared_index``)."""
     idx = nearest_prepared_index(x, a, b2, flat, mu, half_sq, log_w, chunk_size=chunk_size)
-    return jnp.take(flat, idx, axis=0).reshape(x.shape)
+    return unit_images(jnp.take(ideal.flat_images(flat), idx, axis=0)).reshape(x.shape)
 
 
 def _check(x, images, mask, chunk_size):

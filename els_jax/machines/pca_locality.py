@@ -52,8 +52,9 @@ from jaxtyping import Array, Bool, Float
 
 from els_jax.core import conversions, softmax
 from els_jax.machines import gaussian as gaussian_lib
+from els_jax.machines import ideal
 from els_jax.core import schedules as schedules_lib
-from els_jax.core.data import unit_images
+from els_jax.core.data import held_images, unit_images
 from els_jax.core.validation import check_query_and_images, mask_log_weights
 
 __all__ = ["pca_locality_x0", "pca_locality_score", "pca_locality_mask", "locality_mask_at",
@@ -69,27 +70,40 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 class Candidates(NamedTuple):
     """The training images as the machine streams them (built once by ``prepare``).
 
-    flat:   [N, D] the images flattened in (H, W, C) order; flat_t [D, N] the same transposed.
+    flat:   [N, H, W, C] (or [N, D]) the images as held: float32, or uint8 pixels converted
+            a chunk at a time (docs/theory.md §9.2); flattened in (H, W, C) order inside jit.
     log_w:  [N]    0 for a candidate, −inf for an image excluded by a class mask.
     lo, hi: [D]    each pixel's range over the candidates (the reference r's clip).
     """
 
     flat: jax.Array
-    flat_t: jax.Array
     log_w: jax.Array
     lo: jax.Array
     hi: jax.Array
 
 
 @jax.jit
-def prepare(images, log_w) -> Candidates:
-    """``Candidates`` of images [N, H, W, C] with log weights [N] (0 / −inf)."""
-    images = unit_images(images)                   # uint8 pixels: docs/theory.md §9
-    flat = images.reshape(images.shape[0], -1).astype(jnp.float32)
+def _pixel_ranges(images, log_w):
+    """Each pixel's min and max over the selected images, [D] each, as float32 pixels (of
+    uint8 ones, the min and max of the bytes converted: the conversion is increasing)."""
+    flat = ideal.flat_images(images)
     selected = jnp.isfinite(log_w)[:, None]
-    return Candidates(flat=flat, flat_t=flat.T, log_w=log_w,
-                      lo=jnp.min(jnp.where(selected, flat, jnp.inf), axis=0),
-                      hi=jnp.max(jnp.where(selected, flat, -jnp.inf), axis=0))
+    if flat.dtype == jnp.uint8:
+        lo = jnp.min(jnp.where(selected, flat, jnp.uint8(255)), axis=0)
+        hi = jnp.max(jnp.where(selected, flat, jnp.uint8(0)), axis=0)
+        return unit_images(lo), unit_images(hi)
+    flat = flat.astype(jnp.float32)
+    return (jnp.min(jnp.where(selected, flat, jnp.inf), axis=0),
+            jnp.max(jnp.where(selected, flat, -jnp.inf), axis=0))
+
+
+def prepare(images, log_w) -> Candidates:
+    """``Candidates`` of images [N, H, W, C] (float, or uint8 pixels: docs/theory.md §9) with
+    log weights [N] (0 / −inf). The images are held as given (a float32 or uint8 jax array
+    is not copied; anything else is put on the device once)."""
+    images = held_images(images)
+    lo, hi = _pixel_ranges(images, log_w)
+    return Candidates(flat=images, log_w=log_w, lo=lo, hi=hi)
 
 
 def check_tau(tau) -> float | jax.Array:
@@ -138,7 +152,7 @@ def locality_mask_at(fit: gaussian_lib.GaussianFit, a, b2, tau):
 def _masked_x0(x, a, b2, mask_t, cands: Candidates, chunk_size):
     """x̂_0 [B, D] for queries x [B, D] at one (a, b²) with one mask Mᵀ [D, D] (float32)."""
     bsz, d = x.shape
-    flat, flat_t, log_w = cands.flat, cands.flat_t, cands.log_w
+    flat, log_w = ideal.flat_images(cands.flat), cands.log_w
     n = flat.shape[0]
     scale = -0.5 / jnp.maximum(b2, conversions.B2_FLOOR)
     # The reference r: x/a clipped to each pixel's range over the selected images.
@@ -149,8 +163,8 @@ def _masked_x0(x, a, b2, mask_t, cands: Candidates, chunk_size):
 
     def body(state, chunk):
         start, first = chunk
-        c = jax.lax.dynamic_slice_in_dim(flat, start, chunk_size, axis=0)      # [M, D]
-        c_t = jax.lax.dynamic_slice_in_dim(flat_t, start, chunk_size, axis=1)  # [D, M]
+        c = ideal.rows_at(flat, start, chunk_size)                             # [M, D]
+        c_t = c.T                                                              # [D, M]
         lw = jax.lax.dynamic_slice_in_dim(log_w, start, chunk_size)
         lw = jnp.where(rows >= first, lw, -jnp.inf)                            # seen before
         # (x_n − a·c_n)² − (x_n − a·r_n)² = a·δ·(2(x_n − a·r_n) + a·δ), δ = r_n − c_n.

@@ -47,6 +47,7 @@ from els_jax.core import conversions, softmax
 from els_jax.core import schedules as schedules_lib
 from els_jax.core.validation import check_query_and_images, mask_log_weights
 from els_jax.machines import ideal
+from els_jax.core.data import unit_images
 from els_jax.machines.ideal import prepare
 
 __all__ = ["scfdm_x0", "scfdm_score", "scfdm_x0_at", "draw_perturbations", "perturbations",
@@ -180,7 +181,8 @@ def _top_k_x0(q, a, scale, flat, half_sq, log_w, top_k, chunk_size):
         lg = jax.lax.dynamic_slice_in_dim(logits, start, g, axis=1)
         ix = jax.lax.dynamic_slice_in_dim(idx, start, g, axis=1)
         lg = jnp.where((cols >= first)[None], lg, -jnp.inf)               # seen before
-        return softmax.update(state, lg, jnp.take(flat, ix, axis=0)), None  # values [Q, g, D]
+        values = unit_images(jnp.take(flat, ix, axis=0)).astype(jnp.float32)  # [Q, g, D]
+        return softmax.update(state, lg, values), None
 
     state, _ = jax.lax.scan(body, softmax.init((nq,), flat.shape[1]), (starts, first_new))
     return softmax.finalize(state)
@@ -195,7 +197,8 @@ def scfdm_x0_at(x, a, b2, eps, flat, mu, half_sq, log_w, *, temperature, noise_s
       x: queries [B, H, W, C]; a, b2: [B] (``schedules.query_coefficients``).
       eps: the drawn perturbations ε [M, H, W, C] (``perturbations``); query b's copies are
         x_b + s·ε_m.
-      flat, mu, half_sq: ``prepare``'s [N, D], [D], [N]; log_w: [N] 0 or −inf (class mask).
+      flat, mu, half_sq: ``prepare``'s [N, D] (or the images [N, H, W, C]; uint8 or float),
+        [D], [N]; log_w: [N] 0 or −inf (class mask).
       temperature: τ > 0 (scalar, may be traced); noise_scale: s ≥ 0 (scalar, may be traced).
       top_k: None (softmax over all N) or k in [1, N] (static).
       chunk_size: training images per streamed chunk (static; memory, not the result).
@@ -203,6 +206,7 @@ def scfdm_x0_at(x, a, b2, eps, flat, mu, half_sq, log_w, *, temperature, noise_s
       (1/M) Σ_m x̂_0(x + s·ε_m), [B, H, W, C].
     """
     bsz, m = x.shape[0], eps.shape[0]
+    flat = ideal.flat_images(flat)            # [N, H, W, C] images are flattened here, free
     d = flat.shape[1]
     # Fold the M copies into the batch: row b·M + m is x_b + s·ε_m, with x_b's a and b².
     xp = x.reshape(bsz, 1, d) + noise_scale * eps.reshape(1, m, d)          # [B, M, D]
