@@ -482,7 +482,8 @@ def test_image_stats_read_a_chunk_at_a_time_equal_float64():
 
 def test_families_stream_uint8_images_without_a_float_copy():
     """docs/theory.md §9.2 for the families: the ideal, nearest and scfdm streams, PCA-locality
-    and the streamed Gaussian fit read uint8 images a chunk at a time. Their compiled programs
+    and the streamed Gaussian fit (its mean and each QR step) read uint8 images a chunk at a
+    time. Their compiled programs
     hold no float32 copy of the set (XLA's temporaries stay under a quarter of its bytes) and
     give the float32 set's values."""
     from els_jax.machines import ideal, scfdm
@@ -496,7 +497,11 @@ def test_families_stream_uint8_images_without_a_float_copy():
     a, b2 = jnp.full((2,), 0.7, jnp.float32), jnp.full((2,), 0.51, jnp.float32)
     log_w = jnp.zeros((n,), jnp.float32)
     w = jnp.full((n,), 1.0 / n, jnp.float32)
-    fit = gaussian.fit_flat(as_float, w, direct_max=0, qr_rows=256)
+    fit = gaussian.fit_flat(as_float, w, direct_max=0, qr_rows=2048)
+    fit_r = jnp.zeros((math.prod(shape),) * 2, jnp.float32)
+    np.testing.assert_allclose(np.asarray(gaussian.fit_flat(pix, w, direct_max=0,
+                                                            qr_rows=2048).eigvals),
+                               np.asarray(fit.eigvals), rtol=1e-5, atol=1e-5)
     zero_eps = jnp.zeros((2,) + shape)
 
     def stream_args(src):
@@ -510,7 +515,10 @@ def test_families_stream_uint8_images_without_a_float_copy():
                   dict(temperature=jnp.float32(1.0), noise_scale=jnp.float32(0.1), top_k=None,
                        chunk_size=128)),
         "stats": (ideal.image_stats, lambda src: (src,), dict(chunk_size=256)),
-        "fit": (gaussian.fit_flat, lambda src: (src, w), dict(direct_max=0, qr_rows=256)),
+        "fit mean": (gaussian._weighted_mean, lambda src: (src, w), dict(rows=256)),
+        "fit step": (gaussian._qr_step, lambda src: (fit_r, src, fit.mean, jnp.sqrt(w),
+                                                     jnp.int32(256), jnp.int32(0)),
+                     dict(rows=256)),
         "pca": (pca_locality.fit_x0,
                 lambda src: (x, a, b2, fit, pca_locality.prepare(src, log_w), jnp.float32(0.05)),
                 dict(chunk_size=64, shared=True)),

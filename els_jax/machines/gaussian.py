@@ -58,8 +58,10 @@ class GaussianFit(NamedTuple):
     eigvecs: Float[Array, "d k"]
 
 
-def _weighted_mean(flat, weights, rows):
-    """Σ_i w_i x_i [D] of flat [N, D] (uint8 or float), ``rows`` images at a time."""
+@functools.partial(jax.jit, static_argnames=("rows",))
+def _weighted_mean(images, weights, *, rows):
+    """Σ_i w_i x_i [D] of images [N, ...] (uint8 or float), ``rows`` images at a time."""
+    flat = ideal.flat_images(images)
     n, d = flat.shape
     starts, first_new = softmax.chunk_starts(n, rows)
     idx = jnp.arange(rows, dtype=jnp.int32)
@@ -73,46 +75,62 @@ def _weighted_mean(flat, weights, rows):
     return total
 
 
-def _r_factor(flat, mean, sqrt_w, rows):
-    """A triangular R [D, D] with RᵀR = AᵀA, A = (flat − μ)·√w, for a tall flat [N, D]: QR of
-    the running R stacked on each centred chunk of ``rows`` rows (a chunk's rows already seen
-    by the previous one are zeroed, see ``softmax.chunk_starts``; uint8 rows converted a chunk
-    at a time)."""
-    n, d = flat.shape
-    starts, first_new = softmax.chunk_starts(n, rows)
+@functools.partial(jax.jit, static_argnames=("rows",))
+def _qr_step(r, images, mean, sqrt_w, start, first, *, rows):
+    """R of [R; A_chunk], A_chunk = (x − μ)·√w for the ``rows`` images from ``start`` (those
+    before ``first`` already seen: zeroed; uint8 converted here)."""
+    flat = ideal.flat_images(images)
     idx = jnp.arange(rows, dtype=jnp.int32)
+    block = ideal.rows_at(flat, start, rows) - mean[None]
+    scale = jax.lax.dynamic_slice_in_dim(sqrt_w, start, rows)
+    block = jnp.where((idx >= first)[:, None], block * scale[:, None], 0.0)
+    return jnp.linalg.qr(jnp.concatenate([r, block]), mode="r")
 
-    def body(r, chunk):
-        start, first = chunk
-        block = ideal.rows_at(flat, start, rows) - mean[None]
-        scale = jax.lax.dynamic_slice_in_dim(sqrt_w, start, rows)
-        block = jnp.where((idx >= first)[:, None], block * scale[:, None], 0.0)
-        return jnp.linalg.qr(jnp.concatenate([r, block]), mode="r"), None
 
-    r, _ = jax.lax.scan(body, jnp.zeros((d, d), jnp.float32), (starts, first_new))
+def _r_factor(images, mean, sqrt_w, rows):
+    """A triangular R [D, D] with RᵀR = AᵀA, A = (flat − μ)·√w, for a tall set [N, D]: QR of
+    the running R stacked on each centred chunk of ``rows`` rows (``_qr_step``; a chunk's rows
+    already seen by the previous one are zeroed, see ``softmax.chunk_starts``).
+
+    A loop of jitted steps, not a ``lax.scan``: inside a scan XLA:CPU copied the whole set
+    (the QR's in-place LAPACK call made it copy the loop's operands: 2.4 GB of temporaries at
+    CelebA's N); a step reads its chunk from the images as they are."""
+    n = images.shape[0]
+    d = math.prod(images.shape[1:])
+    starts, first_new = softmax.chunk_starts(n, rows)
+    r = jnp.zeros((d, d), jnp.float32)
+    for start, first in zip(np.asarray(starts), np.asarray(first_new)):
+        r = _qr_step(r, images, mean, sqrt_w, jnp.int32(start), jnp.int32(first), rows=rows)
     return r
 
 
-@functools.partial(jax.jit, static_argnames=("direct_max", "qr_rows"))
+@jax.jit
+def _fit_direct(images, weights):
+    values = unit_images(ideal.flat_images(images)).astype(jnp.float32)
+    mean = jnp.matmul(weights, values, precision=_HIGHEST)
+    return _fit_svd((values - mean[None]) * jnp.sqrt(weights)[:, None], mean)
+
+
+@jax.jit
+def _fit_svd(a, mean):
+    _, s, vh = jnp.linalg.svd(a, full_matrices=False)
+    noise = math.sqrt(a.shape[1]) * float(jnp.finfo(jnp.float32).eps) * s[0]
+    return GaussianFit(mean=mean, eigvals=jnp.where(s > noise, s * s, 0.0), eigvecs=vh.T)
+
+
 def fit_flat(flat, weights, *, direct_max: int = SVD_DIRECT_MAX, qr_rows: int | None = None):
     """``GaussianFit`` of the rows of ``flat`` [N, D] (or images [N, H, W, C], flattened in
-    (H, W, C) order here; uint8 pixels read as ``unit_images``) with weights [N] (≥ 0,
-    summing to 1). Above ``direct_max`` entries the rows are streamed ``qr_rows`` at a time
-    (memory O(D²) beyond the images; not result knobs)."""
-    flat = ideal.flat_images(flat)
-    n, d = flat.shape
-    sqrt_w = jnp.sqrt(weights)
+    (H, W, C) order; uint8 pixels read as ``unit_images``) with weights [N] (≥ 0, summing to
+    1): the SVD of A = (x − μ)·√w. Above ``direct_max`` entries the rows are streamed
+    ``qr_rows`` at a time into a QR factor R (AᵀA = RᵀR) and the SVD is R's: memory O(D² +
+    rows·D) beyond the images (``direct_max``, ``qr_rows``: not result knobs)."""
+    n = flat.shape[0]
+    d = math.prod(flat.shape[1:])
     if n <= d or n * d <= direct_max:
-        values = unit_images(flat).astype(jnp.float32)
-        mean = jnp.matmul(weights, values, precision=_HIGHEST)
-        a = (values - mean[None]) * sqrt_w[:, None]
-    else:
-        rows = min(n, qr_rows or max(4 * d, 1024))
-        mean = _weighted_mean(flat, weights, rows)
-        a = _r_factor(flat, mean, sqrt_w, rows)
-    _, s, vh = jnp.linalg.svd(a, full_matrices=False)
-    noise = math.sqrt(d) * float(jnp.finfo(jnp.float32).eps) * s[0]
-    return GaussianFit(mean=mean, eigvals=jnp.where(s > noise, s * s, 0.0), eigvecs=vh.T)
+        return _fit_direct(flat, weights)
+    rows = min(n, qr_rows or max(4 * d, 1024))
+    mean = _weighted_mean(flat, weights, rows=rows)
+    return _fit_svd(_r_factor(flat, mean, jnp.sqrt(weights), rows), mean)
 
 
 def selection_weights(log_w):
