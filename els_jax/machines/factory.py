@@ -10,8 +10,11 @@ rounding a float32 t. The machine's ``num_steps`` lets ``sample`` reject a grid 
 length.
 
 Everything that does not depend on x is built once here: the class-conditional selection of
-images, and for the ideal and ELS machines one deduplicated candidate bank per distinct patch
-size (optionally sharded over the devices of a mesh); each patch size compiles once.
+images, and for the ELS machine one deduplicated candidate bank per distinct patch size while
+they fit ``bank_bytes`` (otherwise it streams from the images), for the ideal machine μ and
+the norms (it streams the images; with a mesh, a bank sharded over its devices); each patch
+size compiles once. The images are held as given when they are a float32 or uint8 jax array
+(docs/theory.md §9.2).
 """
 
 from __future__ import annotations
