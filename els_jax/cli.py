@@ -48,6 +48,7 @@ def _cmd_sample(args) -> int:
     images, labels = ej.load_dataset(args.dataset, data_dir=args.data_dir,
                                      image_size=args.image_size, max_examples=args.max_examples,
                                      keep_uint8=True)
+    images = jnp.asarray(images)          # on the device once: the machine holds this array
     mask = None
     if args.label is not None:
         mask = labels == args.label

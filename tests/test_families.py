@@ -519,6 +519,8 @@ def test_families_stream_uint8_images_without_a_float_copy():
         "fit step": (gaussian._qr_step, lambda src: (fit_r, src, fit.mean, jnp.sqrt(w),
                                                      jnp.int32(256), jnp.int32(0)),
                      dict(rows=256)),
+        "pca ranges": (pca_locality._pixel_ranges, lambda src: (src, log_w),
+                       dict(chunk_size=256)),
         "pca": (pca_locality.fit_x0,
                 lambda src: (x, a, b2, fit, pca_locality.prepare(src, log_w), jnp.float32(0.05)),
                 dict(chunk_size=64, shared=True)),

@@ -82,19 +82,27 @@ class Candidates(NamedTuple):
     hi: jax.Array
 
 
-@jax.jit
-def _pixel_ranges(images, log_w):
-    """Each pixel's min and max over the selected images, [D] each, as float32 pixels (of
-    uint8 ones, the min and max of the bytes converted: the conversion is increasing)."""
+@functools.partial(jax.jit, static_argnames=("chunk_size",))
+def _pixel_ranges(images, log_w, chunk_size: int = ideal.STATS_CHUNK):
+    """Each pixel's min and max over the selected images, [D] each, as float32 pixels, read
+    ``chunk_size`` images at a time (as two whole-set reductions XLA:CPU materialised
+    both masked copies of the set: 4 GB of temporaries at CelebA's N)."""
     flat = ideal.flat_images(images)
-    selected = jnp.isfinite(log_w)[:, None]
-    if flat.dtype == jnp.uint8:
-        lo = jnp.min(jnp.where(selected, flat, jnp.uint8(255)), axis=0)
-        hi = jnp.max(jnp.where(selected, flat, jnp.uint8(0)), axis=0)
-        return unit_images(lo), unit_images(hi)
-    flat = flat.astype(jnp.float32)
-    return (jnp.min(jnp.where(selected, flat, jnp.inf), axis=0),
-            jnp.max(jnp.where(selected, flat, -jnp.inf), axis=0))
+    n, d = flat.shape
+    size = int(min(chunk_size, n))
+    starts, first_new = softmax.chunk_starts(n, size)
+
+    def body(ranges, chunk):
+        lo, hi = ranges
+        start, _ = chunk       # rows seen twice (the shifted last chunk) change neither
+        c = ideal.rows_at(flat, start, size)
+        sel = jnp.isfinite(jax.lax.dynamic_slice_in_dim(log_w, start, size))[:, None]
+        return (jnp.minimum(lo, jnp.min(jnp.where(sel, c, jnp.inf), axis=0)),
+                jnp.maximum(hi, jnp.max(jnp.where(sel, c, -jnp.inf), axis=0))), None
+
+    init = (jnp.full((d,), jnp.inf, jnp.float32), jnp.full((d,), -jnp.inf, jnp.float32))
+    (lo, hi), _ = jax.lax.scan(body, init, (starts, first_new))
+    return lo, hi
 
 
 def prepare(images, log_w) -> Candidates:
