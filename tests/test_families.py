@@ -532,3 +532,26 @@ def test_families_stream_uint8_images_without_a_float_copy():
                         jax.tree_util.tree_leaves(fn(*args(as_float), **kw))):
             np.testing.assert_allclose(np.asarray(u), np.asarray(f), rtol=1e-5, atol=1e-5,
                                        err_msg=name)
+
+
+def test_gaussian_and_pca_machines_share_one_fit_of_the_same_images(rng, monkeypatch):
+    """One Gaussian fit per content (``families.gaussian_fit``): the gaussian and pca_locality
+    machines of the same images fit once; other images fit again."""
+    from els_jax.machines import bank_cache, families
+    bank_cache.clear_bank_cache()
+    fits = []
+    fit = gaussian.fit_gaussian
+    monkeypatch.setattr(gaussian, "fit_gaussian", lambda *a, **k: fits.append(1) or fit(*a, **k))
+    images = _images(rng)
+    x = _noisy(rng, images, 0.4)
+    g = ej.make_machine("gaussian", images)
+    p = ej.make_machine("pca_locality", images, tau=0.0)
+    assert len(fits) == 1
+    _close(g.x0(x, jnp.float32(0.4), 0), ej.gaussian_x0(x, 0.4, images), atol=1e-5)
+    _close(p.x0(x, jnp.float32(0.4), 0), ej.ideal_x0(x, 0.4, images), atol=1e-5)   # τ = 0
+    before = len(fits)                                   # (gaussian_x0 fits on its own)
+    families.gaussian_fit(images)
+    assert len(fits) == before
+    families.gaussian_fit(images + 0.5 * (images < 0))
+    assert len(fits) == before + 1
+    bank_cache.clear_bank_cache()

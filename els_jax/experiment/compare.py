@@ -26,7 +26,7 @@ from els_jax.experiment.config import FAMILIES
 from els_jax.experiment.files import atomic_npz
 from els_jax.experiment.seeds import by_label, seed_labels, seed_noise
 from els_jax.machines import factory as machine_lib
-from els_jax.machines import gaussian as gaussian_lib
+from els_jax.machines import families
 from els_jax.machines import pca_locality as pca_lib
 from els_jax.nets import networks
 
@@ -85,7 +85,7 @@ def pca_mask_sizes(images, train_labels, labels, times, *, schedule, tau=None) -
     sizes = []
     for _, label in by_label(labels):
         # The whole set as it is held (no copy), or one class's images.
-        fit = gaussian_lib.fit_gaussian(
+        fit = families.gaussian_fit(             # the machines' own fit (kept by content)
             images if label is None
             else jnp.asarray(np.asarray(images)[np.asarray(train_labels) == label]))
         per_step = []
