@@ -84,7 +84,8 @@ class Machine:
     def explain(self) -> dict:
         """How every patch size is computed and why: {k: {"engine", "reason", "times", "bank",
         ...}} (k = None for a machine without patch sizes). engine: the ELS main pass's
-        "window" | "row" | "native" | "window_native", LS's "kernel" | "xla", or the
+        "window" | "row" | "native" | "window_native" | "shiftmap", LS's "kernel" | "xla",
+        the ideal machine's "stream" (one device) or "window" (a mesh's bank), or the
         machine's one engine;
         reason: what decided (measured probe times, cached or not, the static rule, an
         explicit method; ``els_jax.engines``); times: seconds per probe call of each engine

@@ -175,6 +175,8 @@ def _ideal_stream_fn(images_h, block, chunk):
         return ideal_lib.ideal_prepared_x0(*inputs(x, coeffs, None), images_h, mu, half_sq,
                                            log_w, **kw)
     fn.info = {"engine": "stream", "bank": False, "chunk": size}
+    fn.why = {"reason": "one device: the images streamed as held, no bank (a bank is twice "
+                        "their float32 bytes; docs/theory.md §9.2)"}
     fn.lower = lambda x, coeffs: ideal_lib.ideal_prepared_x0.lower(
         *inputs(x, coeffs, None), images_h, mu, half_sq, log_w, **kw)
     return fn
