@@ -20,6 +20,14 @@ the authors' MNIST UNet patch sizes (index 0 = last step: 3,3,3,5,5,7,7,7,9,9,9,
 21,23,23,25,27): ``make_machine`` (banks within ``bank_bytes``, the rest streamed) + ``sample``,
 wall time including bank building and compilation.
 
+With ``--families ideal,nearest,scfdm,gaussian,pca_locality,els_soft`` (any of them): per
+shape, each family's ``make_machine`` + one call (B = 1, t = 0.5; els_soft with σ = 3 on a
+15×15 zero-padded support), wall time and peak memory: every family, not only ELS, must stay
+within the images + 2 GB (docs/theory.md §9.2).
+
+    python experiments/bench_scale.py --shapes celeb_a --no-calls --no-sample \
+        --families ideal,nearest,scfdm,gaussian,pca_locality,els_soft
+
 Every case runs in a process of its own, so its peak memory is its own: ``peak_rss_GB`` is the
 child's maximum resident set (``ru_maxrss``; on an accelerator also the device's
 ``peak_bytes_in_use``), ``images_GB`` the images' own bytes (float32; uint8 with ``--uint8``,
@@ -48,6 +56,7 @@ SHAPES = {"mnist": (60000, 32, 32, 1), "cifar10": (50000, 32, 32, 3),
           "celeb_a": (162770, 32, 32, 3)}
 KS = (3, 5, 7, 9, 11, 15, 21, 27)
 UNET_SCALES = (3, 3, 3, 5, 5, 7, 7, 7, 9, 9, 9, 11, 13, 15, 17, 21, 23, 23, 25, 27)
+FAMILIES = ("ideal", "nearest", "scfdm", "gaussian", "pca_locality", "els_soft")
 
 
 def axis_pairs(n: int, k: int, boundary: str, wrap: bool = False) -> int:
@@ -138,6 +147,16 @@ def run_case(case: dict) -> dict:
                    first_call_s=round(first, 3), pairs=p, ns_per_pair=round(med / p * 1e9, 4),
                    engine=choice.engine, reason=choice.reason, matmul_s=round(mm_s, 4),
                    ratio_matmul=round(med / mm_s, 3))
+    elif case["kind"] == "family":                    # make_machine + one call
+        kw = {"scfdm": dict(key=jax.random.PRNGKey(1)),
+              "els_soft": dict(sigmas=3.0, k_max=15, boundary="zeros")}.get(case["family"], {})
+        x = jax.random.normal(key, (1, h, w, c), jnp.float32)
+        t0 = time.perf_counter()
+        machine = ej.make_machine(case["family"], images, **kw)
+        build = time.perf_counter() - t0
+        jax.block_until_ready(machine.x0(x, jnp.float32(0.5), 0))
+        out.update(seconds=round(time.perf_counter() - t0, 2), build_s=round(build, 2),
+                   engine=next(iter(machine.explain().values()))["engine"])
     else:                                             # the 20-step zero-padded ELS sample
         x_T = jax.random.normal(key, (1, h, w, c), jnp.float32)
         t0 = time.perf_counter()
@@ -187,6 +206,9 @@ def cases(args):
         if not args.no_sample:
             yield {"kind": "sample", "shape": shape, "data": name, "scales": UNET_SCALES,
                    "uint8": args.uint8}
+        for family in args.families:
+            yield {"kind": "family", "shape": shape, "data": name, "family": family,
+                   "uint8": args.uint8}
 
 
 def table(path: str) -> str:
@@ -197,12 +219,17 @@ def table(path: str) -> str:
            "| data | N | boundary | k | B | s/call | ns/pair | engine | peak − images (GB) |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if r.get("kind") == "call":
+        if r.get("kind") == "call" and "error" not in r:
             out.append(f"| {r['data']} | {r['shape'][0]} | {r['boundary']} | {r['k']} | "
                        f"{r['batch']} | {r['seconds']} | {r['ns_per_pair']} | {r['engine']} | "
                        f"{r['over_images_GB']} |")
     for r in rows:
-        if r.get("kind") == "sample":
+        if r.get("kind") == "family" and "error" not in r:
+            out.append(f"\n{r['family']} ({r['engine']}), {r['data']} N = {r['shape'][0]}: "
+                       f"make_machine + one call {r['seconds']} s, peak − images "
+                       f"{r['over_images_GB']} GB")
+    for r in rows:
+        if r.get("kind") == "sample" and "error" not in r:
             out.append(f"\n20-step zero-padded ELS sample, {r['data']} N = {r['shape'][0]}: "
                        f"{r['seconds']} s (build {r['build_s']} s), peak − images "
                        f"{r['over_images_GB']} GB")
@@ -221,6 +248,8 @@ def main(argv=None):
     p.add_argument("--no-calls", action="store_true", help="only the 20-step samples")
     p.add_argument("--uint8", action="store_true",
                    help="images as uint8 pixels (held as uint8 by the shift map) instead of float32")
+    p.add_argument("--families", type=lambda s: [v for v in s.split(",") if v], default=[],
+                   help=f"also time and measure these families per shape ({','.join(FAMILIES)})")
     p.add_argument("--out", help="also append the JSON lines to this file")
     p.add_argument("--case", help=argparse.SUPPRESS)            # one case, in a child process
     p.add_argument("--table", help="print a Markdown table of a JSON-lines file and exit")
@@ -234,6 +263,9 @@ def main(argv=None):
     unknown = set(args.shapes) - set(SHAPES)
     if unknown:
         p.error(f"unknown shapes {sorted(unknown)}; choose from {sorted(SHAPES)}")
+    unknown = set(args.families) - set(FAMILIES)
+    if unknown:
+        p.error(f"unknown families {sorted(unknown)}; choose from {list(FAMILIES)}")
     sink = open(args.out, "a") if args.out else None
 
     def emit(row):
