@@ -773,3 +773,21 @@ def test_the_shift_map_holds_uint8_images_as_uint8(boundary):
     g8 = jax.grad(lambda x: jnp.sum(m8.x0(x, 0.3, 0) ** 2))(x)
     gf = jax.grad(lambda x: jnp.sum(mf.x0(x, 0.3, 0) ** 2))(x)
     np.testing.assert_allclose(np.asarray(g8), np.asarray(gf), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("engine", ["shiftmap", "xla"])
+def test_els_soft_holds_uint8_images_where_the_shift_map_streams_them(engine):
+    """els_soft on uint8 images: the shift-map form holds them as uint8 (docs/theory.md
+    §9.2), the XLA form as float32; values and the derivatives in x and σ (from the XLA
+    stream, which converts uint8 itself) equal the float machine's."""
+    u8, unit, x = _uint8_case()
+    kw = dict(sigmas=1.3, k_max=5, boundary="zeros", method=engine, bank_bytes=0)
+    m8, mf = (ej.make_machine("els_soft", imgs, **kw) for imgs in (jnp.asarray(u8), unit))
+    held = m8._fn.arrays[0]
+    assert held.dtype == (jnp.uint8 if engine == "shiftmap" else jnp.float32)
+    np.testing.assert_allclose(np.asarray(m8.x0(x, 0.4, 0)), np.asarray(mf.x0(x, 0.4, 0)),
+                               atol=1e-6, rtol=0)
+    grads = [jax.grad(lambda x, s, m=m: jnp.sum(m.x0_sigma(x, 0.4, s) ** 2),
+                      argnums=(0, 1))(x, jnp.float32(1.3)) for m in (m8, mf)]
+    for g8, gf in zip(*grads):
+        np.testing.assert_allclose(np.asarray(g8), np.asarray(gf), atol=2e-5, rtol=1e-5)

@@ -80,11 +80,18 @@ def unit_images(images):
     if dtype == np.uint8:
         if isinstance(images, np.ndarray):
             return UINT8_TO_UNIT[images]
-        return jnp.asarray(UINT8_TO_UNIT)[jnp.asarray(images).astype(jnp.int32)]
+        return _bytes_to_unit(jnp.asarray(images))
     if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
         raise ValueError(f"training images of dtype {dtype} are ambiguous: pass floats in "
                          "[−1, 1] or uint8 pixels 0…255")
     return images
+
+
+@jax.jit
+def _bytes_to_unit(images):
+    """uint8 → float32 by ``UINT8_TO_UNIT`` in one program (an eager int32 index array first
+    would be four times the pixels' bytes)."""
+    return jnp.asarray(UINT8_TO_UNIT)[images.astype(jnp.int32)]
 
 
 def held_images(images):

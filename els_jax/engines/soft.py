@@ -350,7 +350,9 @@ def pallas_x0(x, a, b2, sigma, images, log_w, mu, *, k, boundary, wrap_patches, 
 def stream_x0(x, a, b2, sigma, images, log_w, mu, *, k, boundary, wrap_patches, block,
                pixels=None):
     """x̂_0 [B, H, W, C] with candidates streamed from the images; with ``pixels`` (a tuple of
-    flat indices) only at ``computed_pixels`` (0 elsewhere)."""
+    flat indices) only at ``computed_pixels`` (0 elsewhere). uint8 images (the shift-map
+    forms' derivatives and their off-CPU values) are converted here (``unit_images``)."""
+    images = unit_images(images).astype(jnp.float32)
     bsz, h, w, c = x.shape
     n = images.shape[0]
     g = gaussian_window(sigma, k, c)

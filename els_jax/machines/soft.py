@@ -49,6 +49,7 @@ from els_jax.engines.soft import (ENGINES, SoftBank, SoftSpec, axis_weights, bui
                                   check_k_max, computed_pixels, gaussian_window, pair_count,
                                   pallas_x0, resolve_engine, sample_pixels, shiftmap_x0,
                                   soft_bank_x0, soft_groups, stream_x0)
+from els_jax.machines import ideal as ideal_lib
 from els_jax.machines.base import Machine, device_images
 
 __all__ = ["els_soft_x0", "els_soft_score", "gaussian_window", "axis_weights", "sigma_for_scale",
@@ -266,7 +267,10 @@ def make_soft_machine(images, *, sigmas: float | Sequence[float], k_max: int,
     schedule = schedules_lib.get(schedule)
     sigma_list, sigma_const = _normalise_sigmas(sigmas)
     given = images
-    images = np.asarray(unit_images(images), np.float32)
+    # uint8 pixels (docs/theory.md §9.2) stay uint8 where the shift-map forms stream them;
+    # the bank and the XLA stream read float32.
+    pixels_u8 = np.dtype(getattr(images, "dtype", np.float32)) == np.uint8
+    images = np.asarray(images) if pixels_u8 else np.asarray(unit_images(images), np.float32)
     if images.ndim != 4:
         raise ValueError(f"images must be [N, H, W, C]; got shape {images.shape}")
     if mask is not None:
@@ -298,8 +302,14 @@ def make_soft_machine(images, *, sigmas: float | Sequence[float], k_max: int,
         fn.spec = spec
         info = {"engine": "soft", "bank": True, "unique_fraction": spec.unique_fraction}
     else:
-        images_j = device_images(given, images)
-        mu = jnp.mean(images_j, axis=(0, 1, 2))
+        if pixels_u8 and path in ("shiftmap", "pallas"):
+            images_j = device_images(given, images)            # held as uint8
+            # The per-channel mean (the XLA stream's centring, used for derivatives), read a
+            # chunk at a time.
+            mu = ideal_lib.image_stats(images_j)[0].reshape(-1, c).mean(axis=0)
+        else:
+            images_j = device_images(given, np.asarray(unit_images(images), np.float32))
+            mu = jnp.mean(images_j, axis=(0, 1, 2))
         log_w = jnp.zeros((n,), jnp.float32)
         kw = dict(k=k, boundary=boundary, wrap_patches=bool(wrap_patches), block=block)
         run = _RUN[path]
