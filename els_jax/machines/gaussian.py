@@ -97,7 +97,8 @@ def _r_factor(images, mean, sqrt_w, rows):
     CelebA's N); a step reads its chunk from the images as they are."""
     n = images.shape[0]
     d = math.prod(images.shape[1:])
-    starts, first_new = softmax.chunk_starts(n, rows)
+    with jax.ensure_compile_time_eval():  # a static plan, also under an outer jit
+        starts, first_new = softmax.chunk_starts(n, rows)
     r = jnp.zeros((d, d), jnp.float32)
     for start, first in zip(np.asarray(starts), np.asarray(first_new)):
         r = _qr_step(r, images, mean, sqrt_w, jnp.int32(start), jnp.int32(first), rows=rows)
