@@ -24,7 +24,7 @@ FAMILIES = ("gaussian", "nearest", "pca_locality", "scfdm")
 def gaussian_fit(images_j) -> gaussian_lib.GaussianFit:
     """The images' ``GaussianFit``, kept by content with the candidate banks
     (``bank_cache.BANKS``): the gaussian and pca_locality machines of one run and the
-    experiment's mask sizes share one fit (at CelebA's N a fit is ~4 min on 2 cores)."""
+    experiment's mask sizes share one fit (at CelebA's N a fit is ~1 min on 2 cores)."""
     key = ("gaussian_fit", bank_cache.content_key(np.asarray(images_j)))
     fit, _ = bank_cache.BANKS.get(
         key, lambda: (jax.block_until_ready(gaussian_lib.fit_gaussian(images_j)), None))
