@@ -131,6 +131,141 @@ def test_an_engine_far_behind_at_k_is_not_probed_at_k_plus_two(tuner):
     assert set(log) == {"a", "b"}
 
 
+def _unit_probes(clock, seconds, log, units):
+    """As ``_probes``, with the probe's units of work (its images) as a fourth element."""
+    calls, note, scale = _probes(clock, seconds, log)()
+    return lambda: (calls, note, scale, units)
+
+
+def test_probe_order_visits_the_ends_then_the_middles():
+    assert autotune.probe_order([3, 5, 7, 9, 11, 13, 15]) == [3, 15, 9, 5, 11, 7, 13]
+    assert autotune.probe_order([7, 3, 3]) == [3, 7]
+    assert autotune.probe_order([5]) == [5]
+    order = autotune.probe_order([3, 5, 7, 9, 11, 13, 15, 17, 21, 23, 25, 27])
+    assert sorted(order) == [3, 5, 7, 9, 11, 13, 15, 17, 21, 23, 25, 27] and order[:2] == [3, 27]
+
+
+def test_a_size_between_two_measured_ones_is_interpolated_not_probed(tuner, tmp_path):
+    """Per probe image, linear in k between the nearest measured sizes below and above (at
+    most INTERPOLATE_SPAN apart, the merge fraction aside); a lead under
+    INTERPOLATE_MARGIN×, a span too wide, an engine not timed at both ends or another shape
+    class: probed. Interpolated choices are not written to disk; a new process that reads
+    the two measurements interpolates again."""
+    assert autotune.INTERPOLATE_SPAN == 6 and autotune.INTERPOLATE_MARGIN == 1.25
+    eng = ("a", "b")
+    log = []
+    # k = 3 on 64 probe images, k = 9 on 128 (per image: a 1, 4 ms; b 3, 6 ms).
+    autotune.select("els", dict(SHAPE, k=3, unique=0.5), eng, "a", "static",
+                    _unit_probes(tuner, {"a": 0.064, "b": 0.192}, log, 64))
+    autotune.select("els", dict(SHAPE, k=9, unique=1.0), eng, "a", "static",
+                    _unit_probes(tuner, {"a": 0.512, "b": 0.768}, log, 128))
+    log.clear()
+    # k = 5: a 2 ms, b 4 ms per image (a leads 2×): not probed.
+    five = autotune.select("els", dict(SHAPE, k=5, unique=0.8), eng, "a", "static",
+                           _unit_probes(tuner, {"a": 9.0, "b": 1.0}, log, 64))
+    assert log == [] and five.engine == "a" and five.times is None
+    assert five.reason.startswith("interpolated between the probes at k = 3 and 9")
+    assert "a 2e+03 µs, b 4e+03 µs" in five.reason
+    # k = 7: a 3 ms, b 5 ms (1.67×): still a; at 1.2× it would be probed.
+    assert autotune.select("els", dict(SHAPE, k=7), eng, "a", "static",
+                           _unit_probes(tuner, {"a": 9.0, "b": 1.0}, log, 64)).engine == "a"
+    assert log == []
+    autotune.select("els", dict(SHAPE, k=3, N=64), eng, "a", "static",
+                    _unit_probes(tuner, {"a": 0.10, "b": 0.11}, log, 10))
+    autotune.select("els", dict(SHAPE, k=7, N=64), eng, "a", "static",
+                    _unit_probes(tuner, {"a": 0.10, "b": 0.12}, log, 10))
+    log.clear()
+    close = autotune.select("els", dict(SHAPE, k=5, N=64), eng, "a", "static",
+                            _unit_probes(tuner, {"a": 1.0, "b": 0.5}, log, 10))
+    assert log and close.engine == "b" and close.reason.startswith("measured")
+    # ... unless the preferred engine is within the margin: it wins unprobed.
+    log.clear()
+    pref = autotune.select("els", dict(SHAPE, k=5, N=64, B=2), eng, "a", "static", None)
+    assert pref.engine == "a" and "static" in pref.reason      # nothing to probe: static
+    autotune.select("els", dict(SHAPE, k=3, N=32), eng, "a", "static",
+                    _unit_probes(tuner, {"a": 0.10, "b": 0.11}, log, 10))
+    autotune.select("els", dict(SHAPE, k=7, N=32), eng, "a", "static",
+                    _unit_probes(tuner, {"a": 0.10, "b": 0.12}, log, 10))
+    log.clear()
+    chose = autotune.select("els", dict(SHAPE, k=5, N=32), eng, "a", "static",
+                            _unit_probes(tuner, {"a": 1.0, "b": 0.5}, log, 10), prefer="b")
+    assert log == [] and chose.engine == "b" and "b preferred within 1.25×" in chose.reason
+    # A span wider than INTERPOLATE_SPAN (3 … 11 at N = 2048): probed.
+    for k, t in ((3, 0.01), (11, 0.02)):
+        autotune.select("els", dict(SHAPE, k=k, N=2048), eng, "a", "static",
+                        _unit_probes(tuner, {"a": t, "b": 9 * t}, log, 10))
+    log.clear()
+    autotune.select("els", dict(SHAPE, k=7, N=2048), eng, "a", "static",
+                    _unit_probes(tuner, {"a": 1.0, "b": 2.0}, log, 10))
+    assert log
+    # An engine timed at one end only (a third engine at k = 9): probed.
+    log.clear()
+    autotune.select("els", dict(SHAPE, k=5, B=4), ("a", "b", "c"), "a", "static",
+                    _unit_probes(tuner, {"a": 0.01, "b": 0.03, "c": 0.05}, log, 10))
+    autotune.select("els", dict(SHAPE, k=9, B=4), ("a", "b"), "a", "static",
+                    _unit_probes(tuner, {"a": 0.01, "b": 0.03}, log, 10))
+    log.clear()
+    autotune.select("els", dict(SHAPE, k=7, B=4), ("a", "b", "c"), "a", "static",
+                    _unit_probes(tuner, {"a": 0.01, "b": 0.03, "c": 0.05}, log, 10))
+    assert {"a", "b"} <= set(log)         # (c: left out by the neighbour rule, 5× behind)
+    # Probes without units (older callers): no interpolation.
+    log.clear()
+    for k in (3, 7):
+        autotune.select("els", dict(SHAPE, k=k, B=8), eng, "a", "static",
+                        _probes(tuner, {"a": 0.01, "b": 0.05}, log))
+    log.clear()
+    autotune.select("els", dict(SHAPE, k=5, B=8), eng, "a", "static",
+                    _probes(tuner, {"a": 0.01, "b": 0.05}, log))
+    assert log
+    # Only measurements reach the disk; a new process interpolates k = 5 again from them.
+    disk = json.loads((tmp_path / "engines.json").read_text())
+    assert not any(e["reason"].startswith("interpolated") for e in disk.values())
+    autotune.clear_memory_cache()
+    log.clear()
+    for k in (3, 9):
+        autotune.select("els", dict(SHAPE, k=k, unique=0.5 if k == 3 else 1.0), eng, "a",
+                        "static", _unit_probes(tuner, {"a": 1.0, "b": 1.0}, log, 1))
+    again = autotune.select("els", dict(SHAPE, k=5, unique=0.8), eng, "a", "static",
+                            _unit_probes(tuner, {"a": 9.0, "b": 1.0}, log, 64))
+    assert log == [] and again.engine == "a" and again.reason == five.reason
+
+
+def test_a_preferred_engine_wins_a_near_tie_of_the_probes(tuner):
+    log = []
+    eng = ("window", "shiftmap")
+    near = autotune.select("els", SHAPE, eng, "window", "static",
+                           _probes(tuner, {"window": 1.0, "shiftmap": 1.08}, log),
+                           prefer="shiftmap")
+    assert near.engine == "shiftmap" and "shiftmap preferred within 1.1×" in near.reason
+    far = autotune.select("els", dict(SHAPE, k=7), eng, "window", "static",
+                          _probes(tuner, {"window": 1.0, "shiftmap": 1.15}, log),
+                          prefer="shiftmap")
+    assert far.engine == "window" and "preferred" not in far.reason
+
+
+def test_a_machine_probes_the_ends_of_its_sizes_and_interpolates_between(tuner, monkeypatch):
+    """make_machine chooses its sizes' engines in probe order: 3 and 7 are probed, 5 (a
+    clear lead at both) is interpolated; the machine still computes the oracle's x̂_0."""
+    measured = []
+
+    def fake(calls, **kw):                        # one engine clearly ahead at every k
+        measured.append(sorted(calls))
+        times = {"window_native": 0.001, "window": 0.004, "row": 0.005, "native": 0.003,
+                 "shiftmap": 0.01}
+        return {name: times[name] for name in calls}
+    monkeypatch.setattr(autotune, "measure", fake)
+    rng = np.random.default_rng(1)
+    images = rng.uniform(-1, 1, (6, 16, 16, 1)).astype(np.float32)
+    m = ej.make_machine("els", images, scales=[3, 5, 7], boundary="zeros", dedup=False)
+    assert len(measured) == 2 and measured[0] == measured[1]
+    info = m.explain()
+    assert info[5]["reason"].startswith("interpolated between the probes at k = 3 and 7")
+    assert "measured" in info[3]["reason"] and "measured" in info[7]["reason"]
+    x = jnp.asarray(0.7 * images[:2] + 0.7 * rng.normal(size=(2, 16, 16, 1)), jnp.float32)
+    want = oracles.els_x0(x, 0.4, images, 5, "zeros", False)
+    np.testing.assert_allclose(np.asarray(m.x0(x, jnp.float32(0.4), 1)), want, atol=3e-4)
+
+
 def test_static_rule_single_engine_and_failing_probes(tuner, monkeypatch):
     log = []
     probes = _probes(tuner, {"window": 1.0, "row": 2.0}, log)
@@ -183,14 +318,15 @@ def test_a_shift_map_probe_gives_every_core_two_kernel_blocks(monkeypatch, batch
     base = min(n, 32 * cores)
     probe = dict(k=3, c=1, h=32, w=32, boundary="zeros", wrap_patches=False, n=n, batch=batch,
                  banked=False, block=1 << 16)
-    calls, note, scale = engines._els_probe_calls(engines=("window", "shiftmap"), **probe)
-    assert note.startswith(f"{base} synthetic images")
+    calls, note, scale, units = engines._els_probe_calls(engines=("window", "shiftmap"),
+                                                         **probe)
+    assert note.startswith(f"{base} synthetic images") and units == base
     if want == base:
         assert scale is None and "shiftmap on" not in note
     else:
         assert scale == {"shiftmap": base / want}
         assert f"shiftmap on {want}, its time scaled by {base}/{want}" in note
-    _, note, scale = engines._els_probe_calls(engines=("window", "row"), **probe)
+    _, note, scale, _ = engines._els_probe_calls(engines=("window", "row"), **probe)
     assert note.startswith(f"{base} synthetic images") and scale is None
 
 

@@ -64,7 +64,9 @@ from els_jax.core.cachedir import cache_dir, write_npz_atomic
 
 __all__ = ["Choice", "select", "measure", "autotune_enabled", "platform_signature",
            "cpu_info", "cache_file", "clear_memory_cache", "bucket",
-           "PROBE_PAIRS", "PROBE_ROUNDS", "PROBE_BUDGET_S", "ELIMINATE", "NEIGHBOUR"]
+           "probe_order", "PROBE_PAIRS", "PROBE_ROUNDS", "PROBE_BUDGET_S", "ELIMINATE",
+           "NEIGHBOUR", "INTERPOLATE_SPAN", "INTERPOLATE_MARGIN",
+           "PREFER_WITHIN"]
 
 SCHEMA = 2                 # bump when the key or the probes change meaning
                            # (2: shift-map probes with two kernel items per core)
@@ -73,12 +75,18 @@ PROBE_ROUNDS = 5           # timed calls per engine, at most
 PROBE_BUDGET_S = 1.0       # seconds of timed calls per selection, about (≥ 2 rounds)
 ELIMINATE = 2.5            # an engine this many times slower than the fastest stops being timed
 NEIGHBOUR = 2.5            # ... and is not probed at the next patch size (k ± 2)
+PREFER_WITHIN = 1.1        # a caller's preferred engine wins when this close to the fastest
+INTERPOLATE_SPAN = 6       # a size between two measured ones at most this far apart is not
+                           # probed: its engines' times are interpolated (``_interpolated``)
+INTERPOLATE_MARGIN = 1.25  # ... when the interpolated winner leads by this factor
 _clock = time.perf_counter  # the timer (tests substitute a fake one)
 
 _THREAD = "els-autotune"   # the measuring thread's name prefix
 _lock = threading.RLock()  # one measurement at a time; guards the caches
 _memory: dict = {}         # key → Choice, this process
 _by_class: dict = {}       # (kind, shape without k) → {k: probe times}, this process
+_per_unit: dict = {}       # (kind, shape without k and merge fraction) → {k: {engine: probe
+                           # seconds per unit of work (a probe image)}}, this process
 _memo: dict = {}           # key → value of ``remembered``, this process
 _memo_lock = threading.Lock()  # its own: a probe's thread may compute an estimate while a
                                # measurement holds _lock
@@ -154,6 +162,7 @@ def clear_memory_cache():
     with _lock:
         _memory.clear()
         _by_class.clear()
+        _per_unit.clear()
     with _memo_lock:
         _memo.clear()
 
@@ -291,15 +300,100 @@ def measure(calls: Mapping[str, Callable[[], object]], *, rounds: int = PROBE_RO
     return best
 
 
-def _shape_class(kind: str, shape: Mapping) -> str:
+def _shape_class(kind: str, shape: Mapping, drop: Sequence[str] = ("k",)) -> str:
     """The shape class without its patch size: sizes k and k ± 2 of one machine share it."""
-    return json.dumps({"kind": kind, **{f: v for f, v in shape.items() if f != "k"}},
+    return json.dumps({"kind": kind, **{f: v for f, v in shape.items() if f not in drop}},
                       sort_keys=True, default=str)
 
 
-def _remember(kind: str, shape: Mapping, times):
+# The interpolation's shape class: without the patch size and without the fraction of windows
+# a merged bank keeps (it differs from size to size of one machine and is already folded into
+# the window engines' probe times).
+_SPAN_DROP = ("k", "unique")
+
+
+def _remember(kind: str, shape: Mapping, times, units=None):
     if times and "k" in shape:
         _by_class.setdefault(_shape_class(kind, shape), {})[int(shape["k"])] = dict(times)
+        if units:
+            _per_unit.setdefault(_shape_class(kind, shape, _SPAN_DROP), {})[
+                int(shape["k"])] = {e: t / units for e, t in times.items()}
+
+
+def probe_order(sizes: Sequence[int]) -> list[int]:
+    """The patch sizes of one machine in the order to choose their engines: the smallest, the
+    largest, then the middle size of each interval, breadth first (3, 15, 9, 5, 11, 7, 13 for
+    3 … 15), so that a size between two measured ones at most ``INTERPOLATE_SPAN`` apart is
+    met after both and is interpolated, not probed (``select``)."""
+    s = sorted({int(k) for k in sizes})
+    if len(s) <= 2:
+        return s
+    order, queue = [s[0], s[-1]], [(0, len(s) - 1)]
+    while queue:
+        lo, hi = queue.pop(0)
+        if hi - lo >= 2:
+            mid = (lo + hi) // 2
+            order.append(s[mid])
+            queue += [(lo, mid), (mid, hi)]
+    return order
+
+
+def _winner(times: Mapping[str, float], prefer: str | None) -> tuple[str, str]:
+    """The fastest engine, or ``prefer`` when it is within ``PREFER_WITHIN``× of the fastest
+    (and why, when that decided)."""
+    fastest = min(times, key=times.get)
+    if prefer in times and prefer != fastest and times[prefer] <= PREFER_WITHIN * times[fastest]:
+        return prefer, (f"; {prefer} preferred within {PREFER_WITHIN:g}× of the fastest "
+                        f"({fastest})")
+    return fastest, ""
+
+
+def _interpolated(kind: str, shape: Mapping, engines: Sequence[str],
+                  prefer: str | None = None) -> Choice | None:
+    """The choice at patch size k without a probe, or None (probe it): when this process has
+    measured the same shape class (merge fraction aside) at a size below and a size above k,
+    at most ``INTERPOLATE_SPAN`` apart, with every engine of ``engines`` timed at both, each
+    engine's probe seconds per probe image are taken linear in k between the two. The
+    fastest wins if it leads every other engine by ``INTERPOLATE_MARGIN``×; ``prefer`` wins
+    if it is within that factor of the fastest; otherwise the size is probed.
+
+    Why: the engines' costs change smoothly with k (the window engines' grow like k²·C, the
+    shift map's stays flat or falls as the candidates thin out), so a clear lead at both
+    neighbours carries over, and where it is unclear the size is measured. The window
+    engines' cost is convex in k, so the straight line flatters them in between: on the
+    probes of a cold run of the authors' whole-process benchmark (zero-padded, k = 3 … 15,
+    1000 mnist5k digits, B = 1, 2-core AVX-512 Xeon, 2026-12-05) the probes at k = 3, 9 and
+    15 put the window kernel at 162 µs per probe image at k = 7 against the shift map's
+    188 µs, where a probe at k = 7 measured 184 against 181 µs; sizes 5, 11 and 13 came out
+    as their probes (leads of 2.1×, 1.9× and 2.0×). An engine timed at only one of the two
+    sizes (not probed at the other, or failed there) or at neither: the size is probed."""
+    if "k" not in shape:
+        return None
+    k = int(shape["k"])
+    sizes = _per_unit.get(_shape_class(kind, shape, _SPAN_DROP), {})
+    lo = max((v for v in sizes if v < k), default=None)
+    hi = min((v for v in sizes if v > k), default=None)
+    if lo is None or hi is None or hi - lo > INTERPOLATE_SPAN:
+        return None
+    a, b = sizes[lo], sizes[hi]
+    if any(e not in a or e not in b for e in engines):
+        return None
+    f = (k - lo) / (hi - lo)
+    per_image = {e: a[e] + f * (b[e] - a[e]) for e in engines}
+    ranked = sorted(per_image.values())
+    fastest = min(per_image, key=per_image.get)
+    if prefer in per_image and per_image[prefer] <= INTERPOLATE_MARGIN * ranked[0]:
+        winner = prefer
+        why = (f"; {prefer} preferred within {INTERPOLATE_MARGIN:g}× of the fastest "
+               f"({fastest})" if prefer != fastest else "")
+    elif len(ranked) < 2 or ranked[1] >= INTERPOLATE_MARGIN * ranked[0]:
+        winner, why = fastest, ""
+    else:                         # too close to call from an interpolation: probe it
+        return None
+    said = ", ".join(f"{e} {t * 1e6:.3g} µs" for e, t in
+                     sorted(per_image.items(), key=lambda kv: kv[1]))
+    return Choice(winner, f"interpolated between the probes at k = {lo} and {hi}, per probe "
+                          f"image: {said}{why}")
 
 
 def _not_worth_probing(kind: str, shape: Mapping, engines: Sequence[str]) -> tuple[set, str]:
@@ -361,14 +455,18 @@ def _run_apart(fn):
 
 
 def select(kind: str, shape: Mapping, engines: Sequence[str], static: str, static_reason: str,
-           probes: Callable[[], tuple] | None = None) -> Choice:
+           probes: Callable[[], tuple] | None = None, prefer: str | None = None) -> Choice:
     """The engine for ``kind`` ("els" | "local" | ...) at ``shape`` among the applicable
     ``engines`` (see the module docstring).
 
     static, static_reason: the static rule's engine and why (used when autotuning is off or
     nothing can be probed). probes: () → (calls, note, scale): calls maps each engine to a
     blocking zero-argument call on a probe; note describes the probe (e.g. "N = 64");
-    scale maps engines to factors applied to their measured times (or None)."""
+    scale maps engines to factors applied to their measured times (or None); a fourth
+    element, if given, is the probe's units of work (its images), by which the times are
+    divided for the interpolation between patch sizes (``_interpolated``). prefer: an engine
+    that wins when within ``PREFER_WITHIN``× of the fastest (a cost the probe does not time
+    favours it, e.g. a bank the others must build)."""
     engines = tuple(engines)
     if static not in engines:
         raise ValueError(f"static engine {static!r} is not among the applicable {engines}")
@@ -389,37 +487,41 @@ def select(kind: str, shape: Mapping, engines: Sequence[str], static: str, stati
                             f"{entry.get('when', '')} in {cache_file()})",
                             entry.get("times"))
             _memory[key] = choice
-            _remember(kind, shape, choice.times)
+            _remember(kind, shape, choice.times, entry.get("units"))
             return choice
+        guess = _interpolated(kind, shape, engines, prefer)
+        if guess is not None:         # not written to disk: only measurements are
+            _memory[key] = guess
+            return guess
         skip, skipped = _not_worth_probing(kind, shape, engines)
 
         def run():
             try:
-                calls, note, scale = probes()
+                calls, note, scale, *units = probes()
             except Exception as err:              # noqa: BLE001 - fall back to the rule
                 warnings.warn(f"els_jax: building the engine probes failed "
                               f"({type(err).__name__}: {str(err)[:200]}); static rule",
                               RuntimeWarning, stacklevel=2)
-                return {}, ""
+                return {}, "", None
             times = measure({name: call for name, call in calls.items() if name not in skip})
             for name, factor in (scale or {}).items():
                 if name in times:
                     times[name] *= factor
-            return times, note
+            return times, note, (units[0] if units else None)
         start = _clock()
-        times, note = _run_apart(run)
+        times, note, units = _run_apart(run)
         _release_freed_memory()
         if not times:
             choice = Choice(static, f"{static_reason}; every probe failed")
             _memory[key] = choice
             return choice
-        winner = min(times, key=times.get)
+        winner, preferred = _winner(times, prefer)
         reason = (f"measured on a probe ({note}), per call: {_format_times(times)}; "
-                  f"{_clock() - start:.2g} s with compilation{skipped}")
+                  f"{_clock() - start:.2g} s with compilation{skipped}{preferred}")
         choice = Choice(winner, reason, {k: round(v, 6) for k, v in times.items()})
         _memory[key] = choice
-        _remember(kind, shape, choice.times)
+        _remember(kind, shape, choice.times, units)
         _write_disk(key, {"engine": winner, "reason": reason, "times": choice.times,
-                          "fields": fields,
+                          "units": units, "fields": fields,
                           "when": datetime.datetime.now().isoformat(timespec="seconds")})
         return choice

@@ -183,7 +183,7 @@ def _probe_images(n: int, pairs_per_image: int, multiple: int = 32, least: int =
 
 def _els_probe_calls(k, c, h, w, boundary, wrap_patches, n, batch, engines, banked, block,
                      data=None):
-    """(calls, note, scale) for ``select``: each ELS engine's main pass (the zero-padded
+    """(calls, note, scale, probe images) for ``select``: each ELS engine's main pass (the zero-padded
     border pass is the same for every engine and left out) on training images ``data`` (a
     machine's own, spread over the set; synthetic images without them), banked as
     ``passes.build_bank`` builds it (without merging) or streamed as ``passes.stream_x0``
@@ -264,7 +264,7 @@ def _els_probe_calls(k, c, h, w, boundary, wrap_patches, n, batch, engines, bank
     note = f"{n_probe} {'training' if own else 'synthetic'} images, B = {batch}, main pass"
     if scale:
         note += f"; shiftmap on {n_shift}, its time scaled by {n_probe}/{n_shift}"
-    return calls, note, scale
+    return calls, note, scale, n_probe
 
 
 def els_engine(engines: Sequence[str], static: str, static_reason: str, *, k: int, c: int,
@@ -286,13 +286,18 @@ def els_engine(engines: Sequence[str], static: str, static_reason: str, *, k: in
     probes = None
     if n is not None and not sharded:
         def probes():
-            calls, note, scale = _els_probe_calls(k, c, h, w, boundary, wrap_patches, n,
-                                                  batch, engines, banked, block, probe_images)
+            calls, note, scale, units = _els_probe_calls(
+                k, c, h, w, boundary, wrap_patches, n, batch, engines, banked, block,
+                probe_images)
             scale = dict(scale or {})
             if unique_fraction < 1.0:
                 scale.update(window=unique_fraction, window_native=unique_fraction)
-            return calls, note, scale or None
-    return select("els", shape, engines, static, static_reason, probes)
+            return calls, note, scale or None, units
+    # A banked machine that picks the shift map builds no bank: its build time and memory,
+    # which no probe times (in a one-sample run of the authors' benchmark the k = 5 and 7
+    # window banks cost more to build than they saved), decide a near tie.
+    prefer = "shiftmap" if banked and "shiftmap" in engines else None
+    return select("els", shape, engines, static, static_reason, probes, prefer)
 
 
 def local_engine(*, k: int, c: int, h: int, w: int, n: int, batch: int = 1,

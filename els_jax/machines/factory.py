@@ -34,7 +34,7 @@ from els_jax.core.data import UINT8_TO_UNIT, unit_images
 from els_jax.engines import border as els_border
 from els_jax.engines import layout as els_layout
 from els_jax.engines import local as local_engine
-from els_jax.engines import passes, select
+from els_jax.engines import autotune, passes, select
 from els_jax.engines import row as els_row
 from els_jax.engines import window as els_window
 from els_jax.machines import bank_cache, els, families, soft
@@ -440,6 +440,21 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
     ls_engine = method if method in select.LOCAL_ENGINES else "auto"
     plan = []                             # (k, "local" | "bank" | "stream", Choice, unique)
     spent = 0                             # bytes of the banks planned so far (smallest k first)
+    shape = dict(w=w, wrap_patches=wrap_patches, n=n, batch=batch, sharded=mesh is not None,
+                 block=block, probe_images=images)
+    els_sizes = [k for k in sizes if kind == "els" and not (boundary == "zeros" and
+                                                            k >= min(h, w))]
+    resolved = {}                         # ELS size → (merge fraction, Choice)
+    # In probe order (smallest, largest, then middles): a size between two measured ones is
+    # interpolated, not probed (autotune.probe_order; a cold run of 3 … 15 probes 3 sizes).
+    for k in autotune.probe_order(els_sizes):
+        k = els_layout.check_k(k, h, w, boundary, wrap_patches)
+        unique = (els_window.estimate_unique_fraction(images, k=k, boundary=boundary,
+                                                      wrap_patches=wrap_patches)
+                  if dedup else 1.0)
+        merged = unique if unique <= dedup_threshold else 1.0
+        resolved[k] = unique, select.resolve_els_engine(method, k, c, h, boundary, merged,
+                                                        banked=True, **shape)
     for k in (sizes if kind in ("local", "els") else ()):
         if kind == "local" or (boundary == "zeros" and k >= min(h, w)):
             k = check_local_k(k, h, w)    # docs/theory.md §2: zero-padded ELS, k ≥ H, is LS
@@ -447,15 +462,7 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
                 ls_engine, k=k, c=c, h=h, w=w, n=-(-n // n_shards), batch=batch, block=block),
                 None))
             continue
-        k = els_layout.check_k(k, h, w, boundary, wrap_patches)
-        unique = (els_window.estimate_unique_fraction(images, k=k, boundary=boundary,
-                                                      wrap_patches=wrap_patches)
-                  if dedup else 1.0)
-        merged = unique if unique <= dedup_threshold else 1.0
-        shape = dict(w=w, wrap_patches=wrap_patches, n=n, batch=batch, sharded=mesh is not None,
-                     block=block, probe_images=images)
-        choice = select.resolve_els_engine(method, k, c, h, boundary, merged, banked=True,
-                                           **shape)
+        unique, choice = resolved[k]
         if choice.engine == "shiftmap":   # no bank: the images are all it reads
             plan.append((k, "stream", choice, unique))
             continue
