@@ -217,16 +217,20 @@ def test_a_size_between_two_measured_ones_is_interpolated_not_probed(tuner, tmp_
     autotune.select("els", dict(SHAPE, k=7, N=2048), eng, "a", "static",
                     _unit_probes(tuner, {"a": 1.0, "b": 2.0}, log, 10))
     assert log
-    # An engine timed at one end only (a third engine at k = 9): probed.
-    log.clear()
-    autotune.select("els", dict(SHAPE, k=5, B=4), ("a", "b", "c"), "a", "static",
-                    _unit_probes(tuner, {"a": 0.01, "b": 0.03, "c": 0.05}, log, 10))
-    autotune.select("els", dict(SHAPE, k=9, B=4), ("a", "b"), "a", "static",
-                    _unit_probes(tuner, {"a": 0.01, "b": 0.03}, log, 10))
-    log.clear()
-    autotune.select("els", dict(SHAPE, k=7, B=4), ("a", "b", "c"), "a", "static",
-                    _unit_probes(tuner, {"a": 0.01, "b": 0.03, "c": 0.05}, log, 10))
-    assert {"a", "b"} <= set(log)         # (c: left out by the neighbour rule, 5× behind)
+    # An engine timed at one end only (c, not at k = 9): out of the running where it was
+    # over NEIGHBOUR× behind at the other end (5×), else the size is probed (c 1.5×).
+    for c_time, probed in ((0.05, False), (0.015, True)):
+        B = 4 if probed else 2
+        log.clear()
+        autotune.select("els", dict(SHAPE, k=5, B=B), ("a", "b", "c"), "a", "static",
+                        _unit_probes(tuner, {"a": 0.01, "b": 0.03, "c": c_time}, log, 10))
+        autotune.select("els", dict(SHAPE, k=9, B=B), ("a", "b"), "a", "static",
+                        _unit_probes(tuner, {"a": 0.01, "b": 0.03}, log, 10))
+        log.clear()
+        got = autotune.select("els", dict(SHAPE, k=7, B=B), ("a", "b", "c"), "a", "static",
+                              _unit_probes(tuner, {"a": 0.01, "b": 0.03, "c": 0.05}, log, 10))
+        assert bool(log) == probed and got.engine == "a"
+        assert got.reason.startswith("measured" if probed else "interpolated")
     # Probes without units (older callers): no interpolation.
     log.clear()
     for k in (3, 7):

@@ -376,7 +376,8 @@ def _interpolated(kind: str, shape: Mapping, engines: Sequence[str],
     15 put the window kernel at 162 µs per probe image at k = 7 against the shift map's
     188 µs, where a probe at k = 7 measured 184 against 181 µs; sizes 5, 11 and 13 came out
     as their probes (leads of 2.1×, 1.9× and 2.0×). An engine timed at only one of the two
-    sizes (not probed at the other, or failed there) or at neither: the size is probed."""
+    sizes (not probed at the other) is left out if it took over ``NEIGHBOUR``× the fastest's
+    time there too, else the size is probed; one timed at neither: the size is probed."""
     if "k" not in shape:
         return None
     k = int(shape["k"])
@@ -386,10 +387,20 @@ def _interpolated(kind: str, shape: Mapping, engines: Sequence[str],
     if lo is None or hi is None or hi - lo > INTERPOLATE_SPAN:
         return None
     a, b = sizes[lo], sizes[hi]
-    if any(e not in a or e not in b for e in engines):
+    rivals = []
+    for e in engines:
+        if e in a and e in b:
+            rivals.append(e)
+            continue
+        # Timed at one end only (left out at the other, over NEIGHBOUR× behind at its
+        # neighbour): out of the running if over NEIGHBOUR× behind at this end too.
+        there = a if e in a else b if e in b else None
+        if there is None or there[e] <= NEIGHBOUR * min(there.values()):
+            return None
+    if not rivals:
         return None
     f = (k - lo) / (hi - lo)
-    per_image = {e: a[e] + f * (b[e] - a[e]) for e in engines}
+    per_image = {e: a[e] + f * (b[e] - a[e]) for e in rivals}
     ranked = sorted(per_image.values())
     fastest = min(per_image, key=per_image.get)
     if prefer in per_image and per_image[prefer] <= INTERPOLATE_MARGIN * ranked[0]:
