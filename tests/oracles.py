@@ -103,9 +103,11 @@ def equivariant_x0(x, t, images, mask=None, schedule="cosine"):
 
 
 def els_candidates(xb, i, j, t, images, k, boundary="circular", wrap_patches=False,
-                   schedule="cosine"):
+                   schedule="cosine", cache=None):
     """ELS candidates of pixel (i, j) of one query xb [H,W,C], literally from docs/theory.md §2.
-    Returns (logits [M], values [M, C], image index [M], centre row [M], centre col [M])."""
+    Returns (logits [M], values [M, C], image index [M], centre row [M], centre col [M]).
+    cache: an optional dict (one per images, k, boundary) keeping each list of candidate
+    windows, which does not depend on the query, from pixel to pixel."""
     a, b2 = _coeffs(t, schedule)
     h, w = xb.shape[:2]
     m = k // 2
@@ -118,14 +120,22 @@ def els_candidates(xb, i, j, t, images, k, boundary="circular", wrap_patches=Fal
         return range(m, n - m)
 
     q, _ = window(np.asarray(xb, np.float64), i, j, k, boundary)
-    out = [], [], [], [], []
-    for n, c in enumerate(np.asarray(images, np.float64)):
-        for u in centres(i, h):
-            for v in centres(j, w):
-                cw, _ = window(c, u, v, k, boundary)
-                for lst, val in zip(out, (-np.sum((q - a * cw) ** 2) / (2 * b2), c[u, v], n, u, v)):
-                    lst.append(val)
-    return tuple(np.array(o) for o in out)
+    key = (tuple(centres(i, h)), tuple(centres(j, w)))
+    if cache is None or key not in cache:
+        wins, vals, idx, us, vs = [], [], [], [], []
+        for n, c in enumerate(np.asarray(images, np.float64)):
+            for u in key[0]:
+                for v in key[1]:
+                    cw, _ = window(c, u, v, k, boundary)
+                    for lst, val in zip((wins, vals, idx, us, vs), (cw, c[u, v], n, u, v)):
+                        lst.append(val)
+        found = tuple(np.array(o) for o in (wins, vals, idx, us, vs))
+        if cache is None:
+            cache = {}
+        cache[key] = found
+    wins, vals, idx, us, vs = cache[key]
+    logits = -np.sum((q[None] - a * wins) ** 2, axis=tuple(range(1, wins.ndim))) / (2 * b2)
+    return logits, vals, idx, us, vs
 
 
 def els_x0(x, t, images, k, boundary="circular", wrap_patches=False, mask=None,
@@ -139,11 +149,12 @@ def els_x0(x, t, images, k, boundary="circular", wrap_patches=False, mask=None,
     if boundary == "zeros" and k >= min(h, w):
         return local_x0(x, t, images, k, mask, schedule)
     out = np.zeros_like(x)
+    cache = {}
     for bi in range(x.shape[0]):
         for i in range(h):
             for j in range(w):
                 logits, vals, *_ = els_candidates(x[bi], i, j, t, imgs, k, boundary,
-                                                  wrap_patches, schedule)
+                                                  wrap_patches, schedule, cache)
                 out[bi, i, j] = softmax_mean(logits, vals)
     return out
 

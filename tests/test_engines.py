@@ -277,6 +277,10 @@ def test_a_machine_probes_the_ends_of_its_sizes_and_interpolates_between(tuner, 
                  "shiftmap": 0.01}
         return {name: times[name] for name in calls}
     monkeypatch.setattr(autotune, "measure", fake)
+
+    def probe_calls(k, c, h, w, boundary, wrap_patches, n, batch, eng, *args, **kw):
+        return {e: None for e in eng}, "fake probe", None, 64    # no probe banks built
+    monkeypatch.setattr(engines, "_els_probe_calls", probe_calls)
     rng = np.random.default_rng(1)
     images = rng.uniform(-1, 1, (6, 16, 16, 1)).astype(np.float32)
     m = ej.make_machine("els", images, scales=[3, 5, 7], boundary="zeros", dedup=False)
