@@ -171,73 +171,58 @@ def test_a_size_between_two_measured_ones_is_interpolated_not_probed(tuner, tmp_
     class: probed. Interpolated choices are not written to disk; a new process that reads
     the two measurements interpolates again."""
     assert autotune.INTERPOLATE_SPAN == 6 and autotune.INTERPOLATE_MARGIN == 1.25
-    eng = ("a", "b")
     log = []
+
+    def at(k, times, units, prefer=None, **cls):
+        """select at size k of the class ``cls``; the engines are ``times``' keys."""
+        return autotune.select("els", dict(SHAPE, k=k, **cls), tuple(times), "a", "static",
+                               _unit_probes(tuner, times, log, units), prefer=prefer)
+
     # k = 3 on 64 probe images, k = 9 on 128 (per image: a 1, 4 ms; b 3, 6 ms).
-    autotune.select("els", dict(SHAPE, k=3, unique=0.5), eng, "a", "static",
-                    _unit_probes(tuner, {"a": 0.064, "b": 0.192}, log, 64))
-    autotune.select("els", dict(SHAPE, k=9, unique=1.0), eng, "a", "static",
-                    _unit_probes(tuner, {"a": 0.512, "b": 0.768}, log, 128))
+    at(3, {"a": 0.064, "b": 0.192}, 64, unique=0.5)
+    at(9, {"a": 0.512, "b": 0.768}, 128, unique=1.0)
     log.clear()
     # k = 5: a 2 ms, b 4 ms per image (a leads 2×): not probed.
-    five = autotune.select("els", dict(SHAPE, k=5, unique=0.8), eng, "a", "static",
-                           _unit_probes(tuner, {"a": 9.0, "b": 1.0}, log, 64))
+    five = at(5, {"a": 9.0, "b": 1.0}, 64, unique=0.8)
     assert log == [] and five.engine == "a" and five.times is None
     assert five.reason.startswith("interpolated between the probes at k = 3 and 9")
     assert "a 2e+03 µs, b 4e+03 µs" in five.reason
-    # k = 7: a 3 ms, b 5 ms (1.67×): still a; at 1.2× it would be probed.
-    assert autotune.select("els", dict(SHAPE, k=7), eng, "a", "static",
-                           _unit_probes(tuner, {"a": 9.0, "b": 1.0}, log, 64)).engine == "a"
-    assert log == []
-    autotune.select("els", dict(SHAPE, k=3, N=64), eng, "a", "static",
-                    _unit_probes(tuner, {"a": 0.10, "b": 0.11}, log, 10))
-    autotune.select("els", dict(SHAPE, k=7, N=64), eng, "a", "static",
-                    _unit_probes(tuner, {"a": 0.10, "b": 0.12}, log, 10))
+    # k = 7: a 3 ms, b 5 ms (1.67×): still a.
+    assert at(7, {"a": 9.0, "b": 1.0}, 64).engine == "a" and log == []
+    # A lead of 1.1× (N = 64 class): probed.
+    at(3, {"a": 0.10, "b": 0.11}, 10, N=64)
+    at(7, {"a": 0.10, "b": 0.12}, 10, N=64)
     log.clear()
-    close = autotune.select("els", dict(SHAPE, k=5, N=64), eng, "a", "static",
-                            _unit_probes(tuner, {"a": 1.0, "b": 0.5}, log, 10))
+    close = at(5, {"a": 1.0, "b": 0.5}, 10, N=64)
     assert log and close.engine == "b" and close.reason.startswith("measured")
     # ... unless the preferred engine is within the margin: it wins unprobed.
+    at(3, {"a": 0.10, "b": 0.11}, 10, N=32)
+    at(7, {"a": 0.10, "b": 0.12}, 10, N=32)
     log.clear()
-    pref = autotune.select("els", dict(SHAPE, k=5, N=64, B=2), eng, "a", "static", None)
-    assert pref.engine == "a" and "static" in pref.reason      # nothing to probe: static
-    autotune.select("els", dict(SHAPE, k=3, N=32), eng, "a", "static",
-                    _unit_probes(tuner, {"a": 0.10, "b": 0.11}, log, 10))
-    autotune.select("els", dict(SHAPE, k=7, N=32), eng, "a", "static",
-                    _unit_probes(tuner, {"a": 0.10, "b": 0.12}, log, 10))
-    log.clear()
-    chose = autotune.select("els", dict(SHAPE, k=5, N=32), eng, "a", "static",
-                            _unit_probes(tuner, {"a": 1.0, "b": 0.5}, log, 10), prefer="b")
+    chose = at(5, {"a": 1.0, "b": 0.5}, 10, prefer="b", N=32)
     assert log == [] and chose.engine == "b" and "b preferred within 1.25×" in chose.reason
     # A span wider than INTERPOLATE_SPAN (3 … 11 at N = 2048): probed.
-    for k, t in ((3, 0.01), (11, 0.02)):
-        autotune.select("els", dict(SHAPE, k=k, N=2048), eng, "a", "static",
-                        _unit_probes(tuner, {"a": t, "b": 9 * t}, log, 10))
+    at(3, {"a": 0.01, "b": 0.09}, 10, N=2048)
+    at(11, {"a": 0.02, "b": 0.18}, 10, N=2048)
     log.clear()
-    autotune.select("els", dict(SHAPE, k=7, N=2048), eng, "a", "static",
-                    _unit_probes(tuner, {"a": 1.0, "b": 2.0}, log, 10))
+    at(7, {"a": 1.0, "b": 2.0}, 10, N=2048)
     assert log
     # An engine timed at one end only (c, not at k = 9): out of the running where it was
     # over NEIGHBOUR× behind at the other end (5×), else the size is probed (c 1.5×).
     for c_time, probed in ((0.05, False), (0.015, True)):
         B = 4 if probed else 2
+        at(5, {"a": 0.01, "b": 0.03, "c": c_time}, 10, B=B)
+        at(9, {"a": 0.01, "b": 0.03}, 10, B=B)
         log.clear()
-        autotune.select("els", dict(SHAPE, k=5, B=B), ("a", "b", "c"), "a", "static",
-                        _unit_probes(tuner, {"a": 0.01, "b": 0.03, "c": c_time}, log, 10))
-        autotune.select("els", dict(SHAPE, k=9, B=B), ("a", "b"), "a", "static",
-                        _unit_probes(tuner, {"a": 0.01, "b": 0.03}, log, 10))
-        log.clear()
-        got = autotune.select("els", dict(SHAPE, k=7, B=B), ("a", "b", "c"), "a", "static",
-                              _unit_probes(tuner, {"a": 0.01, "b": 0.03, "c": 0.05}, log, 10))
+        got = at(7, {"a": 0.01, "b": 0.03, "c": 0.05}, 10, B=B)
         assert bool(log) == probed and got.engine == "a"
         assert got.reason.startswith("measured" if probed else "interpolated")
     # Probes without units (older callers): no interpolation.
-    log.clear()
     for k in (3, 7):
-        autotune.select("els", dict(SHAPE, k=k, B=8), eng, "a", "static",
+        autotune.select("els", dict(SHAPE, k=k, B=8), ("a", "b"), "a", "static",
                         _probes(tuner, {"a": 0.01, "b": 0.05}, log))
     log.clear()
-    autotune.select("els", dict(SHAPE, k=5, B=8), eng, "a", "static",
+    autotune.select("els", dict(SHAPE, k=5, B=8), ("a", "b"), "a", "static",
                     _probes(tuner, {"a": 0.01, "b": 0.05}, log))
     assert log
     # Only measurements reach the disk; a new process interpolates k = 5 again from them.
@@ -245,11 +230,9 @@ def test_a_size_between_two_measured_ones_is_interpolated_not_probed(tuner, tmp_
     assert not any(e["reason"].startswith("interpolated") for e in disk.values())
     autotune.clear_memory_cache()
     log.clear()
-    for k in (3, 9):
-        autotune.select("els", dict(SHAPE, k=k, unique=0.5 if k == 3 else 1.0), eng, "a",
-                        "static", _unit_probes(tuner, {"a": 1.0, "b": 1.0}, log, 1))
-    again = autotune.select("els", dict(SHAPE, k=5, unique=0.8), eng, "a", "static",
-                            _unit_probes(tuner, {"a": 9.0, "b": 1.0}, log, 64))
+    at(3, {"a": 1.0, "b": 1.0}, 1, unique=0.5)            # read from disk, not measured
+    at(9, {"a": 1.0, "b": 1.0}, 1, unique=1.0)
+    again = at(5, {"a": 9.0, "b": 1.0}, 64, unique=0.8)
     assert log == [] and again.engine == "a" and again.reason == five.reason
 
 
