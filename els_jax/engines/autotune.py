@@ -74,7 +74,7 @@ __all__ = ["Choice", "select", "measure", "autotune_enabled", "platform_signatur
            "cpu_info", "cache_file", "clear_memory_cache", "bucket",
            "probe_order", "PROBE_PAIRS", "PROBE_ROUNDS", "PROBE_BUDGET_S", "ELIMINATE",
            "NEIGHBOUR", "INTERPOLATE_SPAN", "INTERPOLATE_MARGIN",
-           "PREFER_WITHIN", "BRACKET_SPAN"]
+           "PREFER_WITHIN"]
 
 SCHEMA = 2                 # bump when the key or the probes change meaning
                            # (2: shift-map probes with two kernel items per core)
@@ -87,8 +87,6 @@ PREFER_WITHIN = 1.1        # a caller's preferred engine wins when this close to
 INTERPOLATE_SPAN = 6       # a size between two measured ones at most this far apart is not
                            # probed: its engines' times are interpolated (``_interpolated``)
 INTERPOLATE_MARGIN = 1.25  # ... when the interpolated winner leads by this factor
-BRACKET_SPAN = 12          # an engine NEIGHBOUR× behind at both measured sizes around k, at
-                           # most this far apart, is not probed at k
 _clock = time.perf_counter  # the timer (tests substitute a fake one)
 
 _THREAD = "els-autotune"   # the measuring thread's name prefix
@@ -420,39 +418,26 @@ def _interpolated(kind: str, shape: Mapping, engines: Sequence[str],
 def _not_worth_probing(kind: str, shape: Mapping, engines: Sequence[str]) -> tuple[set, str]:
     """Engines not probed at patch size k because at k − 2 or k + 2 of the same shape class
     (measured or read from the cache by this process) they took over ``NEIGHBOUR``× the
-    fastest's time, or, without a measured neighbour, at both the nearest measured sizes
-    below and above k (at most ``BRACKET_SPAN`` apart); the two fastest there are always
-    probed. (On the cold run's probes of the authors' sizes, 2-core AVX-512 Xeon: at k = 3
-    the XLA window engine took 2.9× and the interior kernel 5.2× the fastest's time, at
-    k = 15 4.3× and 2.7×; neither is probed at k = 9, where they took 3.0× and 1.8×.) An engine's cost changes with
+    fastest's time; the two fastest there are always probed. An engine's cost changes with
     k, but rarely that fast: replayed on the 144 decisions of a 2-core AVX-512 CPU's engine
     cache that had a measured neighbouring size (2026-12-05), this rule at 2.5× changed no
     decision and left out 17 % of the probes (at 2× one decision came out 4.9 % slower)."""
     if "k" not in shape:
         return set(), ""
     k, sizes = int(shape["k"]), _by_class.get(_shape_class(kind, shape), {})
-
-    def behind(at):                  # engines over NEIGHBOUR× the fastest at size ``at``
-        ranked = sorted((t, e) for e, t in sizes[at].items() if e in engines)
-        if len(ranked) < 3:
-            return set()
-        return {e for t, e in ranked[2:] if t > NEIGHBOUR * ranked[0][0]}
-
     near = [v for v in (k - 2, k + 2) if v in sizes]
-    if near:
-        skip, where = behind(near[0]), f"k = {near[0]}"
-    else:
-        # No measured neighbour, but measured sizes on both sides within BRACKET_SPAN (a
-        # machine's sizes in probe order: 9 after 3 and 15): left out if far behind at both.
-        lo = max((v for v in sizes if v < k), default=None)
-        hi = min((v for v in sizes if v > k), default=None)
-        if lo is None or hi is None or hi - lo > BRACKET_SPAN:
-            return set(), ""
-        skip, where = behind(lo) & behind(hi), f"k = {lo} and {hi}"
+    if not near:
+        return set(), ""
+    times = sizes[near[0]]
+    ranked = sorted((t, e) for e, t in times.items() if e in engines)
+    if len(ranked) < 3:
+        return set(), ""
+    fastest = ranked[0][0]
+    skip = {e for t, e in ranked[2:] if t > NEIGHBOUR * fastest}
     if not skip:
         return set(), ""
     return skip, (f"; not probed: {', '.join(sorted(skip))} (over {NEIGHBOUR:g}× the fastest "
-                  f"at {where})")
+                  f"at k = {near[0]})")
 
 
 def _format_times(times: Mapping[str, float]) -> str:
