@@ -44,6 +44,7 @@ import sys
 import time
 import types
 
+_START = time.perf_counter()
 os.environ.setdefault("MPLBACKEND", "Agg")  # their module imports matplotlib.pyplot
 
 
@@ -108,7 +109,14 @@ def main():
     p.add_argument("--t", type=float, default=0.5, help="diffusion time in [0, 1] (their convention)")
     p.add_argument("--batch-size", type=int, default=64,
                    help="their DataLoader minibatch over the training set (class default 64)")
+    p.add_argument("--sample", default=None,
+                   help="instead of the calls: one whole sample of their zero-padded ELS "
+                        "(bbELS) machine run by their ScheduledScoreMachine, one patch size "
+                        "per step (comma-separated, index 0 = the last step), timed from the "
+                        "start of this process")
     args = p.parse_args()
+    if args.sample:
+        return whole_sample(args)
 
     ks = [int(s) for s in args.k.split(",") if s.strip()]
     boundaries = [s.strip() for s in args.boundary.split(",") if s.strip()]
@@ -181,6 +189,51 @@ def main():
                 "torchvision_stub": tv_stub,
             }
             print(json.dumps(rec), flush=True)
+
+
+def whole_sample(args):
+    """The authors' whole-process benchmark: their bbELS machine on the first N digits, driven by
+    their ScheduledScoreMachine over len(sizes) steps (it makes len − 1 score calls, sizes[i]
+    at step i, i = len − 1 … 1), from one Gaussian seed, as their els_script.py does for one
+    iteration (that script does not run as shipped: it reads args.reduce_size and args.sfile,
+    which its parser never defines). The time counts from this process's start (imports, data,
+    the machine, the sample); the interpreter's own start-up is not included."""
+    scales = [int(s) for s in args.sample.split(",") if s.strip()]
+    if any(k % 2 == 0 or k < 3 or k >= 32 for k in scales):
+        raise SystemExit(f"sizes {scales}: use odd 3 <= k < 32")
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(args.threads)
+    repo = os.path.abspath(args.repo)
+    if not os.path.isfile(os.path.join(repo, "utils", "idealscore.py")):
+        raise SystemExit(f"{repo} does not look like the authors' checkout (no utils/idealscore.py)")
+    sys.path.insert(0, repo)
+    tv_stub = stub_torchvision_if_missing()
+    from utils.idealscore import LocalEquivBordersScoreModule, ScheduledScoreMachine
+    from utils.noise_schedules import cosine_noise_schedule
+
+    images, labels = load_training_images(args.n, torch, F)
+    dataset = torch.utils.data.TensorDataset(images, labels)
+    mod = LocalEquivBordersScoreModule(dataset, kernel_size=scales[0],
+                                       batch_size=args.batch_size, image_size=32, channels=1,
+                                       schedule=cosine_noise_schedule)
+    machine = ScheduledScoreMachine(mod, in_channels=1, noise_schedule=cosine_noise_schedule,
+                                    score_backbone=True, scales=scales)
+    machine.eval()
+    torch.manual_seed(0)
+    seed = torch.randn(1, 1, 32, 32)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = machine(seed.clone(), device=torch.device("cpu"))
+    sampling = time.perf_counter() - t0
+    rec = {"impl": "authors", "sample": True, "boundary": "zeros", "n": args.n,
+           "scales": scales, "calls": len(scales) - 1, "sampling_s": round(sampling, 3),
+           "process_s": round(time.perf_counter() - _START, 3), "torch": torch.__version__,
+           "threads": torch.get_num_threads(), "cpu_flags": cpu_flags(),
+           "batch_size": args.batch_size, "finite": bool(torch.isfinite(out).all()),
+           "torchvision_stub": tv_stub}
+    print(json.dumps(rec), flush=True)
 
 
 if __name__ == "__main__":

@@ -356,7 +356,7 @@ def _fixed_times(times, ran):
     return fake
 
 
-@pytest.mark.parametrize("winner", ["window", "native", "window_native", "shiftmap"]
+@pytest.mark.parametrize("winner", ["native", "window_native", "shiftmap"]
                          if native.available() else ["window", "row", "shiftmap"])
 def test_machine_runs_the_measured_engine_and_explains_it(tuner, monkeypatch, winner):
     """The real probes run (every applicable engine on synthetic images); whichever engine
@@ -370,8 +370,9 @@ def test_machine_runs_the_measured_engine_and_explains_it(tuner, monkeypatch, wi
     images = rng.uniform(-1, 1, (6, 9, 8, 1)).astype(np.float32)
     x = jnp.asarray(0.8 * images[:2] + 0.6 * rng.normal(size=(2, 9, 8, 1)), jnp.float32)
     m = ej.make_machine("els", images, scales=[3, 5], boundary="zeros", dedup=False)
-    # Where the CPU kernels run, the row engine is not probed (it never won there).
-    want_engines = ({"window", "native", "window_native", "shiftmap"} if native.available()
+    # Where the CPU kernels run, neither the row engine nor the XLA window engine (its bank
+    # is run by the window kernel) is probed: neither came near the winner there.
+    want_engines = ({"native", "window_native", "shiftmap"} if native.available()
                     else {"window", "row", "shiftmap"})
     assert set(ran) == want_engines                      # both sizes: same applicable set
     info = m.explain()

@@ -143,6 +143,15 @@ def resolve_els_engine(method, k, c, h, boundary, unique_fraction=1.0, banked=Fa
         # winner. Probing it cost about a fifth of a cold first run's probes; it is not probed
         # there (method="row" still runs it; off the CPU it is one of the XLA engines).
         applicable = tuple(e for e in applicable if e != "row")
+    if window_kernel and static != "window":
+        # The same window bank is run by its fused kernel ("window_native") there, and the XLA
+        # window engine never came near the winner: on the probes of 24 banked shape classes
+        # (experiments/bench_probes.py: both boundaries, k 3…15, C 1 and 3), run twice on a
+        # 2-core Xeon (2026-12-06, AVX-512 and held to AVX2), it was at least 1.39× slower
+        # than the best other engine (2.0× with AVX-512). Its probe (its own bank, its
+        # compilation, its calls) was a third of a cold probe's time; it is not probed
+        # (method="window" still runs it; streamed, without a bank kernel, it is probed).
+        applicable = tuple(e for e in applicable if e != "window")
     return els_engine(applicable, static, why, k=k, c=c, h=h, w=w, boundary=boundary,
                       wrap_patches=wrap_patches, n=n, batch=batch, banked=banked,
                       unique_fraction=unique_fraction, sharded=sharded, block=block,
