@@ -52,10 +52,7 @@ def main(argv=None):
                 engines = tuple(e for e in asked if e != "native" or boundary == "zeros")
                 calls, note, scale, _ = sel._els_probe_calls(
                     k, c, 32, 32, boundary, False, n, 1, engines, True, 1 << 20, data)
-                times = autotune.measure(calls)
-                for e, f in (scale or {}).items():
-                    if e in times:
-                        times[e] *= f
+                times = autotune.measure(calls, scale=scale)
                 winner = min(times, key=times.get)
                 vs = {e: round(t / min(v for o, v in times.items() if o != e), 3)
                       for e, t in times.items()}

@@ -80,20 +80,34 @@ def test_select_measures_once_then_reuses_the_disk_cache(tuner, tmp_path):
 
 def test_measure_alternates_engines_and_stops_at_the_budget(tuner):
     log = []
-    calls, _, _ = _probes(tuner, {"a": 0.01, "b": 0.02}, log)()
+    calls, _, _ = _probes(tuner, {"a": 0.01, "b": 0.014}, log)()
     times = autotune.measure(calls, rounds=5, budget=1.0)
-    assert times == {"a": pytest.approx(0.01), "b": pytest.approx(0.02)}
+    assert times == {"a": pytest.approx(0.01), "b": pytest.approx(0.014)}
     assert log == ["a", "b"] * 6                 # short calls: 1 untimed + 5 timed rounds
     log.clear()
     autotune.measure(calls, rounds=5, budget=0.0)
     assert log == ["a", "b"] * 3                 # budget spent: 1 untimed + 2 timed rounds
+    # A clear lead (CLEAR_LEAD×) after two timed rounds ends it; just below it does not.
+    assert autotune.CLEAR_LEAD == 1.5
+    for b, rounds in ((0.016, 2), (0.014, 5)):
+        log.clear()
+        calls, _, _ = _probes(tuner, {"a": 0.01, "b": b, "c": 0.02}, log)()
+        autotune.measure(calls, rounds=5, budget=1.0)
+        assert log == ["a", "b", "c"] * (1 + rounds)
     # An engine more than ELIMINATE× slower than the fastest is timed once, then left out;
     # one just within it keeps being timed.
     log.clear()
-    calls, _, _ = _probes(tuner, {"a": 0.01, "b": 0.024, "c": 0.026}, log)()
+    calls, _, _ = _probes(tuner, {"a": 0.01, "b": 0.012, "c": 0.026}, log)()
     times = autotune.measure(calls, rounds=5, budget=1.0)
     assert autotune.ELIMINATE == 2.5 and times["c"] == pytest.approx(0.026)
     assert log == ["a", "b", "c"] * 2 + ["a", "b"] * 4
+    # Times are compared as scaled (an engine probed on twice the images, scaled by 1/2):
+    # "c", 2.6× "a" per call, is 1.3× per unit of work, and keeps being timed.
+    log.clear()
+    times = autotune.measure(calls, rounds=5, budget=1.0, scale={"c": 0.5})
+    assert times == {"a": pytest.approx(0.01), "b": pytest.approx(0.012),
+                     "c": pytest.approx(0.013)}
+    assert log == ["a", "b", "c"] * 6
 
 
 def test_an_engine_far_behind_at_k_is_not_probed_at_k_plus_two(tuner):
@@ -281,7 +295,7 @@ def test_static_rule_single_engine_and_failing_probes(tuner, monkeypatch):
 def test_window_probe_time_scales_with_the_merged_fraction(tuner, monkeypatch):
     """A bank with merged windows holds that fraction of the candidates: the window engine's
     probe time is scaled by it (the probe's synthetic images have no duplicates)."""
-    monkeypatch.setattr(autotune, "measure", lambda calls, **kw: {"window": 4.0, "row": 1.0})
+    monkeypatch.setattr(autotune, "measure", _fixed_times({"window": 4.0, "row": 1.0}, []))
     kw = dict(k=5, c=1, h=8, w=8, boundary="circular", n=64, banked=True)
     assert engines.els_engine(("window", "row"), "window", "s", **kw).engine == "row"
     merged = engines.els_engine(("window", "row"), "window", "s", unique_fraction=0.2, **kw)
@@ -347,12 +361,12 @@ def test_the_shift_map_probe_scale_enters_the_choice(tuner, monkeypatch):
 
 def _fixed_times(times, ran):
     """A stand-in for ``engines.measure`` that runs every probe once (so the real probes are
-    exercised) and reports fixed times."""
-    def fake(calls, **kw):
+    exercised) and reports fixed times (scaled as ``measure`` scales them)."""
+    def fake(calls, scale=None, **kw):
         for name, call in calls.items():
             call()
             ran.append(name)
-        return {name: times[name] for name in calls}
+        return {name: times[name] * (scale or {}).get(name, 1.0) for name in calls}
     return fake
 
 
