@@ -107,12 +107,21 @@ def _row_projections(u32: np.ndarray) -> np.ndarray:
     return proj
 
 
+def _row_keys(u32: np.ndarray) -> np.ndarray:
+    """[M] uint64: the two projections of each row (``_row_projections``) folded into one
+    integer (the bits of one XOR the other's rotated). Equal rows, equal keys; a collision of
+    distinct rows is caught by ``unique_row_index``'s bitwise check. One 64-bit key sorts ~3×
+    faster than the pair as a complex number (900 000 rows: 0.07 against 0.2 s)."""
+    bits = np.ascontiguousarray(_row_projections(u32)).view(np.uint64)
+    hi = bits[:, 1]
+    return bits[:, 0] ^ ((hi << np.uint64(32)) | (hi >> np.uint64(32)))
+
+
 def count_unique_rows(rows: np.ndarray) -> int:
-    """How many distinct rows a float32 [M, F] array holds, from ``unique_rows``' projections
-    alone (no bit-for-bit check: for estimates). At k = 15 on 256 digits 6× faster than
-    ``unique_rows`` (0.04 vs 0.25 s), whose check copies every row once more."""
+    """How many distinct rows a float32 [M, F] array holds, from ``unique_rows``' keys alone
+    (no bit-for-bit check, no index of each row's group: for estimates)."""
     u32 = np.ascontiguousarray(rows, np.float32).view(np.uint32)
-    return len(np.unique(_row_projections(u32).view(np.complex128).reshape(-1)))
+    return len(np.unique(_row_keys(u32)))
 
 
 def unique_row_index(rows: np.ndarray):
@@ -120,15 +129,16 @@ def unique_row_index(rows: np.ndarray):
     array (bitwise; in the order of ``unique_rows``) and how often it occurs.
 
     Each row's bits, read as integers, are projected on two random vectors in float64 (a
-    BLAS product, a chunk of rows at a time) and the pairs sorted as complex numbers; the
-    grouping is then checked bit for bit against the rows (a collision, essentially never,
-    falls back to sorting the rows' bytes)."""
+    BLAS product, a chunk of rows at a time), folded into one 64-bit key and the keys
+    sorted; the grouping is then checked bit for bit against the rows, a chunk at a time (a
+    collision, essentially never, falls back to sorting the rows' bytes)."""
     u32 = np.ascontiguousarray(rows, np.float32).view(np.uint32)
-    proj = _row_projections(u32)
-    _, first, inverse, counts = np.unique(proj.view(np.complex128).reshape(-1),
-                                          return_index=True, return_inverse=True,
-                                          return_counts=True)
-    if not np.array_equal(u32, u32[first[inverse.reshape(-1)]]):     # a collision
+    _, first, inverse, counts = np.unique(_row_keys(u32), return_index=True,
+                                          return_inverse=True, return_counts=True)
+    rep = first[inverse.reshape(-1)]
+    step = 1 << 14                  # rows per comparison: the gathered copy stays in cache
+    if not all(np.array_equal(u32[s:s + step], u32[rep[s:s + step]])
+               for s in range(0, len(u32), step)):                         # a collision
         void = u32.view(np.dtype((np.void, 4 * u32.shape[1]))).reshape(-1)
         _, first, counts = np.unique(void, return_index=True, return_counts=True)
     return first, counts
@@ -145,7 +155,7 @@ def unique_rows(rows: np.ndarray):
 def remembered_unique_rows(rows: np.ndarray, source: dict):
     """``unique_rows(rows)``, its row index kept on disk (``autotune.remembered_arrays``) under
     ``source``: fields that determine ``rows`` bit for bit (a hash of the images and μ they
-    were cut from, k, the pass). A warm mnist5k run (N = 1000, k = 3 and 5) skips 0.5 s of
+    were cut from, k, the pass). A warm mnist5k run (N = 1000, k = 3 and 5) skips 0.3 s of
     sorting; the rows themselves are cut again (cheap), only the grouping is read back."""
     rows = np.ascontiguousarray(rows, np.float32)
 
@@ -374,7 +384,7 @@ def build_window_bank(images: np.ndarray, k: int, gp: geo.Grouped, mu: np.ndarra
         digest = hashlib.sha256(np.ascontiguousarray(images, np.float32).tobytes())
         digest.update(np.ascontiguousarray(mu, np.float32).tobytes())
         source = {"images": digest.hexdigest()[:32], "k": int(k), "mode": gp.cand_mode,
-                  "version": 1}
+                  "version": 2}
         groups = [remembered_unique_rows(
             host_window_rows(images, k, gp, gi, mu),
             {**source, "group": gi, "pixels": hashlib.sha256(
