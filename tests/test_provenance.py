@@ -40,6 +40,33 @@ def test_top_k_and_entropy_equal_brute_force(tiny, boundary, k, wrap):
                 np.testing.assert_allclose(np.asarray(p.x0[b, i, j]), w @ vals, atol=2e-5)
 
 
+@pytest.mark.parametrize("kind,boundary", [("els", "zeros"), ("els", "circular"),
+                                           ("local", "zeros"), ("ideal", "zeros")])
+def test_uint8_images_give_the_provenance_of_their_unit_values(kind, boundary):
+    """uint8 pixels are held as uint8 and converted a chunk at a time (no float copy of the
+    set): the same sources, weights and x̂_0 as the float32 images (u − 127.5)/127.5, over
+    several chunks, and with a class mask."""
+    rng = np.random.default_rng(3)
+    u8 = rng.integers(0, 256, (9, 6, 5, 2), dtype=np.uint8)
+    u8[4] = u8[1]                                     # duplicates: ties broken the same way
+    x = rng.normal(size=(2, 6, 5, 2)).astype(np.float32)
+    unit = ej.data.unit_images(u8)
+    assert unit.dtype == np.float32 and np.all(np.abs(unit) <= 1)
+    mask = np.arange(9) % 3 != 1
+    k = None if kind == "ideal" else 3
+    for m in (None, mask):
+        got = pv.provenance(x, 0.2, u8, kind=kind, k=k, boundary=boundary, mask=m, top_k=3,
+                            block=48)
+        want = pv.provenance(x, 0.2, unit, kind=kind, k=k, boundary=boundary, mask=m,
+                             top_k=3, block=48)
+        for field in ("image", "row", "col"):
+            np.testing.assert_array_equal(np.asarray(getattr(got, field)),
+                                          np.asarray(getattr(want, field)))
+        for field in ("weight", "entropy", "x0"):
+            np.testing.assert_allclose(np.asarray(getattr(got, field)),
+                                       np.asarray(getattr(want, field)), atol=1e-5)
+
+
 def test_t_to_zero_provenance_is_the_nearest_candidate(tiny):
     """At t → 0 each pixel's source is the nearest (L2) candidate window; one candidate takes
     all the weight, so the entropy is 0 and the output is that candidate's centre."""
@@ -159,3 +186,13 @@ def test_mosaic_run_writes_figure_and_numbers(tmp_path):
     assert els["n_sources"] == net["n_sources"]
     z = np.load(tmp_path / "mosaic.npz")
     assert z["entropy"].shape[:2] == (2, 4) and np.all(np.isfinite(z["entropy"]))
+    # uint8 pixels (as TFDS and mnist5k hand them out) are kept as uint8: the same numbers as
+    # their float32 values.
+    u8 = np.random.default_rng(1).integers(0, 256, (30, 8, 8, 1), dtype=np.uint8)
+    x_T = jax.random.normal(jax.random.PRNGKey(1), (1, 8, 8, 1))
+    got = mosaic_run(u8, x_T, 3, steps=3, out=str(tmp_path / "u8"))["creativity"]["ELS"]
+    want = mosaic_run(ej.data.unit_images(u8), x_T, 3, steps=3,
+                      out=str(tmp_path / "f32"))["creativity"]["ELS"]
+    np.testing.assert_allclose(got["d_train"], want["d_train"], atol=1e-5)
+    np.testing.assert_allclose(got["d_mosaic"], want["d_mosaic"], atol=1e-5)
+    assert got["n_sources"] == want["n_sources"]

@@ -37,7 +37,7 @@ import numpy as np
 from els_jax.core.cachedir import cache_dir, write_npz_atomic
 
 __all__ = ["load_dataset", "load_digits", "load_mnist5k", "load_tfds", "load_npz", "to_unit_range",
-           "unit_images", "held_images", "UINT8_TO_UNIT",
+           "unit_images", "held_images", "uint8_mean", "UINT8_TO_UNIT",
            "DatasetUnavailableError", "TFDS_DATASETS", "DATASETS"]
 
 # TFDS name → (image key, label key or None).
@@ -92,6 +92,17 @@ def _bytes_to_unit(images):
     """uint8 → float32 by ``UINT8_TO_UNIT`` in one program (an eager int32 index array first
     would be four times the pixels' bytes)."""
     return jnp.asarray(UINT8_TO_UNIT)[images.astype(jnp.int32)]
+
+
+def uint8_mean(u8) -> np.ndarray:
+    """The per-channel mean [C] (float64) of uint8 pixels [..., C] read as (u − 127.5)/127.5,
+    from a histogram per channel: no float copy of the images (at CelebA's N it would be
+    2 GB)."""
+    u8 = np.asarray(u8)
+    c = u8.shape[-1]
+    flat = u8.reshape(-1, c)
+    counts = np.stack([np.bincount(flat[:, ch], minlength=256) for ch in range(c)])
+    return counts @ UINT8_TO_UNIT.astype(np.float64) / len(flat)
 
 
 def held_images(images):

@@ -19,7 +19,7 @@ from els_jax.machines import factory as machine_lib
 from els_jax.machines import posterior as pv
 from els_jax.core import sampler
 from els_jax.core import schedules as schedules_lib
-from els_jax.core.data import unit_images
+from els_jax.core.data import held_images, unit_images
 
 __all__ = ["mosaic_run"]
 
@@ -40,7 +40,8 @@ def mosaic_run(images, x_T, scales, *, boundary="zeros", schedule=schedules_lib.
     """Samples ELS (and optionally a network) from x_T and writes mosaic.png / .json / .npz.
 
     Args:
-      images: training set [N, H, W, C]; x_T: [S, H, W, C] noise (one row per seed).
+      images: training set [N, H, W, C] (floats in [−1, 1] or uint8 pixels, kept as uint8);
+        x_T: [S, H, W, C] noise (one row per seed).
       scales: the ELS scale list (index 0 = last step), or an int (then ``steps`` steps).
       network_eps: optional ``make_network(...)`` eps_fn: its final images are explained too.
       t_query: the small t at which a final image is used as the query of the provenance.
@@ -48,7 +49,9 @@ def mosaic_run(images, x_T, scales, *, boundary="zeros", schedule=schedules_lib.
       dict with the per-sample creativity numbers (also in mosaic.json).
     """
     schedule = schedules_lib.get(schedule)
-    images = np.asarray(unit_images(images), np.float32)
+    # uint8 pixels stay uint8 (a float32 copy of CelebA's set is 2 GB): the machine, the
+    # provenance and the distances read them a chunk at a time, the figure a few images.
+    images = held_images(images)
     scale_list = [int(scales)] * steps if np.ndim(scales) == 0 else [int(k) for k in scales]
     times = sampler.uniform_times(len(scale_list))
     machine = machine_lib.make_machine("els", images, scales=scale_list, boundary=boundary,
@@ -139,7 +142,7 @@ def _figure(path, images, rows, provs, steps, times, ent, seeds, summary):
                     a.set_axis_off()
                     continue
                 n = int(order[j])
-                show(a, images[n], f"train #{n}")
+                show(a, unit_images(np.asarray(images[n])), f"train #{n}")
                 ys, xs = np.nonzero(src == n)
                 for yy, xx in zip(ys, xs):          # centres of the windows taken from it
                     cy, cx = int(p.row[s, yy, xx, 0]), int(p.col[s, yy, xx, 0])

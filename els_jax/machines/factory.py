@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from els_jax.core import patches, validation
 from els_jax.core import schedules as schedules_lib
-from els_jax.core.data import UINT8_TO_UNIT, unit_images
+from els_jax.core.data import uint8_mean, unit_images
 from els_jax.engines import border as els_border
 from els_jax.engines import layout as els_layout
 from els_jax.engines import local as local_engine
@@ -84,15 +84,6 @@ def _split_images(images_j, mesh):
         return images_j, log_w
     split = NamedSharding(mesh, PartitionSpec("cands"))
     return jax.device_put(_pad_axis(images_j, pad, 0), split), jax.device_put(log_w, split)
-
-
-def _pixel_mean(u8):
-    """The per-channel mean [C] of uint8 pixels read as (u − 127.5)/127.5, from a histogram
-    (no float copy of the images)."""
-    c = u8.shape[-1]
-    flat = u8.reshape(-1, c)
-    counts = np.stack([np.bincount(flat[:, ch], minlength=256) for ch in range(c)])
-    return counts @ UINT8_TO_UNIT.astype(np.float64) / len(flat)
 
 
 def _stream_fn(images_j, k, boundary, wrap_patches, method, block, unique,
@@ -379,7 +370,7 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
 
     def pixel_mean():                     # uint8 pixels' mean [C], once per machine
         if "mu8" not in cache:
-            cache["mu8"] = jnp.asarray(_pixel_mean(images), jnp.float32)
+            cache["mu8"] = jnp.asarray(uint8_mean(images), jnp.float32)
         return cache["mu8"]
 
     def stream_images(engine):

@@ -31,7 +31,7 @@ from els_jax.engines import layout as els_layout
 from els_jax.core import softmax
 from els_jax.core import schedules as schedules_lib
 from els_jax.core.validation import check_query_and_images, mask_log_weights
-from els_jax.core.data import unit_images
+from els_jax.core.data import held_images, uint8_mean, unit_images
 
 __all__ = ["Provenance", "provenance", "mosaic_image", "creativity", "nearest_training"]
 
@@ -109,10 +109,12 @@ def _passes(kind, k, boundary, wrap_patches, h, w):
 
 @functools.partial(jax.jit, static_argnames=("kind", "k", "boundary", "wrap_patches",
                                              "top_k", "block"))
-def _provenance(x, a, b2, images, log_w, *, kind, k, boundary, wrap_patches, top_k, block):
+def _provenance(x, a, b2, images, log_w, mu, *, kind, k, boundary, wrap_patches, top_k,
+                block):
     bsz, h, w, c = x.shape
     n = images.shape[0]
-    mu = jnp.mean(images, axis=(0, 1, 2))
+    if mu is None:                        # float images; uint8 ones come with their mean
+        mu = jnp.mean(images, axis=(0, 1, 2))
     kk = 0 if kind == "ideal" else k
     out = {f: jnp.zeros((bsz, h * w) + s, d) for f, s, d in (
         ("id", (top_k,), jnp.int32), ("weight", (top_k,), jnp.float32),
@@ -130,7 +132,8 @@ def _provenance(x, a, b2, images, log_w, *, kind, k, boundary, wrap_patches, top
         def body(st, chunk, q=q, q_group=q_group, ps=ps, shift=shift, n_img=n_img, pc=pc,
                  cand_pix=cand_pix):
             start, first = chunk
-            imgs = jax.lax.dynamic_slice_in_dim(images, start, n_img)
+            # (uint8 pixels converted a chunk at a time: no float copy of the set)
+            imgs = unit_images(jax.lax.dynamic_slice_in_dim(images, start, n_img))
             lw = jax.lax.dynamic_slice_in_dim(log_w, start, n_img)
             lw = jnp.where(rows >= first, lw, -jnp.inf)
             cand = els_layout.pass_candidates(imgs, lw, kk, ps, shift)
@@ -172,7 +175,8 @@ def provenance(x, t, images, *, kind: str = "els", k: int | None = None,
 
     Args:
       x: queries [B, H, W, C]; t: scalar time.
-      images: training set [N, H, W, C]; mask: optional boolean [N] (class-conditional).
+      images: training set [N, H, W, C], floats in [−1, 1] or uint8 pixels (held as uint8,
+        converted a chunk at a time); mask: optional boolean [N] (class-conditional).
       kind: "els", "local" or "ideal"; k, boundary, wrap_patches: as for the machine.
       top_k: how many candidates to keep per pixel (≤ the number of candidates).
       block: logits per streamed chunk (memory knob only).
@@ -197,8 +201,10 @@ def provenance(x, t, images, *, kind: str = "els", k: int | None = None,
         raise ValueError(f"top_k must be at least 1; got {top_k}")
     x = jnp.asarray(x, jnp.float32)
     coeffs = schedules_lib.query_coefficients(t, x.shape[0], schedule)
-    out = _provenance(x, coeffs.a, coeffs.b2, jnp.asarray(unit_images(images), jnp.float32),
-                      mask_log_weights(mask, len(images)), kind=kind, k=int(k),
+    held = held_images(images)            # uint8 stays uint8 (4× fewer bytes), else float32
+    mu = (jnp.asarray(uint8_mean(images), jnp.float32) if held.dtype == jnp.uint8 else None)
+    out = _provenance(x, coeffs.a, coeffs.b2, held, mask_log_weights(mask, len(images)), mu,
+                      kind=kind, k=int(k),
                       boundary=boundary, wrap_patches=bool(wrap_patches), top_k=int(top_k),
                       block=int(block))
     ids = out["id"].reshape(bsz, h, w, top_k)
