@@ -135,14 +135,65 @@ def test_an_engine_far_behind_at_k_is_not_probed_at_k_plus_two(tuner):
     autotune.select("els", dict(SHAPE, k=7, N=4096), engines_, "w", "static",
                     _probes(tuner, {"w": 1.0, "x": 0.9, "y": 0.5, "z": 0.1}, log))
     assert set(log) == set(engines_)
-    # The two fastest are probed however far behind the second was.
+    # The two fastest are probed (the second within NEIGHBOUR× of the first).
     log.clear()
     autotune.select("els", dict(SHAPE, k=3, N=64), ("a", "b", "c"), "a", "static",
-                    _probes(tuner, {"a": 1.0, "b": 5.0, "c": 6.0}, log))
+                    _probes(tuner, {"a": 1.0, "b": 2.0, "c": 6.0}, log))
     log.clear()
     autotune.select("els", dict(SHAPE, k=5, N=64), ("a", "b", "c"), "a", "static",
-                    _probes(tuner, {"a": 1.0, "b": 5.0, "c": 6.0}, log))
+                    _probes(tuner, {"a": 1.0, "b": 2.0, "c": 6.0}, log))
     assert set(log) == {"a", "b"}
+
+
+def test_a_size_next_to_a_clear_winner_is_not_probed(tuner, tmp_path):
+    """An engine that led every other by NEIGHBOUR× at k ± 2 (every engine timed there) wins
+    at k without a probe; a smaller lead, an engine not timed there, another shape class or
+    a neighbour that disagrees: probed. Only measurements go to disk; a new process decides
+    the same from them."""
+    eng = ("a", "b", "c")
+    log = []
+    autotune.select("local", SHAPE, eng, "a", "static",
+                    _probes(tuner, {"a": 1.0, "b": 2.5, "c": 9.0}, log))
+    log.clear()
+    seven = autotune.select("local", dict(SHAPE, k=7), eng, "a", "static",
+                            _probes(tuner, {"a": 9.0, "b": 1.0, "c": 1.0}, log))
+    assert log == [] and seven.engine == "a" and seven.times is None
+    assert "not probed: at k = 5 a led every other engine by ≥ 2.5×" in seven.reason
+    on_disk = json.loads((tmp_path / "engines.json").read_text())
+    assert [e["fields"]["k"] for e in on_disk.values()] == [5]
+    autotune.clear_memory_cache()          # a new process: the k = 5 entry read from disk
+    autotune.select("local", SHAPE, eng, "a", "static", _probes(tuner, {}, log))
+    assert autotune.select("local", dict(SHAPE, k=3), eng, "a", "static",
+                           _probes(tuner, {}, log)).reason == seven.reason
+    assert log == []
+    # Not two apart, another shape class, an engine the neighbour did not time: probed (c,
+    # over NEIGHBOUR× behind at k = 5 and not among its two fastest, is left out there).
+    for shape, engines_, want in ((dict(SHAPE, k=9), eng, "abc"),
+                                  (dict(SHAPE, k=7, B=4), eng, "abc"),
+                                  (dict(SHAPE, k=3, N=64), eng, "abc"),
+                                  (dict(SHAPE, k=7), eng + ("d",), "abd")):
+        log.clear()
+        autotune.select("local", shape, engines_, "a", "static",
+                        _probes(tuner, {e: 1.0 for e in engines_}, log))
+        assert set(log) == set(want)
+    # A lead just under NEIGHBOUR×: probed.
+    log.clear()
+    autotune.select("local", dict(SHAPE, N=8), eng, "a", "static",
+                    _probes(tuner, {"a": 1.0, "b": 2.4, "c": 9.0}, log))
+    log.clear()
+    autotune.select("local", dict(SHAPE, N=8, k=7), eng, "a", "static",
+                    _probes(tuner, {"a": 1.0, "b": 2.0, "c": 9.0}, log))
+    assert set(log) == {"a", "b"}
+    # Neighbours on both sides with different clear winners: probed.
+    log.clear()
+    autotune.select("local", dict(SHAPE, N=16, k=9), eng, "a", "static",
+                    _probes(tuner, {"a": 9.0, "b": 1.0, "c": 9.0}, log))
+    autotune.select("local", dict(SHAPE, N=16, k=5), eng, "a", "static",
+                    _probes(tuner, {"a": 1.0, "b": 9.0, "c": 9.0}, log))
+    log.clear()
+    both = autotune.select("local", dict(SHAPE, N=16, k=7), eng, "a", "static",
+                           _probes(tuner, {"a": 1.0, "b": 2.0, "c": 9.0}, log))
+    assert set(log) == {"a", "b"} and both.reason.startswith("measured")
 
 
 def _unit_probes(clock, seconds, log, units):
@@ -215,10 +266,10 @@ def test_a_size_between_two_measured_ones_is_interpolated_not_probed(tuner, tmp_
     # Probes without units (older callers): no interpolation.
     for k in (3, 7):
         autotune.select("els", dict(SHAPE, k=k, B=8), ("a", "b"), "a", "static",
-                        _probes(tuner, {"a": 0.01, "b": 0.05}, log))
+                        _probes(tuner, {"a": 0.01, "b": 0.02}, log))
     log.clear()
     autotune.select("els", dict(SHAPE, k=5, B=8), ("a", "b"), "a", "static",
-                    _probes(tuner, {"a": 0.01, "b": 0.05}, log))
+                    _probes(tuner, {"a": 0.01, "b": 0.02}, log))
     assert log
     # Only measurements reach the disk; a new process interpolates k = 5 again from them.
     disk = json.loads((tmp_path / "engines.json").read_text())
@@ -376,7 +427,8 @@ def test_machine_runs_the_measured_engine_and_explains_it(tuner, monkeypatch, wi
     """The real probes run (every applicable engine on synthetic images); whichever engine
     wins, the machine computes the oracle's x̂_0 and explain() says what decided. (Two
     winners: every probe runs for each, and each engine meets the oracle elsewhere.)"""
-    times = {"window": 3.0, "row": 3.0, "native": 3.0, "window_native": 3.0, "shiftmap": 3.0,
+    # (a 2× lead: both sizes are probed; from NEIGHBOUR× on, the second would not be)
+    times = {"window": 2.0, "row": 2.0, "native": 2.0, "window_native": 2.0, "shiftmap": 2.0,
              winner: 1.0}
     ran = []
     monkeypatch.setattr(autotune, "measure", _fixed_times(times, ran))

@@ -25,8 +25,8 @@ slower than the best (zero-padded ELS, N = 1000, 32×32). So ``select`` measures
     ``ELIMINATE``× slower than the fastest stops being timed, and one ``NEIGHBOUR``× behind
     at the neighbouring patch size of the same shape class is not probed). Measuring runs on a
     thread of its own (no outer jit trace), one measurement at a time. First use of a shape
-    class costs the probes' compilation (1–2 s per patch size for the four ELS engines on 2
-    cores); later runs read the winner from disk;
+    class costs the probes and their compilation (0.7–0.9 s per patch size for the three ELS
+    engines of a banked zero-padded machine on 2 cores); later runs read the winner from disk;
   - a patch size between two measured ones of the same shape class at most
     ``INTERPOLATE_SPAN`` apart is not probed when the times per probe image, interpolated
     between them, show a clear winner (``INTERPOLATE_MARGIN``×; ``_interpolated``). A machine
@@ -428,6 +428,38 @@ def _interpolated(kind: str, shape: Mapping, engines: Sequence[str],
                           f"image: {said}{why}")
 
 
+def _clear_neighbour(kind: str, shape: Mapping, engines: Sequence[str]) -> Choice | None:
+    """The choice at patch size k without a probe, or None: when at k − 2 or k + 2 of the same
+    shape class (measured, or read from the cache, by this process; every engine of
+    ``engines`` timed there) one engine took under 1/``NEIGHBOUR`` of every other's time,
+    and no measured neighbour names another engine. ``_not_worth_probing``'s bet carried to
+    its end: there every engine but the two fastest is left out; here the second is too
+    far behind as well. Replayed on 68 such decisions (both boundaries, k 3…15, C 1 and 3,
+    banked and streamed, B 1…16, LS's two engines; 2-core Xeon, AVX-512 and held to AVX2,
+    2026-12-06), the probe agreed every time. Why: the issue-20 experiment on mnist5k
+    probed LS's kernel against its XLA passes at 14 sizes and batches (11 s), each time a
+    2–3.8× lead."""
+    if "k" not in shape:
+        return None
+    k, sizes = int(shape["k"]), _by_class.get(_shape_class(kind, shape), {})
+    leads = set()
+    for near in (k - 2, k + 2):
+        times = sizes.get(near)
+        if times is None:
+            continue
+        if not set(engines) <= set(times):
+            return None
+        ranked = sorted((times[e], e) for e in engines)
+        if len(ranked) < 2 or ranked[1][0] < NEIGHBOUR * ranked[0][0]:
+            return None
+        leads.add((ranked[0][1], near))
+    if not leads or len({e for e, _ in leads}) > 1:
+        return None
+    winner, near = min(leads, key=lambda lead: lead[1])
+    return Choice(winner, f"not probed: at k = {near} {winner} led every other engine by "
+                          f"≥ {NEIGHBOUR:g}× ({_format_times(sizes[near])})")
+
+
 def _not_worth_probing(kind: str, shape: Mapping, engines: Sequence[str]) -> tuple[set, str]:
     """Engines not probed at patch size k because at k − 2 or k + 2 of the same shape class
     (measured or read from the cache by this process) they took over ``NEIGHBOUR``× the
@@ -521,7 +553,8 @@ def select(kind: str, shape: Mapping, engines: Sequence[str], static: str, stati
             _memory[key] = choice
             _remember(kind, shape, choice.times, entry.get("units"))
             return choice
-        guess = _interpolated(kind, shape, engines, prefer)
+        guess = _interpolated(kind, shape, engines, prefer) or _clear_neighbour(kind, shape,
+                                                                                engines)
         if guess is not None:         # not written to disk: only measurements are
             _memory[key] = guess
             return guess

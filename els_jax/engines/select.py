@@ -332,7 +332,7 @@ def local_engine(*, k: int, c: int, h: int, w: int, n: int, batch: int = 1,
         args = (q, a, b2, bank, log_w)
         return ({"kernel": lambda: jax.block_until_ready(kernel(*args)),
                  "xla": lambda: jax.block_until_ready(xla(*args))},
-                f"{n_probe} synthetic images, B = {batch}", None)
+                f"{n_probe} synthetic images, B = {batch}", None, n_probe)
     return select("local", shape, ("kernel", "xla"), "kernel",
                   "static rule: the fused CPU kernel whenever it is built", probes)
 
