@@ -32,6 +32,10 @@ to experiments/bench_authors.py (our side of the same workload):
     /tmp/torchvenv/bin/python experiments/authors_timing.py --repo /tmp/authors > runs/authors.jsonl
     python experiments/bench_authors.py --authors runs/authors.jsonl
 
+With --sample SIZES it times instead their whole-process benchmark: one 20-step sample of
+their zero-padded machine with one patch size per step (README: the authors' whole-process
+benchmark; ours is the `els-jax sample ... --k SIZES --num 1` command there).
+
 Options: --n 1000 --k 3,7,11 --boundary circular,zeros --repeats 5 --threads 2 --t 0.5
          --batch-size 64
 """
@@ -98,6 +102,26 @@ def load_training_images(n, torch, F):
     return x.contiguous(), y
 
 
+def their_setup(args):
+    """torch (threads set), their utils.idealscore module, their cosine schedule, the first
+    args.n digits as a TensorDataset, and whether torchvision was stubbed."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(args.threads)
+    repo = os.path.abspath(args.repo)
+    if not os.path.isfile(os.path.join(repo, "utils", "idealscore.py")):
+        raise SystemExit(f"{repo} does not look like the authors' checkout (no utils/idealscore.py)")
+    sys.path.insert(0, repo)
+    tv_stub = stub_torchvision_if_missing()
+    from utils import idealscore
+    from utils.noise_schedules import cosine_noise_schedule
+
+    images, labels = load_training_images(args.n, torch, F)
+    return (torch, idealscore, cosine_noise_schedule,
+            torch.utils.data.TensorDataset(images, labels), tv_stub)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repo", required=True, help="checkout of github.com/Kambm/convolutional_diffusion")
@@ -129,22 +153,10 @@ def main():
         if k % 2 == 0 or k < 3 or k >= 32:
             raise SystemExit(f"k = {k}: use odd 3 <= k < 32")
 
-    import torch
-    import torch.nn.functional as F
-
-    torch.set_num_threads(args.threads)
+    torch, ideal, cosine_noise_schedule, dataset, tv_stub = their_setup(args)
+    LocalEquivBordersScoreModule = ideal.LocalEquivBordersScoreModule
+    LocalEquivScoreModule = ideal.LocalEquivScoreModule
     device = torch.device("cpu")
-
-    repo = os.path.abspath(args.repo)
-    if not os.path.isfile(os.path.join(repo, "utils", "idealscore.py")):
-        raise SystemExit(f"{repo} does not look like the authors' checkout (no utils/idealscore.py)")
-    sys.path.insert(0, repo)
-    tv_stub = stub_torchvision_if_missing()
-    from utils.idealscore import LocalEquivBordersScoreModule, LocalEquivScoreModule
-    from utils.noise_schedules import cosine_noise_schedule
-
-    images, labels = load_training_images(args.n, torch, F)
-    dataset = torch.utils.data.TensorDataset(images, labels)
 
     torch.manual_seed(0)
     query = torch.randn(1, 1, 32, 32)
@@ -201,25 +213,13 @@ def whole_sample(args):
     scales = [int(s) for s in args.sample.split(",") if s.strip()]
     if any(k % 2 == 0 or k < 3 or k >= 32 for k in scales):
         raise SystemExit(f"sizes {scales}: use odd 3 <= k < 32")
-    import torch
-    import torch.nn.functional as F
-
-    torch.set_num_threads(args.threads)
-    repo = os.path.abspath(args.repo)
-    if not os.path.isfile(os.path.join(repo, "utils", "idealscore.py")):
-        raise SystemExit(f"{repo} does not look like the authors' checkout (no utils/idealscore.py)")
-    sys.path.insert(0, repo)
-    tv_stub = stub_torchvision_if_missing()
-    from utils.idealscore import LocalEquivBordersScoreModule, ScheduledScoreMachine
-    from utils.noise_schedules import cosine_noise_schedule
-
-    images, labels = load_training_images(args.n, torch, F)
-    dataset = torch.utils.data.TensorDataset(images, labels)
-    mod = LocalEquivBordersScoreModule(dataset, kernel_size=scales[0],
-                                       batch_size=args.batch_size, image_size=32, channels=1,
-                                       schedule=cosine_noise_schedule)
-    machine = ScheduledScoreMachine(mod, in_channels=1, noise_schedule=cosine_noise_schedule,
-                                    score_backbone=True, scales=scales)
+    torch, ideal, cosine_noise_schedule, dataset, tv_stub = their_setup(args)
+    mod = ideal.LocalEquivBordersScoreModule(dataset, kernel_size=scales[0],
+                                             batch_size=args.batch_size, image_size=32,
+                                             channels=1, schedule=cosine_noise_schedule)
+    machine = ideal.ScheduledScoreMachine(mod, in_channels=1,
+                                          noise_schedule=cosine_noise_schedule,
+                                          score_backbone=True, scales=scales)
     machine.eval()
     torch.manual_seed(0)
     seed = torch.randn(1, 1, 32, 32)
