@@ -32,6 +32,8 @@ slower than the best (zero-padded ELS, N = 1000, 32×32). So ``select`` measures
     between them, show a clear winner (``INTERPOLATE_MARGIN``×; ``_interpolated``). A machine
     chooses its sizes in ``probe_order`` (the ends, then the middles), so a cold run of the
     authors' sizes 3 … 15 probes 3 of its 7 sizes;
+  - nor is a size next to a clear winner: an engine that led every other by ``NEIGHBOUR``×
+    at k ± 2 of the same shape class, every engine timed there (``_clear_neighbour``);
   - a caller may name a ``prefer``-red engine that wins within ``PREFER_WITHIN``× of the
     fastest (the ELS machines: the shift map, which builds no bank; a probe does not time a
     bank's build).
