@@ -40,8 +40,7 @@ def test_top_k_and_entropy_equal_brute_force(tiny, boundary, k, wrap):
                 np.testing.assert_allclose(np.asarray(p.x0[b, i, j]), w @ vals, atol=2e-5)
 
 
-@pytest.mark.parametrize("kind,boundary", [("els", "zeros"), ("els", "circular"),
-                                           ("local", "zeros"), ("ideal", "zeros")])
+@pytest.mark.parametrize("kind,boundary", [("els", "zeros"), ("ideal", "zeros")])
 def test_uint8_images_give_the_provenance_of_their_unit_values(kind, boundary):
     """uint8 pixels are held as uint8 and converted a chunk at a time (no float copy of the
     set): the same sources, weights and x̂_0 as the float32 images (u − 127.5)/127.5, over
@@ -171,28 +170,22 @@ def test_mosaic_run_writes_figure_and_numbers(tmp_path):
     import json
     import jax
     from els_jax.experiment.mosaic import mosaic_run
-    images, _ = ej.load_dataset("digits", max_examples=40)
+    digits, _ = ej.load_dataset("digits", max_examples=40)
+    # uint8 pixels (as TFDS and mnist5k hand them out) are kept as uint8; the stand-in network
+    # is the machine on their float32 values.
+    images = np.round((np.asarray(digits) + 1) * 127.5).astype(np.uint8)
     x_T = jax.random.normal(jax.random.PRNGKey(0), (2,) + images.shape[1:])
-    stand_in = ej.make_machine("els", images, scales=3, boundary="zeros")
+    stand_in = ej.make_machine("els", ej.data.unit_images(images), scales=3, boundary="zeros")
     info = mosaic_run(images, x_T, 3, steps=4, network_eps=stand_in, network_steps=4,
                       out=str(tmp_path), seeds=[0, 1])
     for f in ("mosaic.png", "mosaic.json", "mosaic.npz"):
         assert (tmp_path / f).exists()
     saved = json.loads((tmp_path / "mosaic.json").read_text())
     assert saved["creativity"] == info["creativity"]
-    # The stand-in network is the same machine: same samples, same provenance.
+    # The stand-in network is the same machine on the same values: same samples, same
+    # provenance.
     els, net = info["creativity"]["ELS"], info["creativity"]["network"]
     np.testing.assert_allclose(els["d_train"], net["d_train"], atol=1e-5)
     assert els["n_sources"] == net["n_sources"]
     z = np.load(tmp_path / "mosaic.npz")
     assert z["entropy"].shape[:2] == (2, 4) and np.all(np.isfinite(z["entropy"]))
-    # uint8 pixels (as TFDS and mnist5k hand them out) are kept as uint8: the same numbers as
-    # their float32 values.
-    u8 = np.random.default_rng(1).integers(0, 256, (30, 8, 8, 1), dtype=np.uint8)
-    x_T = jax.random.normal(jax.random.PRNGKey(1), (1, 8, 8, 1))
-    got = mosaic_run(u8, x_T, 3, steps=3, out=str(tmp_path / "u8"))["creativity"]["ELS"]
-    want = mosaic_run(ej.data.unit_images(u8), x_T, 3, steps=3,
-                      out=str(tmp_path / "f32"))["creativity"]["ELS"]
-    np.testing.assert_allclose(got["d_train"], want["d_train"], atol=1e-5)
-    np.testing.assert_allclose(got["d_mosaic"], want["d_mosaic"], atol=1e-5)
-    assert got["n_sources"] == want["n_sources"]
