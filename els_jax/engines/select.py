@@ -143,7 +143,7 @@ def resolve_els_engine(method, k, c, h, boundary, unique_fraction=1.0, banked=Fa
         # winner. Probing it cost about a fifth of a cold first run's probes; it is not probed
         # there (method="row" still runs it; off the CPU it is one of the XLA engines).
         applicable = tuple(e for e in applicable if e != "row")
-    if window_kernel and static != "window":
+    if window_kernel:
         # The same window bank is run by its fused kernel ("window_native") there, and the XLA
         # window engine never came near the winner: on the probes of 24 banked shape classes
         # (experiments/bench_probes.py: both boundaries, k 3…15, C 1 and 3), run twice on a

@@ -52,6 +52,7 @@ def mosaic_run(images, x_T, scales, *, boundary="zeros", schedule=schedules_lib.
     # uint8 pixels stay uint8 (a float32 copy of CelebA's set is 2 GB): the machine, the
     # provenance and the distances read them a chunk at a time, the figure a few images.
     images = held_images(images)
+    host = np.asarray(images)             # the distances and the figure read it on the host
     scale_list = [int(scales)] * steps if np.ndim(scales) == 0 else [int(k) for k in scales]
     times = sampler.uniform_times(len(scale_list))
     machine = machine_lib.make_machine("els", images, scales=scale_list, boundary=boundary,
@@ -71,7 +72,7 @@ def mosaic_run(images, x_T, scales, *, boundary="zeros", schedule=schedules_lib.
         p = pv.provenance(x, t_query, images, kind="els", k=k_last, boundary=boundary,
                           schedule=schedule, top_k=top_sources)
         provs[name] = p
-        c = pv.creativity(x, images, p)
+        c = pv.creativity(x, host, p)
         summary[name] = {key: np.asarray(v).tolist() for key, v in c.items()}
     os.makedirs(out, exist_ok=True)
     np.savez(os.path.join(out, "mosaic.npz"), x_T=np.asarray(x_T), times=np.asarray(times),
@@ -87,7 +88,7 @@ def mosaic_run(images, x_T, scales, *, boundary="zeros", schedule=schedules_lib.
                        "training images in the mosaic"}
     with open(os.path.join(out, "mosaic.json"), "w") as f:
         json.dump(info, f, indent=2)
-    _figure(os.path.join(out, "mosaic.png"), images, rows, provs, steps, np.asarray(times),
+    _figure(os.path.join(out, "mosaic.png"), host, rows, provs, steps, np.asarray(times),
             ent, seeds, summary)
     return info
 
@@ -142,7 +143,7 @@ def _figure(path, images, rows, provs, steps, times, ent, seeds, summary):
                     a.set_axis_off()
                     continue
                 n = int(order[j])
-                show(a, unit_images(np.asarray(images[n])), f"train #{n}")
+                show(a, unit_images(images[n]), f"train #{n}")
                 ys, xs = np.nonzero(src == n)
                 for yy, xx in zip(ys, xs):          # centres of the windows taken from it
                     cy, cx = int(p.row[s, yy, xx, 0]), int(p.col[s, yy, xx, 0])
