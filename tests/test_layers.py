@@ -177,12 +177,14 @@ def test_time_from_els_score_reaches_few_modules():
 
 
 def test_every_ej_name_in_the_readme_and_docs_exists():
-    """``import els_jax as ej`` keeps every name the README and docs/theory.md use."""
+    """``import els_jax as ej`` keeps every name the README and docs/ (theory, benchmarks)
+    use."""
     import re
 
     import els_jax as ej
     root = PKG.parent
-    text = (root / "README.md").read_text() + (root / "docs" / "theory.md").read_text()
+    pages = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    text = "".join(page.read_text() for page in pages)
     names = set(re.findall(r"\bej\.([A-Za-z_][A-Za-z_0-9]*(?:\.[A-Za-z_][A-Za-z_0-9]*)*)", text))
     assert len(names) > 20
     missing = []
