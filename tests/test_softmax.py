@@ -55,3 +55,19 @@ def test_update_with_total_equals_update_and_merge_is_exact():
                                np.log(np.exp(logits[:4].astype(np.float64)
                                              - logits[:4].max(1, keepdims=True)).sum(1))
                                + logits[:4].max(1), rtol=1e-6)
+
+
+def test_capped_at_zero_keeps_the_tangent_of_a_logit_rounded_above_the_max():
+    """logit − max rounded a few ulps above 0 (XLA may compute the logits twice) is capped at
+    0 as a value, and keeps its tangent: that logit is the maximal one, the largest weight. A
+    select gave it a zero tangent, a min half of it at a tie."""
+    import jax
+    d = jnp.array([3e-3, 0.0, -0.5, -jnp.inf], jnp.float32)
+    dd = jnp.array([1.0, 2.0, 3.0, 4.0], jnp.float32)
+    value, tangent = jax.jvp(softmax.capped_at_zero, (d,), (dd,))
+    np.testing.assert_array_equal(np.asarray(value), [0.0, 0.0, -0.5, -np.inf])
+    np.testing.assert_array_equal(np.asarray(tangent), np.asarray(dd))
+    # Through the exponentials: the weight of the maximal logit moves with it.
+    p, dp = jax.jvp(lambda d: jnp.exp(softmax.capped_at_zero(d)), (d,), (dd,))
+    np.testing.assert_allclose(np.asarray(dp), np.asarray(p) * np.asarray(dd), rtol=1e-6)
+    assert np.asarray(dp)[0] == 1.0 and np.asarray(dp)[-1] == 0.0

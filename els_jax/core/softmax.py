@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 
 __all__ = ["SoftmaxState", "init", "update", "update_with", "update_with_total", "merge",
-           "merge_across", "sharded", "chunk_starts", "finalize", "log_normalizer"]
+           "merge_across", "sharded", "chunk_starts", "finalize", "log_normalizer",
+           "capped_at_zero"]
 
 
 class SoftmaxState(NamedTuple):
@@ -65,13 +66,22 @@ def _exponentials(state: SoftmaxState, logits):
     # NaN tangents (seen in the shift-map jnp form).
     new_max = jax.lax.stop_gradient(jnp.maximum(state.max, jnp.max(logits, axis=-1)))
     ref = _finite_or_zero(new_max)
-    # logit − max ≤ 0 exactly, but XLA may recompute elementwise logits separately for the max
-    # and for the exponentials (two fusions, rounded differently): at b² near its floor the
-    # logits are ~1e12, one ulp is ~1e5, and exp(1e5) = inf made NaN (seen in the jitted LS
-    # XLA path at t = 1e-5). Capping at 0 removes that; a select, not a min, so the tangent of
-    # the maximal logit is not halved.
-    d = logits - ref[..., None]
-    return new_max, jnp.exp(state.max - ref), jnp.exp(jnp.where(d > 0, 0.0, d))
+    return new_max, jnp.exp(state.max - ref), jnp.exp(capped_at_zero(logits - ref[..., None]))
+
+
+def capped_at_zero(d):
+    """min(d, 0) as a value, with the derivative of d everywhere.
+
+    d = logit − max is ≤ 0 exactly, but XLA may compute the logits once for the max and again
+    for the exponentials (two fusions, rounded differently): at b² near its floor the logits
+    are ~1e12, one ulp ~1e5, and exp(1e5) = inf made NaN (seen in the jitted LS XLA path at
+    t = 1e-5). So the value is capped at 0. The derivative is not: a maximal logit rounded a
+    few ulps above the max is still the maximal logit, and its weight (the largest, ~1) must
+    keep its tangent. A select (``where(d > 0, 0, d)``) gave it a zero tangent: under jit, with
+    the primal output unused (``native.with_reference_derivatives`` discards it), XLA fused
+    the logits differently and the zero-padded ELS's forward-mode derivative was off by 36 %
+    of its scale (``tests/test_reference.py``). A min would halve it at d = 0."""
+    return d - jax.lax.stop_gradient(jnp.maximum(d, 0.0))
 
 
 def update_with(state: SoftmaxState, logits, weighted_sum) -> SoftmaxState:

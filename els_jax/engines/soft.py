@@ -223,11 +223,10 @@ def _update(state, q, coef, g, keys, values, log_w):
     # tangents on zero padding's edge groups (XLA:CPU, jax 0.10.2), presumably a tie count of
     # 0 from logits computed twice with different rounding.
     # logit − max ≤ 0 exactly, but the same double computation can make it a few ulps of a
-    # ~1e12 logit (t near 0) above 0: capped by a select (a min would halve the tangent of the
-    # maximal logit).
+    # ~1e12 logit (t near 0) above 0: capped, its tangent kept (softmax.capped_at_zero).
     top = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
     d = logits - jnp.where(jnp.isfinite(top), top, 0.0)[..., None]
-    p = jnp.exp(jnp.where(d > 0, 0.0, d))
+    p = jnp.exp(softmax.capped_at_zero(d))
     return softmax.merge(state, softmax.SoftmaxState(top, jnp.sum(p, axis=-1), weighted_sum(p)))
 
 
