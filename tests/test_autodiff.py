@@ -74,6 +74,11 @@ PUBLIC = {
         1, lambda im: lambda x, t: ej.els_score(x, t, im, k=3, boundary="zeros",
                                                 mask=_mask(8)),
         _score(lambda x, t, im: oracles.els_x0(x, t, im, 3, "zeros", mask=_mask(8)))),
+    # els_soft's own softmax (engines/soft.py: the chunk's state merged into the running one)
+    "els_soft_x0 zeros": (
+        1, lambda im: lambda x, t: ej.els_soft_x0(x, t, im, sigma=1.2, k_max=3,
+                                                  boundary="zeros"),
+        lambda x, t, im: oracles.els_soft_x0(x, t, im, 1.2, 3, "zeros")),
 }
 
 
