@@ -1,8 +1,9 @@
 """Golden outputs of the authors' own PyTorch machines, for tests/test_authors_golden.py.
 
 Runs Kamb & Ganguli's modules (github.com/Kambm/convolutional_diffusion, utils/idealscore.py)
-in float64 on tiny synthetic training sets and writes their scores, with every input, to
-tests/data/authors_golden.npz. The test then runs our machines on the same inputs: the one
+in float64 on tiny synthetic training sets and writes their x̂_0, with every input, to
+tests/data/authors_golden.npz; and two whole samples of their sampler
+(``ScheduledScoreMachine``, 20 patch sizes, both ELS boundaries) from fixed noise. The test then runs our machines on the same inputs: the one
 check in the suite that does not go through our reading of docs/theory.md, so a boundary
 rule read differently from the authors' code (which candidates an edge or corner pixel sees,
 what the query window holds at a border) shows up as a mismatch.
@@ -157,17 +158,42 @@ def main():
         arrays[f"case{i}_x0"] = x0                     # float64
         meta.append({"set": name, "machine": machine, "boundary": boundary, "k": k, "t": t,
                      "label": label, "query": kind})
+    # Whole samples: their ScheduledScoreMachine (DDIM on t = i/n, i = n−1 … 1, step i with
+    # scales[i], the last step to t = 0) from fixed noise, scales[0] unused by their loop.
+    samples = []
+    imgs, labels = sets["grey9"]
+    n, h, w, c = imgs.shape
+    scales = [3, 3, 3, 5, 5, 5, 5, 7, 7, 7, 7, 9, 9, 9, 9, 9, 9, 9, 9, 9]
+    data = TensorDataset(torch.tensor(imgs.transpose(0, 3, 1, 2)), torch.tensor(labels))
+    x_T = rng.normal(size=(2, h, w, c)).astype(np.float32)
+    for boundary in ("zeros", "circular"):
+        cls = (theirs.LocalEquivBordersScoreModule if boundary == "zeros"
+               else theirs.LocalEquivScoreModule)
+        module = cls(data, kernel_size=3, batch_size=4 * n, image_size=h, channels=c,
+                     schedule=schedule)
+        sampler = theirs.ScheduledScoreMachine(module, in_channels=c, imsize=h,
+                                               noise_schedule=schedule, score_backbone=True,
+                                               scales=scales)
+        with torch.no_grad():       # one noise image per call: their LS broadcasts a_t
+            out = torch.cat([sampler(torch.tensor(x_T[i:i + 1].transpose(0, 3, 1, 2)
+                                                  .astype(np.float64)),
+                                     device=torch.device("cpu")) for i in range(len(x_T))])
+        j = len(samples)
+        arrays[f"sample{j}_x_T"] = x_T
+        arrays[f"sample{j}_x0"] = out.numpy().transpose(0, 2, 3, 1)
+        samples.append({"set": "grey9", "machine": "els", "boundary": boundary,
+                        "scales": scales})
     try:
         commit = subprocess.run(["git", "-C", args.repo, "rev-parse", "HEAD"],
                                 capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
-    arrays["meta"] = np.asarray(json.dumps({"cases": meta, "repo": "Kambm/convolutional_diffusion",
+    arrays["meta"] = np.asarray(json.dumps({"cases": meta, "samples": samples, "repo": "Kambm/convolutional_diffusion",
                                             "commit": commit, "torch": torch.__version__,
                                             "dtype": "float64"}))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     np.savez_compressed(args.out, **arrays)
-    print(json.dumps({"cases": len(meta), "out": args.out, "commit": commit,
+    print(json.dumps({"cases": len(meta), "samples": len(samples), "out": args.out, "commit": commit,
                       "bytes": os.path.getsize(args.out)}))
 
 
