@@ -8,8 +8,9 @@ colour, odd and even sides, class-conditional, queries near the data and far fro
 candidate, t = 0.3 / 0.5 / 0.7. Every other oracle in the suite is our own reading of
 docs/theory.md §2; this one is theirs, so a boundary rule we read differently from their code
 (which candidates an edge or corner pixel sees, what a query window holds past the border)
-fails here. Measured agreement on this data: ≤ 1.1e-5 in x̂_0 (float32 against their
-float64); two whole 19-step samples of their sampler, ≤ 7.3e-6."""
+fails here. Measured agreement on this data (float32 against their float64): ≤ 1.6e-6 in x̂_0
+for queries near the data, ≤ 5.9e-5 for queries far from every candidate (see ATOL_FAR);
+two whole 19-step samples of their sampler, ≤ 7.3e-6."""
 
 import json
 from pathlib import Path
@@ -22,6 +23,11 @@ import els_jax as ej
 
 GOLDEN = Path(__file__).parent / "data" / "authors_golden.npz"
 ATOL = 5e-5               # x̂_0 in [−1, 1]; float32 softmax over logits of tens of nats
+# A "far" query (3× unit noise at t = 0.3) sits ~1700 nats from every candidate. The shift-map
+# engine forms each full distance Σ (x − a·y)² directly (no cancellation, docs/theory.md §9),
+# so its logits carry a few float32 ulps of 1700, ~5e-4 nats; x̂_0 moves by up to ~1e-4
+# (measured ≤ 5.9e-5). The engines that drop ‖x‖² from the logits are ~10× closer there.
+ATOL_FAR = 2e-4
 
 
 def _load():
@@ -38,7 +44,8 @@ _Z, _META, _GROUPS = _load()
 
 
 def _inputs(key):
-    """The group's training images, mask, queries [B, H, W, C], times [B] and their x̂_0."""
+    """The group's training images, mask, queries [B, H, W, C], times [B], their x̂_0, and
+    the tolerance per query [B, 1, 1, 1]."""
     name, _, _, _, label = key
     idx = _GROUPS[key]
     images = _Z[f"{name}_images"]
@@ -46,15 +53,22 @@ def _inputs(key):
     x = np.stack([_Z[f"case{i}_x"] for i in idx])
     t = jnp.asarray([_META["cases"][i]["t"] for i in idx], jnp.float32)
     ref = np.stack([_Z[f"case{i}_x0"] for i in idx])
-    return images, mask, x, t, ref
+    tol = np.asarray([ATOL_FAR if _META["cases"][i]["query"] == "far" else ATOL
+                      for i in idx]).reshape(-1, 1, 1, 1)
+    return images, mask, x, t, ref, tol
 
 
-def _ours(machine, boundary, k, images, mask, x, t):
+def _ours(machine, boundary, k, images, mask, x, t, method="auto"):
     if machine == "ideal":
         return ej.ideal_x0(x, t, images, mask=mask)
     if machine == "local":
         return ej.local_x0(x, t, images, k=k, mask=mask)
-    return ej.els_x0(x, t, images, k=k, boundary=boundary, mask=mask)
+    return ej.els_x0(x, t, images, k=k, boundary=boundary, mask=mask, method=method)
+
+
+def _close(out, ref, tol):
+    err = np.abs(out - ref)
+    assert np.all(err <= tol), f"max error {err.max():.3g} (tolerance {tol.max():.3g})"
 
 
 def _label(key):
@@ -81,10 +95,13 @@ def test_the_golden_file_covers_what_it_claims():
 def test_functional_machines_equal_the_authors_outputs(key):
     """Each group's queries in one batch (their t differ): per-query softmaxes, as theirs."""
     name, machine, boundary, k, label = key
-    images, mask, x, t, ref = _inputs(key)
+    images, mask, x, t, ref, tol = _inputs(key)
     out = np.asarray(_ours(machine, boundary, k, images, mask, x, t), np.float64)
     assert np.all(np.isfinite(out))
-    np.testing.assert_allclose(out, ref, rtol=0, atol=ATOL)
+    _close(out, ref, tol)
+    if machine == "els":        # the shift map, the engine measured fastest at most sizes
+        _close(np.asarray(_ours(machine, boundary, k, images, mask, x, t, "shiftmap"),
+                          np.float64), ref, tol)
 
 
 _ELS = sorted((key for key in _GROUPS if key[1] == "els"), key=str)
@@ -94,17 +111,16 @@ _ELS = sorted((key for key in _GROUPS if key[1] == "els"), key=str)
 def test_els_machines_equal_the_authors_outputs(key):
     """The sampler's path (``make_machine``: banks, the static engine rule) on the same data."""
     name, _, boundary, k, label = key
-    images, mask, x, t, ref = _inputs(key)
+    images, mask, x, t, ref, tol = _inputs(key)
     machine = ej.make_machine("els", images, scales=k, boundary=boundary, mask=mask)
-    out = np.asarray(machine.x0(jnp.asarray(x), t, 0), np.float64)
-    np.testing.assert_allclose(out, ref, rtol=0, atol=ATOL)
+    _close(np.asarray(machine.x0(jnp.asarray(x), t, 0), np.float64), ref, tol)
 
 
 def test_the_golden_data_tells_the_boundaries_apart():
     """The comparison has power: the other boundary's machine, or a patch size off by two,
     misses the authors' x̂_0 by far more than ATOL on the same queries."""
     key = ("grey9", "els", "zeros", 5, None)
-    images, mask, x, t, ref = _inputs(key)
+    images, mask, x, t, ref, _ = _inputs(key)
     for boundary, k in (("circular", 5), ("zeros", 3), ("zeros", 7)):
         out = np.asarray(_ours("els", boundary, k, images, mask, x, t), np.float64)
         assert np.max(np.abs(out - ref)) > 100 * ATOL, (boundary, k)

@@ -50,12 +50,18 @@ def test_els_matches_oracle(t, k, boundary, wrap, method):
     _close(got, oracles.els_x0(x, t, images, k, boundary, wrap))
 
 
+@pytest.mark.parametrize("border_bank", [False, True], ids=["kernel", "bank"])
 @pytest.mark.parametrize("case,h,w,c,k", [(0, 12, 9, 3, 7), (1, 9, 12, 2, 7), (2, 10, 10, 1, 9)])
-def test_zero_padded_border_engine_matches_oracle(case, h, w, c, k):
-    """The border engine (edge bands, corner crops) on non-square images with the largest k
-    below min(H, W): wide bands, corner crops that overlap, streamed and banked. The interior
-    engines take turns over the cases (each is compiled per shape; the window and row
-    engines also meet the oracle on non-square images in test_els_matches_oracle)."""
+def test_zero_padded_border_engine_matches_oracle(case, h, w, c, k, border_bank, monkeypatch):
+    """The border pixels on non-square images with the largest k below min(H, W): wide
+    bands, corner crops that overlap, streamed and banked; from the shift-map kernel (where
+    the CPU kernels run) and from the border engine (edge bands, corner crops: its bank and
+    its streamed pass, as off the CPU or over a mesh). The interior engines take turns over
+    the cases (each is compiled per shape; the window and row engines also meet the oracle
+    on non-square images in test_els_matches_oracle)."""
+    from els_jax.engines import border
+    if border_bank:
+        monkeypatch.setattr(border, "kernel_border_ok", lambda n_shards=1: False)
     rng = np.random.default_rng(h * w + k)
     images = rng.uniform(-1, 1, size=(5, h, w, c)).astype(np.float32)
     t = 0.3
@@ -68,6 +74,40 @@ def test_zero_padded_border_engine_matches_oracle(case, h, w, c, k):
     m = ej.make_machine("els", images, scales=k, boundary="zeros", method=methods[0],
                         block=500, dedup_threshold=1.0)
     _close(m.x0(x, jnp.float32(t), 0), want, tol=1e-5)
+    assert m.bank_spec(0).border_kernel is not border_bank
+
+
+def test_border_on_the_kernel_has_the_border_banks_values_and_derivatives(monkeypatch):
+    """A zero-padded banked machine with its border on the shift-map kernel against the same
+    machine with a border bank: uint8 images (the kernel reads the machine's own uint8 array),
+    a class mask, H ≠ W, C = 3, queries at different t in one batch. Equal x̂_0, and equal
+    derivatives under jit: a tangent alone and a gradient (the kernel's come from the
+    border engine's streamed pass)."""
+    from els_jax.engines import border
+    rng = np.random.default_rng(3)
+    h, w, c, k = 10, 8, 3, 5
+    pixels = rng.integers(0, 256, (9, h, w, c)).astype(np.uint8)
+    mask = np.arange(9) % 3 != 1
+    x = jnp.asarray(rng.normal(size=(2, h, w, c)), jnp.float32)
+    t = jnp.asarray([0.25, 0.6], jnp.float32)
+    v = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    out = {}
+    for bank in (False, True):
+        if bank:
+            monkeypatch.setattr(border, "kernel_border_ok", lambda n_shards=1: False)
+        m = ej.make_machine("els", jnp.asarray(pixels), scales=k, boundary="zeros", mask=mask,
+                            method="window_native")
+        assert m.bank_spec(0).border_kernel is not bank
+        f = jax.jit(lambda x: m.x0(x, t, 0))
+        tangent = jax.jit(lambda x, v: jax.jvp(lambda y: m.x0(y, t, 0), (x,), (v,))[1])
+        grad = jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(3 * m.x0(x, t, 0)))))
+        out[bank] = [np.asarray(f(x)), np.asarray(tangent(x, v)), np.asarray(grad(x))]
+    pix = border.border_pixels(h, w, k)
+    for got, want in zip(out[False], out[True]):
+        scale = np.abs(want).max()
+        assert np.all(np.isfinite(got)) and scale > 0
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * max(1.0, scale))
+        assert np.abs(got.reshape(2, h * w, c)[:, pix]).max() > 0       # the border is there
 
 
 def test_border_bank_built_in_numpy_equals_the_streamed_candidates():
@@ -633,16 +673,23 @@ def test_bank_estimate_counts_the_zero_padded_border(k):
     assert built == border.border_bank_floats(total, k, h, w, c)
 
 
-def test_interior_bank_budget_holds_room_for_its_build(monkeypatch):
+@pytest.mark.parametrize("border_bank", [False, True], ids=["border on the kernel",
+                                                         "border bank"])
+def test_interior_bank_budget_holds_room_for_its_build(monkeypatch, border_bank):
     """The fused interior kernel's bank (zero padding) is banked only with room for itself,
-    its border bank and their build's temporaries (``_BUILD_EXTRA`` × both); with a budget
-    a few bytes short it streams, with the same x̂_0."""
+    its border bank if it has one (where the CPU kernels run, the border reads the images
+    instead: ``border.kernel_border_ok``) and their build's temporaries (``_BUILD_EXTRA`` ×
+    both); with a budget a few bytes short it streams, with the same x̂_0."""
     from els_jax.engines import border, layout
     from els_jax.machines import factory
+    if border_bank:
+        monkeypatch.setattr(border, "kernel_border_ok", lambda n_shards=1: False)
     x, images = _setup(0.5, n=5)
     n, h, w, c = images.shape
     per = border.band_chunk_images(n, 5, h, w, layout.DEFAULT_BLOCK)
-    need = (n * h * w * (c + 2) + border.border_bank_floats(-(-n // per) * per, 5, h, w, c))
+    need = n * h * w * (c + 2)
+    if border_bank:
+        need += border.border_bank_floats(-(-n // per) * per, 5, h, w, c)
     need = int(4 * need * (1 + factory._BUILD_EXTRA))
     got = {}
     for budget in (need + 4, need - 4):
@@ -652,6 +699,7 @@ def test_interior_bank_budget_holds_room_for_its_build(monkeypatch):
         assert m.engine(0)["bank"] is (budget > need), (budget, need)
         if budget > need:
             assert m.engine(0)["engine"] == "native"
+            assert m.bank_spec(0).border_kernel is not border_bank
     np.testing.assert_allclose(got[need + 4], got[need - 4], atol=2e-5)
 
 

@@ -23,6 +23,16 @@ With m = k//2, a border pixel is within m of an edge. docs/theory.md §2's rule 
 
 Every candidate shift is by the data mean μ (per channel), as in the interior pass, so float32
 stays accurate at small t; the softmax of each pixel is over its own candidates only.
+
+Where the fused CPU kernels run (``kernel_border_ok``), the border pixels come instead from
+the shift-map kernel (``kernel_border_results``: the same pairs, read straight from the
+images, no bank): per axis the zero-padded rule splits into the coordinates within m of a
+border (d = 0) and the interior ones (every interior d), and the border pixels are
+(border rows × every column) ∪ (interior rows × border columns): two kernel calls. Why: the
+bands' and corners' bank (``BorderBank``) took 0.3–0.4 s to build per patch size at N = 1000
+(0.74 GB at CIFAR-10's N and k = 3) and its XLA pass 0.45–0.6 s to compile, most of what a
+banked zero-padded size cost a one-sample run beyond its calls; the kernel needs neither.
+Its derivatives are this module's streamed pass (``stream_border_states``).
 """
 
 from __future__ import annotations
@@ -34,12 +44,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from els_jax.engines import local
+from els_jax.engines import local, native
 from els_jax.core import patches, softmax
 from els_jax.core.data import unit_images
 
 __all__ = ["BorderBank", "build_border_bank", "border_states", "border_results",
-           "border_partition_specs", "stream_border_states"]
+           "border_partition_specs", "stream_border_states", "kernel_border_ok",
+           "border_pixels", "kernel_border_results"]
 
 _HI = jax.lax.Precision.HIGHEST
 BANDS = ("top", "bottom", "left", "right")
@@ -336,3 +347,56 @@ def border_results(states, x_shape, k: int, mu_corner):
         pixels = (rr[:, None] * w + cc[None, :]).reshape(-1)
         results.append((pixels, x0[q].reshape(bsz, m * m, c)))
     return results
+
+
+def kernel_border_ok(n_shards: int = 1) -> bool:
+    """Whether a machine's border pixels run on the shift-map CPU kernel
+    (``kernel_border_results``) rather than a ``BorderBank``: the default backend a CPU, the
+    kernels built, the candidates on one device (a mesh keeps the bank, split over it)."""
+    return n_shards == 1 and jax.default_backend() == "cpu" and native.available()
+
+
+def border_pixels(h: int, w: int, k: int) -> np.ndarray:
+    """Flat indices (row-major) of the pixels within k//2 of an edge, in row-major order."""
+    m = k // 2
+    inner = np.zeros((h, w), bool)
+    inner[m:h - m, m:w - m] = True
+    return np.flatnonzero(~inner)
+
+
+# The shift-map kernel's per-axis pair rules (native_local.cc ``axis_shifts``): 1 the
+# zero-padded rule, 4 its coordinates within m of a border only, 5 its interior ones only.
+_ZEROS, _EDGE, _INNER = 1, 4, 5
+
+
+def kernel_border_results(x, a, b2, images, log_w, *, k: int, mu, block: int):
+    """[(pixels [P], x̂_0 [B, P, C])] of the border pixels (``border_pixels``), for
+    ``layout.scatter``, from the shift-map kernel on a CPU and from ``stream_border_states``
+    elsewhere; derivatives from the latter. x [B, H, W, C]; a, b2 [B]; images [N, H, W, C]
+    float32 or uint8 pixels (as the machine holds them); log_w [N]; mu [C] the data mean (the
+    streamed pass's exact shift)."""
+    bsz, h, w, c = x.shape
+    m = k // 2
+    pixels = border_pixels(h, w, k)
+
+    def fast(x, a, b2, images, log_w, mu):
+        edge_rows = native.shiftmap_softmax_state(x, a, b2, images, log_w, k, _EDGE,
+                                                  mode_x=_ZEROS)
+        edge_cols = native.shiftmap_softmax_state(x, a, b2, images, log_w, k, _INNER,
+                                                  mode_x=_EDGE)
+        state = softmax.merge(softmax.SoftmaxState(*edge_rows),
+                              softmax.SoftmaxState(*edge_cols))      # disjoint pixels
+        return softmax.finalize(state).reshape(bsz, h * w, c)[:, pixels]
+
+    def streamed(x, a, b2, images, log_w, mu):
+        states = stream_border_states(x, a, b2, unit_images(images), log_w, k=k, mu=mu,
+                                      block=block)
+        shift = jnp.broadcast_to(mu[:, None, None, None], (c, 2 * m, 2 * m, 1))
+        parts = border_results(states, x.shape, k, shift)
+        order = np.argsort(np.concatenate([p for p, _ in parts]))   # → border_pixels' order
+        return jnp.concatenate([v for _, v in parts], axis=1)[:, order]
+
+    mu = jnp.asarray(mu, jnp.float32)
+    values = native.with_reference_derivatives(native.kernel_on_cpu(fast, streamed), streamed)(
+        x, a, b2, images, log_w.astype(jnp.float32), mu)
+    return [(pixels, values)]

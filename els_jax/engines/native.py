@@ -258,7 +258,8 @@ def window_softmax_state(q, a, b2, keys, values):
         values.astype(jnp.float32))
 
 
-def shiftmap_softmax_state(x, a, b2, images, log_w, k: int, mode: int, weights=None):
+def shiftmap_softmax_state(x, a, b2, images, log_w, k: int, mode: int, weights=None,
+                           mode_x: int = -1):
     """The shift-map engine (``shiftmap.py``, docs/theory.md §9) in one fused pass: for every query
     pixel i of x and every existing candidate (image n, centre j = i + d) of pair rule
     ``mode`` (0 LS, 1 ELS zeros, 2 ELS circular, 3 ELS circular with wrap_patches;
@@ -270,8 +271,12 @@ def shiftmap_softmax_state(x, a, b2, images, log_w, k: int, mode: int, weights=N
     or uint8 pixels, read as (u − 127.5)/127.5 a block at a time: held at a quarter); log_w
     [N] (−inf = absent). ``weights`` [k], optional: the separable window
     weights[δy]·weights[δx] in place of the k×k box (els_soft's Gaussian; direct sums, k
-    multiply-adds per output and axis). Returns (max, total, acc): [B, H, W], [B, H, W],
-    [B, H, W, C] (acc of the raw values). CPU only.
+    multiply-adds per output and axis). ``mode_x`` (default −1: ``mode``): a rule of its own
+    for the columns, with ``mode`` then the rows': modes 4 and 5 are mode 1's pairs of the
+    coordinates within k//2 of a border and of the interior ones only (the zero-padded border
+    pixels, ``shiftmap.border_x0``). Returns (max, total, acc): [B, H, W], [B, H, W],
+    [B, H, W, C] (acc of the raw values; pixels without a pair keep max −inf, total 0).
+    CPU only.
     """
     if not available():
         raise RuntimeError("the fused CPU kernels are not available (see the warning above)")
@@ -285,4 +290,5 @@ def shiftmap_softmax_state(x, a, b2, images, log_w, k: int, mode: int, weights=N
     return jax.ffi.ffi_call("els_shiftmap_softmax", out, vmap_method="sequential")(
         x.astype(jnp.float32), coef.astype(jnp.float32),
         images if images.dtype == jnp.uint8 else images.astype(jnp.float32),
-        log_w.astype(jnp.float32), weights, k=np.int64(k), mode=np.int64(mode))
+        log_w.astype(jnp.float32), weights, k=np.int64(k), mode=np.int64(mode),
+        mode_x=np.int64(mode_x))

@@ -796,6 +796,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ElsWindowSoftmax, WindowImpl,
 //   mode 1 "zeros"     d = 0 for every i (zero padded); d ≠ 0 for interior i with i + d interior.
 //   mode 2 "circular"  d = 0 … n−1 (mod n): i with (i + d) mod n interior; x and y periodic.
 //   mode 3 "wrap"      d = 0 … n−1 (mod n): every i; x and y periodic.
+//   mode 4 "edge"      mode 1's pairs of the coordinates within m of a border (d = 0) only,
+//   mode 5 "inner"     ... and of the interior coordinates only: the zero-padded border pixels
+//                      are (rows 4 × columns 1) ∪ (rows 5 × columns 4), two calls with a mode
+//                      per axis (``mode_x``), whatever engine runs the interior
+//                      (``shiftmap.border_x0``).
 //
 // One item (query image, range of images) packs NB images at a time pixel-major (a register
 // holds one pixel of kLanes images) and, for every shift: the row box sums of the map's rows
@@ -835,9 +840,12 @@ std::vector<AxisShift> axis_shifts(int64_t n, int64_t k, int64_t mode) {
   std::vector<AxisShift> out;
   if (mode == 0) {
     out.push_back({0, 0, n});
-  } else if (mode == 1) {
+  } else if (mode == 4) {
+    out.push_back({0, 0, m});
+    out.push_back({0, n - m, m});
+  } else if (mode == 1 || mode == 5) {
     for (int64_t d = -(inner - 1); d <= inner - 1; ++d) {
-      if (d == 0) out.push_back({0, 0, n});
+      if (d == 0) out.push_back(mode == 1 ? AxisShift{0, 0, n} : AxisShift{0, m, inner});
       else out.push_back({d, std::max(m, m - d), inner - std::abs(d)});
     }
   } else {
@@ -1181,7 +1189,7 @@ class RowStates {
 };
 
 struct ShiftShape {
-  int64_t b, h, w, c, n, k, mode;
+  int64_t b, h, w, c, n, k, mode, mode_x;  // mode: of the rows (and columns if mode_x < 0)
 };
 
 // One item: query image b against images [n0, n1), every shift; state over all H·W pixels.
@@ -1192,11 +1200,12 @@ void shift_item(const ShiftShape& s, const float* x, const float* coef, const fl
                 const float* log_w, const float* wk, int64_t b, int64_t n0, int64_t n1,
                 float* mx, float* tot, float* acc) {
   const int64_t H = s.h, W = s.w, C = CC > 0 ? CC : s.c, k = s.k, m = k / 2, HW = H * W;
-  const bool periodic = s.mode >= 2;
+  const bool periodic = s.mode == 2 || s.mode == 3;
   const float a = coef[2 * b], b2 = coef[2 * b + 1];
   const float scale = -0.5f / b2;                       // the jnp form's logit scale
   const float* xb = x + b * HW * C;
-  const std::vector<AxisShift> sy = axis_shifts(H, k, s.mode), sx = axis_shifts(W, k, s.mode);
+  const std::vector<AxisShift> sy = axis_shifts(H, k, s.mode),
+                               sx = axis_shifts(W, k, s.mode_x < 0 ? s.mode : s.mode_x);
   std::vector<AxisMap> my, mxs;
   for (const AxisShift& v : sy) my.push_back(axis_map(v, H, k, periodic));
   for (const AxisShift& v : sx) mxs.push_back(axis_map(v, W, k, periodic));
@@ -1378,7 +1387,7 @@ __attribute__((noinline)) void convert_pixels(const uint8_t* src, int64_t count,
 ffi::Error ShiftCall(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x,
                      const ffi::Buffer<ffi::F32>& coef, const ffi::AnyBuffer& images,
                      const ffi::Buffer<ffi::F32>& log_w, const float* wk, int64_t k,
-                     int64_t mode, ffi::ResultBuffer<ffi::F32>& out_max,
+                     int64_t mode, int64_t mode_x, ffi::ResultBuffer<ffi::F32>& out_max,
                      ffi::ResultBuffer<ffi::F32>& out_total,
                      ffi::ResultBuffer<ffi::F32>& out_acc) {
   const auto xd = x.dimensions(), fd = coef.dimensions(), id = images.dimensions();
@@ -1387,14 +1396,21 @@ ffi::Error ShiftCall(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x,
     return ffi::Error::InvalidArgument(
         "expected x [B, H, W, C], coef [B, 2], images [N, H, W, C], log_w [N]");
   }
-  const ShiftShape ss{xd[0], xd[1], xd[2], xd[3], id[0], k, mode};
+  const ShiftShape ss{xd[0], xd[1], xd[2], xd[3], id[0], k, mode, mode_x};
   if (fd[0] != ss.b || fd[1] != 2 || id[1] != ss.h || id[2] != ss.w || id[3] != ss.c ||
       ld[0] != ss.n || ss.n < 1) {
     return ffi::Error::InvalidArgument("image shapes do not match the queries");
   }
   if (k < 1 || k % 2 == 0) return ffi::Error::InvalidArgument("k must be odd and positive");
-  if (mode < 0 || mode > 3) return ffi::Error::InvalidArgument("mode must be 0 … 3");
-  if (mode >= 1 && (k > std::min(ss.h, ss.w) || (mode == 1 && k == std::min(ss.h, ss.w)))) {
+  if (mode < 0 || mode > 5) return ffi::Error::InvalidArgument("mode must be 0 … 5");
+  if (mode_x < -1 || mode_x > 5) return ffi::Error::InvalidArgument("mode_x must be -1 … 5");
+  const int64_t mx_mode = mode_x < 0 ? mode : mode_x;
+  const bool zero_rule = mode == 1 || mode >= 4 || mx_mode == 1 || mx_mode >= 4;
+  if ((mode == 2 || mode == 3) != (mx_mode == 2 || mx_mode == 3)) {
+    return ffi::Error::InvalidArgument("both axes periodic (modes 2, 3) or neither");
+  }
+  if ((mode >= 1 || mx_mode >= 1) &&
+      (k > std::min(ss.h, ss.w) || (zero_rule && k == std::min(ss.h, ss.w)))) {
     return ffi::Error::InvalidArgument("k too large for this mode (zeros with k ≥ min(H, W) "
                                        "is mode 0)");
   }
@@ -1440,7 +1456,7 @@ ffi::Error ShiftCall(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x,
 ffi::Error ShiftMapImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                         ffi::Buffer<ffi::F32> coef, ffi::AnyBuffer images,
                         ffi::Buffer<ffi::F32> log_w, ffi::Buffer<ffi::F32> weights, int64_t k,
-                        int64_t mode, ffi::ResultBuffer<ffi::F32> out_max,
+                        int64_t mode, int64_t mode_x, ffi::ResultBuffer<ffi::F32> out_max,
                         ffi::ResultBuffer<ffi::F32> out_total,
                         ffi::ResultBuffer<ffi::F32> out_acc) {
   const auto wd = weights.dimensions();
@@ -1449,7 +1465,7 @@ ffi::Error ShiftMapImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
         "expected weights [k] (a separable window) or [0] (the box)");
   }
   return ShiftCall(pool, x, coef, images, log_w, wd[0] == 0 ? nullptr : weights.typed_data(), k,
-                   mode, out_max, out_total, out_acc);
+                   mode, mode_x, out_max, out_total, out_acc);
 }
 
 }  // namespace
@@ -1468,6 +1484,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ElsShiftMapSoftmax, ShiftMapImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>() /* weights */
                                   .Attr<int64_t>("k")
                                   .Attr<int64_t>("mode")
+                                  .Attr<int64_t>("mode_x") /* −1: the rows' mode */
                                   .Ret<ffi::Buffer<ffi::F32>>() /* max */
                                   .Ret<ffi::Buffer<ffi::F32>>() /* total */
                                   .Ret<ffi::Buffer<ffi::F32>>() /* acc */);

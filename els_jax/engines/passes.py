@@ -62,6 +62,9 @@ def stream_x0(x, a, b2, images, log_w, mu=None, *, k, boundary, wrap_patches, bl
     """x̂_0 [B, H, W, C] with candidates extracted from the images chunk by chunk (no bank);
     a, b2: [B]; ``method`` the main pass's engine ("window" | "row"), or "shiftmap" (every
     pixel by ``shiftmap.py``: no window is extracted, no border pass), already resolved.
+    With zero padding on one device where the CPU kernels run, the other engines' border
+    pixels come from the shift-map kernel (``border.kernel_border_results``), elsewhere from
+    ``border.py``'s streamed pass.
 
     mu: the per-channel data mean [C] (default: of ``images``). With a ``mesh`` (one axis,
     "cands"; N divisible by its size) each device streams its share of the images and
@@ -96,11 +99,12 @@ def stream_x0(x, a, b2, images, log_w, mu=None, *, k, boundary, wrap_patches, bl
     lay = row_lib.row_layout(k, boundary, wrap_patches, h, w) if method == "row" else None
     groups = geo.grouped_passes(k, boundary, wrap_patches, h, w, ideal, method)
     with_border = boundary == "zeros" and not ideal and k > 1     # k = 1 has no border
+    kernel_border = with_border and mesh is None and border_lib.kernel_border_ok()
 
     def states(x, a, b2, images, log_w, mu):
         out = stream_states(x, a, b2, images, log_w, mu, k=k, block=block, lay=lay,
                             groups=groups)
-        if with_border:
+        if with_border and not kernel_border:
             out = out + (border_lib.stream_border_states(x, a, b2, images, log_w, k=k, mu=mu,
                                                          block=block),)
         return out
@@ -116,7 +120,10 @@ def stream_x0(x, a, b2, images, log_w, mu=None, *, k, boundary, wrap_patches, bl
         results.append((row_lib.row_pixels(lay, w), row_lib.row_output(sts[0], bsz, lay)))
         sts = sts[1:]
     results += [window_lib.window_result(gp, st, bsz) for gp, st in zip(groups, sts)]
-    if with_border:
+    if kernel_border:
+        results += border_lib.kernel_border_results(x, a, b2, images, log_w, k=k, mu=mu,
+                                                    block=block)
+    elif with_border:
         m = k // 2
         shift = jnp.broadcast_to(mu[:, None, None, None], (c, 2 * m, 2 * m, 1))
         results += border_lib.border_results(sts[len(groups)], x.shape, k, shift)
@@ -143,14 +150,18 @@ def stream_states(x, a, b2, images, log_w, mu, *, k, block, lay, groups):
 class MachineBank(NamedTuple):
     """Everything an ELS (or ideal) machine precomputes: the data mean, a row bank for the main
     pass (row engine) or None, one window bank per remaining batch of groups, for zero
-    padding the border engine's bank (``border.BorderBank``) or None, and the fused kernel's
-    bank of the main pass (``InteriorBank``, method "native") or None."""
+    padding the border engine's bank (``border.BorderBank``) or None, the fused kernel's
+    bank of the main pass (``InteriorBank``, method "native") or None, and, where the
+    zero-padded border runs on the shift-map kernel instead of a BorderBank
+    (``BankSpec.border_kernel``), the training images it reads [N, H, W, C] (float32, or
+    uint8 pixels: the machine's own array, not a copy) or None."""
 
     mu: jax.Array
     row: RowBank | None
     windows: tuple
     border: border_lib.BorderBank | None = None
     interior: InteriorBank | None = None
+    images: jax.Array | None = None
 
 
 class BankSpec(NamedTuple):
@@ -165,6 +176,7 @@ class BankSpec(NamedTuple):
     row_images: int        # images per chunk of the row bank (power of two), 0 if none
     unique_fraction: float
     border_images: int = 0  # images per chunk of the border bank's bands, 0 if none
+    border_kernel: bool = False  # zero padding's border from the shift-map kernel (bank.images)
 
 
 def merge_plan(images, *, k: int, boundary: str = "circular", wrap_patches: bool = False,
@@ -186,7 +198,7 @@ def build_bank(images, *, k: int, method: str, boundary: str = "circular",
                wrap_patches: bool = False, dedup: bool = True, block: int = DEFAULT_BLOCK,
                n_shards: int = 1, ideal: bool = False, chunk: int | None = None,
                dedup_threshold: float = 0.9, images_per_step: int = 64,
-               unique_fraction: float | None = None):
+               unique_fraction: float | None = None, held_images=None):
     """Precomputes the candidates of the ELS machine (or of the ideal machine).
 
     With ``dedup``, identical candidate windows (same pixels, same value) are merged into one
@@ -194,6 +206,12 @@ def build_bank(images, *, k: int, method: str, boundary: str = "circular",
     ("window" | "row" | "native" | "window_native", resolved by the machine with
     ``select.resolve_els_engine``; the ideal machine always "window"). The mask
     (class-conditional) is applied by passing only the selected images.
+
+    With zero padding, the border pixels get a ``border.BorderBank``, except where the CPU
+    kernels run on one device (``border.kernel_border_ok``): there the shift-map kernel
+    reads them from the images at every call, and the bank keeps a reference to them,
+    ``held_images`` (the same images as the caller holds them on the device, float32 or uint8;
+    default: a float32 copy).
 
     Returns (MachineBank, BankSpec); banks are padded to whole chunks × ``n_shards``.
     """
@@ -221,8 +239,15 @@ def build_bank(images, *, k: int, method: str, boundary: str = "circular",
         row, row_images = row_lib.build_row_bank(
             images, k, row_lib.row_layout(k, boundary, wrap_patches, h, w), mu, block=block,
             n_shards=n_shards)
-    border, border_images = None, 0
-    if boundary == "zeros" and not ideal and k > 1:              # k = 1 has no border
+    border, border_images, held = None, 0, None
+    border_kernel = (boundary == "zeros" and not ideal and k > 1
+                     and border_lib.kernel_border_ok(n_shards))
+    if border_kernel:
+        held = jnp.asarray(images) if held_images is None else held_images
+        if tuple(held.shape) != (n, h, w, c):
+            raise ValueError(f"held_images must be the {n} images {(h, w, c)} of the bank; got "
+                             f"shape {tuple(held.shape)}")
+    elif boundary == "zeros" and not ideal and k > 1:            # k = 1 has no border
         border_images = border_lib.band_chunk_images(n, k, h, w, block)
         per = border_images * n_shards
         border = border_lib.build_border_bank(images, k, mu, -(-n // per) * per)
@@ -230,8 +255,9 @@ def build_bank(images, *, k: int, method: str, boundary: str = "circular",
     if method == "native":
         interior = interior_lib.build_interior_bank(images, k, mu, n_shards)
     spec = BankSpec(int(k), boundary, bool(wrap_patches), bool(ideal), method, tuple(chunks),
-                    int(row_images), float(unique_fraction), int(border_images))
-    return MachineBank(jnp.asarray(mu), row, tuple(windows), border, interior), spec
+                    int(row_images), float(unique_fraction), int(border_images),
+                    bool(border_kernel))
+    return MachineBank(jnp.asarray(mu), row, tuple(windows), border, interior, held), spec
 
 
 def bank_partition_specs(bank: MachineBank) -> MachineBank:
@@ -243,7 +269,7 @@ def bank_partition_specs(bank: MachineBank) -> MachineBank:
     border = None if bank.border is None else border_lib.border_partition_specs()
     interior = None if bank.interior is None else interior_lib.INTERIOR_SPECS
     return MachineBank(P(), row, tuple(window_lib.WINDOW_SPECS for _ in bank.windows), border,
-                       interior)
+                       interior, None if bank.images is None else P())
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "mesh", "block"))
@@ -280,4 +306,8 @@ def bank_x0(x, a, b2, bank: MachineBank, *, spec: BankSpec, mesh=None,
                                                border_lib.border_partition_specs())
         states = run_border(x, a, b2, bank.mu, bank.border)
         results += border_lib.border_results(states, x.shape, k, bank.border.corners.mean[0])
+    if spec.border_kernel:
+        results += border_lib.kernel_border_results(
+            x, a, b2, bank.images, jnp.zeros((bank.images.shape[0],), jnp.float32), k=k,
+            mu=bank.mu, block=block)
     return geo.scatter(x.shape, results)

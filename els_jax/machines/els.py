@@ -120,10 +120,11 @@ def build_bank(images, *, k: int, boundary: str = "circular", wrap_patches: bool
                dedup: bool = True, method: str = "auto", block: int = DEFAULT_BLOCK,
                n_shards: int = 1, ideal: bool = False, chunk: int | None = None,
                dedup_threshold: float = 0.9, images_per_step: int = 64,
-               unique_fraction: float | None = None):
+               unique_fraction: float | None = None, held_images=None):
     """The ELS (or ideal) machine's candidate bank with its engine chosen: ``method`` "auto"
     is resolved by ``select.resolve_els_engine`` (given the estimated fraction of distinct
-    windows), then ``passes.build_bank`` builds it. Returns (MachineBank, BankSpec)."""
+    windows), then ``passes.build_bank`` builds it (``held_images``: see there). Returns
+    (MachineBank, BankSpec)."""
     images = np.asarray(unit_images(images), np.float32)
     n, h, w, c = images.shape
     merge, unique_fraction = passes.merge_plan(
@@ -138,4 +139,4 @@ def build_bank(images, *, k: int, boundary: str = "circular", wrap_patches: bool
                              wrap_patches=wrap_patches, dedup=dedup, block=block,
                              n_shards=n_shards, ideal=ideal, chunk=chunk,
                              dedup_threshold=dedup_threshold, images_per_step=images_per_step,
-                             unique_fraction=unique_fraction)
+                             unique_fraction=unique_fraction, held_images=held_images)

@@ -390,12 +390,17 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
                         unique_fraction=unique_fraction)
 
         def build():
-            bank, spec = els.build_bank(images, **settings)
+            # (a zero-padded bank's border may read the images as the machine holds them:
+            # the same device array as the streamed sizes, uint8 or float32, not a copy)
+            bank, spec = els.build_bank(images, held_images=stream_images("shiftmap")
+                                        if mesh is None else None, **settings)
             if mesh is not None:    # split over the devices once, here, not at every call
                 bank = jax.device_put(bank, _named(mesh, passes.bank_partition_specs(bank)))
             return bank, spec
+        # (keyed by the border's rule too: a BorderBank, or the images for the kernel)
         bank, spec = bank_cache.BANKS.get((images_key(), tuple(sorted(settings.items())),
-                                 bank_cache.mesh_key(mesh)), build)
+                                           bank_cache.mesh_key(mesh),
+                                           els_border.kernel_border_ok(n_shards)), build)
 
         def fn(x, coeffs):
             return passes.bank_x0(*inputs(x, coeffs, mesh), bank, spec=spec, mesh=mesh,
@@ -468,7 +473,8 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
             # (zeros: the interior windows; the border's bands are added below)
             n_cand = n * (h * w if wrap_patches else (h - k + 1) * (w - k + 1))
             size = merged * n_cand * (k * k * c + 2 + c)
-        if boundary == "zeros":                # every zero-padded bank has a border bank
+        if boundary == "zeros" and not els_border.kernel_border_ok(n_shards):
+            # a border bank (where the CPU kernels run, the border reads the images instead)
             per = els_border.band_chunk_images(n, k, h, w, block) * n_shards   # as build_bank
             border_floats = els_border.border_bank_floats(-(-n // per) * per, k, h, w, c)
             size += border_floats
