@@ -75,6 +75,8 @@ def test_zero_padded_border_engine_matches_oracle(case, h, w, c, k, border_bank,
                         block=500, dedup_threshold=1.0)
     _close(m.x0(x, jnp.float32(t), 0), want, tol=1e-5)
     assert m.bank_spec(0).border_kernel is not border_bank
+    if m.engine(0)["bank"]:               # explain() says which border ran
+        assert m.explain()[k]["border"] == ("border bank" if border_bank else "shift-map kernel")
 
 
 def test_border_on_the_kernel_has_the_border_banks_values_and_derivatives(monkeypatch):

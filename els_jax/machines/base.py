@@ -89,8 +89,9 @@ class Machine:
         machine's one engine;
         reason: what decided (measured probe times, cached or not, the static rule, an
         explicit method; ``els_jax.engines``); times: seconds per probe call of each engine
-        when they were measured. LS picks its engine per query batch when first traced: this
-        is the pick for the batch of ``compile_for`` (else B = 1)."""
+        when they were measured; border (a banked zero-padded size): "shift-map kernel" or
+        "border bank" (``engines/border.py``). LS picks its engine per query batch when first
+        traced: this is the pick for the batch of ``compile_for`` (else B = 1)."""
         out = {}
         for k, fn in self._x0_fns.items():
             info = dict(getattr(fn, "info", {"engine": self.kind}))

@@ -408,6 +408,8 @@ def make_machine(kind: str, images, *, scales: int | Sequence[int] | None = None
         fn.spec, fn.bank = spec, bank
         fn.info = {"engine": spec.method, "bank": True,
                    "unique_fraction": round(spec.unique_fraction, 4)}
+        if boundary == "zeros" and k > 1:
+            fn.info["border"] = "shift-map kernel" if spec.border_kernel else "border bank"
         fn.lower = lambda x, coeffs: passes.bank_x0.lower(*inputs(x, coeffs, mesh), bank,
                                                           spec=spec, mesh=mesh, block=block)
         return fn
