@@ -15,8 +15,9 @@ from els_jax.core.conversions import (eps_to_score, eps_to_x0, score_to_eps, sco
                                       x0_to_eps, x0_to_score)
 from els_jax.core.data import load_dataset
 from els_jax.core.forward import add_noise
-from els_jax.core.sampler import (Churn, SampleResult, ddim_step, heun_step, karras_times,
-                                  sample, sigma_of_time, time_of_sigma, uniform_times)
+from els_jax.core.sampler import (Churn, SampleResult, authors_grid, ddim_step, heun_step,
+                                  karras_times, sample, sigma_of_time, time_of_sigma,
+                                  uniform_times)
 from els_jax.machines import reference, soft
 from els_jax.machines.ideal import ideal_score, ideal_x0
 from els_jax.machines.equivariant import equivariant_score, equivariant_x0
@@ -87,7 +88,8 @@ __all__ = [
     "gaussian_score", "gaussian_x0", "nearest_score", "nearest_x0",
     "pca_locality_score", "pca_locality_x0", "scfdm_score", "scfdm_x0",
     "make_machine", "Machine", "candidate_mesh",
-    "uniform_times", "karras_times", "ddim_step", "heun_step", "sample", "SampleResult",
+    "uniform_times", "karras_times", "authors_grid", "ddim_step", "heun_step", "sample",
+    "SampleResult",
     "Churn", "sigma_of_time", "time_of_sigma",
     "load_dataset",
     "networks", "ResNet", "UNet", "make_network", "receptive_field",

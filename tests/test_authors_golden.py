@@ -132,15 +132,22 @@ def test_whole_samples_equal_the_authors_sampler(j):
     """Their ``ScheduledScoreMachine`` with n patch sizes runs DDIM on t = (n−1)/n, …, 1/n, 0,
     the step at t = i/n with scales[i] (scales[0] unused). On our sampler that is their times
     passed explicitly and the scale list scales[1:] (index 0 = the last step, docs/theory.md
-    §3): the same sample from the same noise. With scales[:-1] (the scale looked up one step
-    off) the sample differs by far more."""
+    §3; ``ej.authors_grid``): the same sample from the same noise. With scales[:-1] (the scale
+    looked up one step off) the sample differs by far more."""
     spec = _META["samples"][j]
     images, scales = _Z[spec["set"] + "_images"], spec["scales"]
     n = len(scales)
-    times = jnp.asarray(np.arange(n - 1, -1, -1) / n, jnp.float32)
+    times, shifted = ej.authors_grid(scales)
+    np.testing.assert_array_equal(np.asarray(times), np.float32(np.arange(n - 1, -1, -1) / n))
+    assert shifted == tuple(scales[1:])
     x_T, ref = _Z[f"sample{j}_x_T"], _Z[f"sample{j}_x0"]
-    for lookup, close in ((scales[1:], True), (scales[:-1], False)):
+    for lookup, close in ((shifted, True), (scales[:-1], False)):
         machine = ej.make_machine("els", images, scales=tuple(lookup), boundary=spec["boundary"])
         out = np.asarray(ej.sample(machine, x_T, times), np.float64)
         err = np.max(np.abs(out - ref))
         assert (err <= 1e-4) if close else (err > 1e-2), (lookup, err)
+
+
+def test_authors_grid_refuses_a_list_it_cannot_run():
+    with pytest.raises(ValueError, match="n ≥ 2"):
+        ej.authors_grid([3])

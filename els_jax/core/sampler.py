@@ -47,8 +47,8 @@ import numpy as np
 
 from els_jax.core import schedules as schedules_lib
 
-__all__ = ["uniform_times", "karras_times", "time_of_sigma", "sigma_of_time", "ddim_step",
-           "heun_step", "Churn", "SOLVERS", "sample", "SampleResult"]
+__all__ = ["uniform_times", "karras_times", "authors_grid", "time_of_sigma", "sigma_of_time",
+           "ddim_step", "heun_step", "Churn", "SOLVERS", "sample", "SampleResult"]
 
 SOLVERS = ("ddim", "heun")
 
@@ -58,6 +58,29 @@ def uniform_times(n: int, t_max: float = 1.0, t_min: float = 0.0):
     if int(n) < 1:
         raise ValueError(f"need at least one step; got n={n}")
     return jnp.linspace(t_max, t_min, int(n) + 1, dtype=jnp.float32)
+
+
+def authors_grid(scales):
+    """The grid and scale list on which ``sample`` reproduces the authors' sampler
+    (``ScheduledScoreMachine`` of github.com/Kambm/convolutional_diffusion) with their list of
+    n patch sizes: (times, scales). Their loop runs DDIM on t = i/n for i = n−1 … 1, stepping
+    to (i−1)/n with scales[i], and never reads scales[0] (docs/theory.md §3): n − 1 steps from
+    (n−1)/n to 0, so times = (n−1)/n, …, 1/n, 0 [n] and the scale list is scales[1:] (index 0
+    = the last step, as theirs). ``tests/test_authors_golden.py`` checks a whole sample of
+    theirs against ``sample(make_machine(..., scales=s), x_T, t)`` with ``t, s =
+    authors_grid(theirs)``.
+
+        >>> times, scales = authors_grid([3, 3, 5, 5, 5, 7, 7, 7, 9, 9, 11, 11, 11, 11, 13, 15,
+        ...                               15, 15, 15, 15])
+        >>> machine = make_machine("els", images, scales=scales, boundary="zeros")
+        >>> x0 = sample(machine, x_T, times)
+    """
+    scales = tuple(int(k) for k in scales)
+    if len(scales) < 2:
+        raise ValueError(f"the authors' sampler takes n ≥ 2 patch sizes (it runs n − 1 steps); "
+                         f"got {len(scales)}")
+    n = len(scales)
+    return jnp.asarray(np.arange(n - 1, -1, -1) / n, jnp.float32), scales[1:]
 
 
 # ----------------------------------------------------------------------------- σ ↔ t
