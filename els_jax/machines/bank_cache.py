@@ -37,7 +37,10 @@ class _BankCache:
                 self._entries[key] = entry        # most recent last
                 return entry[0], entry[1]
         bank, spec = build()
-        size = sum(getattr(a, "nbytes", 0) for a in jax.tree.leaves(bank))
+        # (a bank's ``images``, read by the zero-padded border's kernel, are the machine's own
+        # array, shared with it and with every other size: not the bank's bytes)
+        own = bank._replace(images=None) if hasattr(bank, "images") else bank
+        size = sum(getattr(a, "nbytes", 0) for a in jax.tree.leaves(own))
         budget = self.budget()
         with self._lock:
             if size <= budget:
