@@ -75,6 +75,14 @@ def _crop(a, corner: int, m: int):
     return a[..., :2 * m, :2 * m, :]
 
 
+def corner_shift(mu, k: int):
+    """The corner crops' shift [C, 2m, 2m, 1]: the data mean μ [C] at every pixel of a crop
+    (the layout of ``local.LocalBank.mean``)."""
+    m = k // 2
+    mu = jnp.asarray(mu)
+    return jnp.broadcast_to(mu[:, None, None, None], (mu.shape[0], 2 * m, 2 * m, 1))
+
+
 class BorderBank(NamedTuple):
     """What the border engine precomputes (N' = N padded with absent images).
 
@@ -109,7 +117,7 @@ def _band_candidates(images, k: int, mu):
 def _corner_bank(images, k: int, mu):
     """``local.LocalBank`` of the four 2m×2m corner crops, stacked: [4, ...]."""
     m = k // 2
-    shift = jnp.broadcast_to(jnp.asarray(mu)[:, None, None, None], (len(mu), 2 * m, 2 * m, 1))
+    shift = corner_shift(mu, k)
     banks = [local.build_local_bank(local.transpose_images(_crop(images, q, m)), k=k, mean=shift)
              for q in range(4)]
     return jax.tree.map(lambda *v: jnp.stack(v), *banks)
@@ -295,7 +303,7 @@ def stream_border_states(x, a, b2, images, log_w, *, k: int, mu, block: int):
         state, _ = jax.lax.scan(body, softmax.init((m, q.shape[1]), c), (starts, first_new))
         out.append(state)
     a4, b24 = a[:, None, None, None], b2[:, None, None, None]
-    shift = jnp.broadcast_to(jnp.asarray(mu)[:, None, None, None], (c, 2 * m, 2 * m, 1))
+    shift = corner_shift(mu, k)
     qc = _corner_queries(x, a4, k, shift)
     n_img = local._images_per_chunk(n, 4 * bsz * 4 * m * m, block)
     starts, first_new = softmax.chunk_starts(n, n_img)
@@ -376,7 +384,6 @@ def kernel_border_results(x, a, b2, images, log_w, *, k: int, mu, block: int):
     float32 or uint8 pixels (as the machine holds them); log_w [N]; mu [C] the data mean (the
     streamed pass's exact shift)."""
     bsz, h, w, c = x.shape
-    m = k // 2
     pixels = border_pixels(h, w, k)
 
     def fast(x, a, b2, images, log_w, mu):
@@ -391,8 +398,7 @@ def kernel_border_results(x, a, b2, images, log_w, *, k: int, mu, block: int):
     def streamed(x, a, b2, images, log_w, mu):
         states = stream_border_states(x, a, b2, unit_images(images), log_w, k=k, mu=mu,
                                       block=block)
-        shift = jnp.broadcast_to(mu[:, None, None, None], (c, 2 * m, 2 * m, 1))
-        parts = border_results(states, x.shape, k, shift)
+        parts = border_results(states, x.shape, k, corner_shift(mu, k))
         order = np.argsort(np.concatenate([p for p, _ in parts]))   # → border_pixels' order
         return jnp.concatenate([v for _, v in parts], axis=1)[:, order]
 

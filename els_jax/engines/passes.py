@@ -124,9 +124,8 @@ def stream_x0(x, a, b2, images, log_w, mu=None, *, k, boundary, wrap_patches, bl
         results += border_lib.kernel_border_results(x, a, b2, images, log_w, k=k, mu=mu,
                                                     block=block)
     elif with_border:
-        m = k // 2
-        shift = jnp.broadcast_to(mu[:, None, None, None], (c, 2 * m, 2 * m, 1))
-        results += border_lib.border_results(sts[len(groups)], x.shape, k, shift)
+        results += border_lib.border_results(sts[len(groups)], x.shape, k,
+                                             border_lib.corner_shift(mu, k))
     return geo.scatter(x.shape, results)
 
 
