@@ -84,58 +84,72 @@ inline vf load(const float* p) {
 
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
 
-// exp(x) for x ≤ 0 (a logit minus its running maximum): x = n·ln2 + r, |r| ≤ ln2/2 (ln2 split
-// in two so that n·ln2 is exact), exp(r) by a degree-7 polynomial (relative error ~1e-7, like
-// XLA's own), 2^n from the exponent bits. Below −87 (and for −inf, an absent image) the
-// result is exactly 0, so absent images contribute nothing.
-inline vf exp_nonpositive(vf v) {
-  const vf lo = v < -87.0f ? vf{} - 87.0f : v;
-  const vf t = lo * 1.4426950408889634f;
+// Weights below e^−kNegligible of the running maximum are left out: each is < 2^−86 of the
+// maximum's own weight (1, part of every total), so even 2^40 of them move no sum by a
+// float32 rounding step. They are left out lane by lane (``live_weights``), and a register
+// whose lanes are all below it is not computed at all: which weights count does not depend on
+// the vector width.
+constexpr float kNegligible = 60.0f;
+
+// exp(x) = 2^n·e^r for a logit minus its running maximum, x ≥ −87: n = round(x/ln2), r = x −
+// n·ln2 (ln2 split in two so that n·ln2 is exact, |r| ≤ ln2/2), e^r = 1 + r + r²·q(r) with
+// q of degree 4, fitted for the least maximum relative error on |r| ≤ ln2/2 (3e-9 in exact
+// arithmetic; within 1 ulp in float32, like XLA's own exp; Cephes' degree-7 form took two
+// instructions more). Returns e^r in p and n in fn; the caller scales.
+inline void exp_parts(vf x, vf& p, vf& fn) {
+  const vf t = x * 1.4426950408889634f;
 #if defined(__AVX512F__)
-  // The same steps with AVX-512's rounding and ·2^n instructions (one each instead of two
-  // and four): the same values, bit for bit.
-  const vf fn = reinterpret_cast<vf>(_mm512_roundscale_ps(
+  // The same rounding as the magic-number add below, in one instruction instead of two.
+  fn = reinterpret_cast<vf>(_mm512_roundscale_ps(
       reinterpret_cast<__m512>(t), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 #else
-  const vf fn = (t + 12582912.0f) - 12582912.0f;          // round to nearest (|t| < 2^22)
+  fn = (t + 12582912.0f) - 12582912.0f;                    // round to nearest (|t| < 2^22)
 #endif
-  const vf r = (lo - fn * 0.693145751953125f) - fn * 1.428606765330187e-06f;
-  vf p = r * 1.9875691500e-4f + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  const vf r = (x - fn * 0.693145751953125f) - fn * 1.428606765330187e-06f;
+  vf q = r * 1.381461276e-03f + 8.368710056e-03f;
+  q = q * r + 4.166838899e-02f;
+  q = q * r + 1.666652113e-01f;
+  q = q * r + 4.999999404e-01f;
+  p = (q * r + 1.0f) * r + 1.0f;
+}
+
+// The weights p = exp(l − m) of a register of logits l against the running maximum m ≥ every
+// lane, with every lane below floor = m − kNegligible set to exactly 0 (absent images, log w
+// = −inf, among them). False, and p untouched, when every lane is below the floor: the
+// caller skips the register (most of them at small t and large k).
+inline bool live_weights(vf l, float m, float floor, vf& p) {
 #if defined(__AVX512F__)
-  const vf e = reinterpret_cast<vf>(
-      _mm512_scalef_ps(reinterpret_cast<__m512>(p), reinterpret_cast<__m512>(fn)));
+  const __mmask16 live =
+      _mm512_cmp_ps_mask(reinterpret_cast<__m512>(l), _mm512_set1_ps(floor), _CMP_GE_OQ);
+  if (live == 0) return false;
+  // Lanes below the floor are computed (−inf there gives NaN) but never used: the zeroing
+  // mask of the final ·2^n drops them, so no clamp or select is needed (three instructions
+  // fewer per register than the portable form below).
+  vf e, fn;
+  exp_parts(l - m, e, fn);
+  p = reinterpret_cast<vf>(_mm512_maskz_scalef_ps(live, reinterpret_cast<__m512>(e),
+                                                  reinterpret_cast<__m512>(fn)));
+  return true;
 #else
+#if defined(__AVX__)
+  if (_mm256_movemask_ps(_mm256_cmp_ps(reinterpret_cast<__m256>(l), _mm256_set1_ps(floor),
+                                       _CMP_GE_OQ)) == 0)
+    return false;
+#else
+  bool any = false;
+  for (int64_t i = 0; i < kLanes; ++i) any |= l[i] >= floor;
+  if (!any) return false;
+#endif
+  const vf x = l - m;
+  vf e, fn;
+  exp_parts(x < -87.0f ? vf{} - 87.0f : x, e, fn);     // 2^n from the exponent bits: n ≥ −126
   const vi bits = (__builtin_convertvector(fn, vi) + 127) << 23;
   vf scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  const vf e = p * scale;
-#endif
-  return v < -87.0f ? vf{} : e;
-}
-
-// Whether any lane of v is at least x.
-inline bool any_at_least(vf v, float x) {
-#if defined(__AVX512F__)
-  return _mm512_cmp_ps_mask(reinterpret_cast<__m512>(v), _mm512_set1_ps(x), _CMP_GE_OQ) != 0;
-#elif defined(__AVX__)
-  return _mm256_movemask_ps(_mm256_cmp_ps(reinterpret_cast<__m256>(v), _mm256_set1_ps(x),
-                                          _CMP_GE_OQ)) != 0;
-#else
-  bool any = false;
-  for (int64_t l = 0; l < kLanes; ++l) any |= v[l] >= x;
-  return any;
+  p = l < floor ? vf{} : e * scale;
+  return true;
 #endif
 }
-
-// Weights below e^−kNegligible of the running maximum are left out: each is < 2^−86 of the
-// maximum's own weight (1, part of every total), so even 2^40 of them move no sum by a
-// float32 rounding step (the exp already flushes weights below e^−87 to 0).
-constexpr float kNegligible = 60.0f;
 
 struct Shape {
   int64_t b, h, w, c, n, k;
@@ -232,8 +246,8 @@ class PixelStates {
       for (int64_t j = 0; j < NB; j += kSums) {
         for (int64_t r = 0; r < R; ++r) {
           const vf lg = load(logit + j + r * kLanes);
-          if (!any_at_least(lg, floor)) continue;
-          const vf pv = exp_nonpositive(lg - mx);
+          vf pv;
+          if (!live_weights(lg, mx, floor, pv)) continue;
           total[r] += pv;
           acc1[r] += pv * load(vals + j + r * kLanes);
         }
@@ -250,11 +264,11 @@ class PixelStates {
     for (int64_t j = 0; j < NB; j += kSums) {
       for (int64_t r = 0; r < R; ++r) {
         const vf lg = load(logit + j + r * kLanes);
-        if (!any_at_least(lg, floor)) {
+        vf pv;
+        if (!live_weights(lg, mx, floor, pv)) {
           store(p + j + r * kLanes, vf{});
           continue;
         }
-        const vf pv = exp_nonpositive(lg - mx);
         total[r] += pv;
         store(p + j + r * kLanes, pv);
       }
@@ -1142,8 +1156,8 @@ class RowStates {
         for (int64_t j = 0; j < NB; j += kLanes) {
           const int64_t q = (j % kSums) / kLanes;
           const vf l = load(lg + j);
-          if (!any_at_least(l, floor)) continue;
-          const vf p = exp_nonpositive(l - m);
+          vf p;
+          if (!live_weights(l, m, floor, p)) continue;
           total[q] += p;
           for (int64_t ch = 0; ch < CC; ++ch) acc[ch][q] += p * load(v + ch * ch_stride + j);
         }
@@ -1155,8 +1169,8 @@ class RowStates {
         for (int64_t j = 0; j < NB; j += kLanes) {
           float* lq = ln + j % kSums;
           const vf l = load(lg + j);
-          if (!any_at_least(l, floor)) continue;
-          const vf p = exp_nonpositive(l - m);
+          vf p;
+          if (!live_weights(l, m, floor, p)) continue;
           store(lq, load(lq) + p);
           for (int64_t ch = 0; ch < c_; ++ch) {
             float* la = lq + (ch + 1) * kSums;
@@ -1188,6 +1202,27 @@ class RowStates {
   std::vector<char> live_;
 };
 
+// Per axis shift, the query and candidate coordinates of its query range (wrapped on a
+// periodic axis) times a stride, computed once per item: the pair loops had an integer
+// division per pair for them.
+struct AxisPairs {
+  std::vector<int64_t> q, c;
+};
+
+std::vector<AxisPairs> axis_pairs(const std::vector<AxisShift>& shifts, int64_t n, bool periodic,
+                                  int64_t stride) {
+  std::vector<AxisPairs> out(shifts.size());
+  for (size_t i = 0; i < shifts.size(); ++i) {
+    const AxisShift& s = shifts[i];
+    for (int64_t u = 0; u < s.len; ++u) {
+      int64_t qi = s.i0 + u, ci = qi + s.d;
+      if (periodic) qi %= n, ci %= n;
+      out[i].q.push_back(qi * stride), out[i].c.push_back(ci * stride);
+    }
+  }
+  return out;
+}
+
 struct ShiftShape {
   int64_t b, h, w, c, n, k, mode, mode_x;  // mode: of the rows (and columns if mode_x < 0)
 };
@@ -1209,6 +1244,8 @@ void shift_item(const ShiftShape& s, const float* x, const float* coef, const fl
   std::vector<AxisMap> my, mxs;
   for (const AxisShift& v : sy) my.push_back(axis_map(v, H, k, periodic));
   for (const AxisShift& v : sx) mxs.push_back(axis_map(v, W, k, periodic));
+  const std::vector<AxisPairs> wy = axis_pairs(sy, H, periodic, W),
+                               wx = axis_pairs(sx, W, periodic, 1);
   int64_t max_lx = 0, max_ly = 0;
   for (const AxisShift& v : sx) max_lx = std::max(max_lx, v.len);
   for (const AxisShift& v : sy) max_ly = std::max(max_ly, v.len);
@@ -1246,9 +1283,13 @@ void shift_item(const ShiftShape& s, const float* x, const float* coef, const fl
     for (size_t iy = 0; iy < sy.size(); ++iy) {
       const AxisShift& ay = sy[iy];
       const AxisMap& ty = my[iy];
+      const int64_t* qrow = wy[iy].q.data();    // query and candidate rows, times W
+      const int64_t* crow = wy[iy].c.data();
       for (size_t ix = 0; ix < sx.size(); ++ix) {
         const AxisShift& ax = sx[ix];
         const int64_t Lx = ax.len;
+        const int64_t* qcol = wx[ix].q.data();  // query and candidate columns
+        const int64_t* ccol = wx[ix].c.data();
         // Row box sums of the map's distinct rows (later rows of a periodic axis repeat).
         for (int64_t t = 0; t < ty.distinct; ++t) {
           const int64_t py = ty.p[t];
@@ -1270,14 +1311,11 @@ void shift_item(const ShiftShape& s, const float* x, const float* coef, const fl
           // outermost: 2·V independent sums, the k − 1 rows the two windows share loaded once.
           constexpr int64_t V = NB / kLanes;
           for (int64_t v = 0; v < Lx; ++v) {
-            int64_t xi = ax.i0 + v, xj = xi + ax.d;
-            if (periodic) xi %= W, xj %= W;
+            const int64_t xi = qcol[v], xj = ccol[v];
             const int64_t o = v * NB;
             for (int64_t u = 0; u < ay.len; ++u) {
-              int64_t yi = ay.i0 + u, yj = yi + ay.d;
-              if (periodic) yi %= H, yj %= H;
-              pix[u] = yi * W + xi;
-              vptr[u] = pack.data() + (yj * W + xj) * NB;
+              pix[u] = qrow[u] + xi;
+              vptr[u] = pack.data() + (crow[u] + xj) * NB;
             }
             for (int64_t u = 0; u < ay.len; u += 2) {
               // (an odd last pair's second window reads the zero row rptr[T]; not used)
@@ -1318,13 +1356,10 @@ void shift_item(const ShiftShape& s, const float* x, const float* coef, const fl
           // Van Herk's column sums fused with the logits and their maxima, a column of pairs
           // at a time (``column_windows``), each column then added to the pixels' states.
           for (int64_t v = 0; v < Lx; ++v) {
-            int64_t xi = ax.i0 + v, xj = xi + ax.d;
-            if (periodic) xi %= W, xj %= W;
+            const int64_t xi = qcol[v], xj = ccol[v];
             for (int64_t u = 0; u < ay.len; ++u) {
-              int64_t yi = ay.i0 + u, yj = yi + ay.d;
-              if (periodic) yi %= H, yj %= H;
-              pix[u] = yi * W + xi;
-              vptr[u] = pack.data() + (yj * W + xj) * NB;
+              pix[u] = qrow[u] + xi;
+              vptr[u] = pack.data() + (crow[u] + xj) * NB;
             }
             column_windows<NB>(rptr.data(), v * NB, ay.len, k, gk.data(),
                                [&](int64_t u, int64_t e0, const vf* sum) {
@@ -1348,14 +1383,12 @@ void shift_item(const ShiftShape& s, const float* x, const float* coef, const fl
         // k ≤ kShiftDirectK: the column box sums by k direct additions, fused with the logits
         // and their maxima, a row of pairs at a time, each row then added to the pixels' states.
         for (int64_t u = 0; u < ay.len; ++u) {
-          int64_t yi = ay.i0 + u, yj = yi + ay.d;
-          if (periodic) yi %= H, yj %= H;
+          const int64_t yi = qrow[u], yj = crow[u];
           const float* const* rows = rptr.data() + u;
           for (int64_t v = 0; v < Lx; ++v) {
-            int64_t xi = ax.i0 + v, xj = xi + ax.d;
-            if (periodic) xi %= W, xj %= W;
-            pix[v] = yi * W + xi;
-            vptr[v] = pack.data() + (yj * W + xj) * NB;
+            const int64_t xi = qcol[v], xj = ccol[v];
+            pix[v] = yi + xi;
+            vptr[v] = pack.data() + (yj + xj) * NB;
             const int64_t o = v * NB;
             vf vmax = vf{} + kNegInf;
             for (int64_t e = 0; e < NB; e += kLanes) {
