@@ -334,6 +334,38 @@ def test_far_query_is_finite(engine):
             assert np.isfinite(np.asarray(g)).all()
 
 
+@pytest.mark.skipif(not native.available(), reason="the fused CPU kernels are not available")
+def test_kernel_weights_are_float32_exponentials():
+    """The kernel's softmax weights exp(logit − max), its own polynomial exp, one weight at a
+    time against float64. LS pairs at k = 1 with x = 0, a = 1, b² = ½: logit = −y_n(i)² + log
+    w_n. Image 0 is 0 (logit 0, the maximum, value 0); image 1 has y(i) = √g_i, so pixel i's
+    acc = y(i)·e^(−g_i) isolates one weight, for 256 gaps g_i in [0, 59]. The other images
+    share its vector lanes and weigh nothing: absent (log w = −inf, where the AVX-512 form
+    computes NaN and masks it) or 70 nats down, below the floor of e^−60, left out lane by lane
+    (counted whenever a lane beside them is live, as before this rule, they moved the smallest
+    weights here, ~1e-26, by 1.5e-6). Within 2.5e-7 relative: the exp's own ≤ 1 ulp and the
+    product's rounding (a polynomial coefficient 4 ulps off fails, at 4.5e-7)."""
+    rng = np.random.default_rng(3)
+    h = w = 16
+    g = rng.permutation(np.linspace(0.0, 59.0, h * w)).reshape(h, w)
+    images = rng.uniform(-3, 3, (40, h, w, 1)).astype(np.float32)
+    images[0] = 0.0
+    images[1, ..., 0] = np.sqrt(g)
+    log_w = np.concatenate([[0.0, 0.0], np.where(np.arange(38) % 2, -np.inf, -70.0)])
+    mx, tot, acc = native.shiftmap_softmax_state(
+        jnp.zeros((1, h, w, 1)), jnp.ones(1), jnp.full((1,), 0.5), jnp.asarray(images),
+        jnp.asarray(log_w, jnp.float32), k=1, mode=0)
+    y = images[1, ..., 0].astype(np.float64)
+    gap = (images[1, ..., 0] * images[1, ..., 0]).astype(np.float64)    # the kernel's float32 y²
+    want = np.exp(-gap)
+    assert np.all(np.asarray(mx)[0] == 0.0)
+    np.testing.assert_allclose(np.asarray(tot)[0], 1.0 + want, rtol=2.5e-7)
+    got = np.asarray(acc)[0, ..., 0].astype(np.float64)
+    inner = y > 0
+    np.testing.assert_allclose(got[inner] / y[inner], want[inner], rtol=2.5e-7)
+    assert np.all(got[~inner] == 0.0)
+
+
 def test_merge_composes_with_softmax():
     """The state is core.softmax's: two halves of the images merged equal the whole."""
     from els_jax.core import softmax
