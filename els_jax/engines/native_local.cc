@@ -944,9 +944,9 @@ struct MapRow {
 // segment to t, added to out[t − k + 1] unless that starts a segment (the window [u, u + k)
 // is g[u] + pre[u + k − 1], or g[u] alone). Terms read by both passes (L > k) are computed
 // twice, each time fused into its running sum (two multiply-adds per channel), not stored
-// in f and loaded again: this loop is bound by its stores (a 64-byte store per register and
-// term in f, and two in out), and recomputing cost 6 % less at k = 7 (circular and zeros,
-// N = 1000 digits, AVX-512).
+// in f and loaded again: 6 % less per call at k = 7 (circular and zeros, N = 1000 digits,
+// AVX-512; a 64-byte store fewer per register and term). Writing each output once, with a
+// segment's sums in registers, saved nothing more.
 //
 // wk (optional, k floats): a weighted window instead of the box, out[u] = Σ_r wk[r]·f(u + r)
 // (els_soft's separable Gaussian, g(δ) = g₁(δy)·g₁(δx)), always by direct sums: k fused
