@@ -1372,12 +1372,10 @@ void shift_item(const ShiftShape& s, const float* x, const float* coef, const fl
         // k ≤ kShiftDirectK: the column box sums by k direct additions, fused with the logits
         // and their maxima, a row of pairs at a time, each row then added to the pixels' states.
         for (int64_t u = 0; u < ay.len; ++u) {
-          const int64_t yi = qrow[u], yj = crow[u];
           const float* const* rows = rptr.data() + u;
           for (int64_t v = 0; v < Lx; ++v) {
-            const int64_t xi = qcol[v], xj = ccol[v];
-            pix[v] = yi + xi;
-            vptr[v] = pack.data() + (yj + xj) * NB;
+            pix[v] = qrow[u] + qcol[v];
+            vptr[v] = pack.data() + (crow[u] + ccol[v]) * NB;
             const int64_t o = v * NB;
             vf vmax = vf{} + kNegInf;
             for (int64_t e = 0; e < NB; e += kLanes) {
