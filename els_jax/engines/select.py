@@ -97,11 +97,12 @@ def resolve_els_engine(method, k, c, h, boundary, unique_fraction=1.0, banked=Fa
     "native" (the fused interior kernel, which does not merge windows) when the machine is
     zero-padded. ``els_engine`` times them on a probe (n = the number of training images,
     B = ``batch``) and caches the winner. With ``ELS_JAX_AUTOTUNE=0``, without n, or
-    ``sharded``, the static rule decides: the interior kernel when it applies and windows are
-    not merged (except at k = 3 with C ≥ 2, where the window engine's short matmul won when
-    the rule was set); a streamed pass (no bank) on a CPU with the kernels built, the
-    shift-map kernel; otherwise ``choose_method``'s cost model, its "window" run by the fused
-    kernel where that applies."""
+    ``sharded``, the static rule decides. On a CPU with the kernels built: the shift-map
+    kernel at k ≥ 7 and for every streamed pass (no bank); a banked k ≤ 5, the interior
+    kernel when it applies and windows are not merged (except at k = 3 with C ≥ 2, where the
+    window engine's short matmul won when the rule was set), else ``choose_method``'s cost
+    model, its "window" run by the window bank's kernel. Elsewhere the cost model ("window"
+    or "row"). The measurements behind each rule are in the comments below."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     w = h if w is None else w
@@ -127,11 +128,19 @@ def resolve_els_engine(method, k, c, h, boundary, unique_fraction=1.0, banked=Fa
     kernel = banked and native_interior_ok(k, h, w, boundary)
     if kernel:
         applicable += ("native",)
-    if kernel and unique_fraction >= 1.0 and not (k <= 3 and c >= 2):
+    kernels_here = native.available() and jax.default_backend() == "cpu"
+    if banked and k >= 7 and kernels_here:
+        # The shift-map kernel (no bank) won 69 of the 74 banked 32×32 shape classes this
+        # project probed at k ≥ 7 (both boundaries, C 1 and 3, B 1…16, N up to 262 144; the
+        # window bank's kernel won 3 with merged banks at k = 7, by ≤ 1.6×, and the interior
+        # kernel 2 at k = 27, C = 3, by ≤ 1.3×); at k ≤ 5 the window bank's kernel won 33 of 35.
+        static = "shiftmap"
+        why = "static rule: the shift-map kernel at k ≥ 7 on a CPU with the kernels (no bank)"
+    elif kernel and unique_fraction >= 1.0 and not (k <= 3 and c >= 2):
         static = "native"
         why = ("static rule: the fused CPU kernel for a banked zero-padded machine without "
                "merged windows (not at k = 3, C ≥ 2)")
-    elif not banked and native.available() and jax.default_backend() == "cpu":
+    elif not banked and kernels_here:
         # A streamed pass where the CPU kernels run: the shift-map kernel won every 32×32
         # streamed shape class this project probed (60 classes: both boundaries, k 3…27, C 1
         # and 3, B 1…16, AVX-512 and held to AVX2; 2-core Xeon, 2026-12-06) by ≥ 1.35×, median
@@ -145,7 +154,7 @@ def resolve_els_engine(method, k, c, h, boundary, unique_fraction=1.0, banked=Fa
         if static == "window" and window_kernel:
             static = "window_native"
             why += ", the window bank run by the fused CPU kernel"
-    if native.available() and jax.default_backend() == "cpu" and static != "row":
+    if kernels_here and static != "row":
         # Where the CPU kernels run, the row engine never won a probe: in the 77 shape
         # classes measured against the shift-map kernel (AVX-512, 2026-12-05; banked and
         # streamed, both boundaries, k 3…27, C 1 and 3) it was at least 1.49× slower than the
