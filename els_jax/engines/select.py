@@ -161,6 +161,12 @@ def resolve_els_engine(method, k, c, h, boundary, unique_fraction=1.0, banked=Fa
         # winner. Probing it cost about a fifth of a cold first run's probes; it is not probed
         # there (method="row" still runs it; off the CPU it is one of the XLA engines).
         applicable = tuple(e for e in applicable if e != "row")
+    if kernels_here and not banked:
+        # A streamed pass where the CPU kernels run: the shift-map kernel won all 60 streamed
+        # 32×32 classes probed (see the static rule above), by ≥ 1.35×; the XLA window engine
+        # was most of each size's 0.7–2.3 s of probing (its compilation and its calls, 12× the
+        # shift map's at k = 27 with C = 3). Not probed there (method="window" still runs it).
+        applicable = tuple(e for e in applicable if e != "window")
     if window_kernel:
         # The same window bank is run by its fused kernel ("window_native") there, and the XLA
         # window engine never came near the winner: on the probes of 24 banked shape classes
