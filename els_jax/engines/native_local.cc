@@ -89,7 +89,7 @@ inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
 // alignment (glibc: 16 past a page for large blocks), each 64-byte register's load or store
 // of a block's data, row box sums and logits straddled two lines. Aligned, the shift-map
 // kernel took 19–25 % less time per call at every k and boundary (2-core AVX-512 Xeon, N =
-// 1000 digits; its row box sums 25 % and column walks 33 % less), 7–8 % built for AVX2
+// 1000 digits; its row box sums 25 % and column walks 33 % less), 7–11 % built for AVX2
 // (32-byte registers, half of them split before).
 template <typename T>
 struct LineAllocator {
