@@ -11,7 +11,8 @@ os.environ.setdefault("ELS_JAX_COMPILE_CACHE", "0")
 # The suite's own compilation cache instead: one fresh directory per run, shared by the xdist
 # workers (they inherit this process's environment) and removed at its end. Many tests
 # compile the same programs (each machine's passes, the oracles' comparisons); reading them
-# back took the suite from 477 to 422 s on 2 cores (AMD EPYC, 2026-12-06). Compilation is
+# back took the suite from 477 to 422 s and from 453 to 414 s on 2 cores (two pairs of runs
+# one after the other, AMD EPYC, 2026-12-06; clean-clone CI 479 s). Compilation is
 # deterministic, so a program read back is the one a compilation would have produced.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ and "PYTEST_XDIST_WORKER" not in os.environ:
     import atexit
