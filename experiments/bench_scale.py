@@ -30,8 +30,9 @@ within the images + 2 GB (docs/theory.md §9.2).
 
 Every case runs in a process of its own, so its peak memory is its own: ``peak_rss_GB`` is the
 child's maximum resident set (``ru_maxrss``; on an accelerator also the device's
-``peak_bytes_in_use``), read for a call before its matmul baseline is built, ``images_GB`` the images' own bytes (float32; uint8 with ``--uint8``,
-docs/theory.md §9), ``over_images_GB`` the difference (issue 23's bound: ≤ 2 GB).
+``peak_bytes_in_use``), read for a call before its matmul baseline is built; ``images_GB``
+the images' own bytes (float32; uint8 with ``--uint8``, docs/theory.md §9),
+``over_images_GB`` the difference (issue 23's bound: ≤ 2 GB).
 
 Per row: seconds, ``pairs`` (the (query pixel, candidate) pairs that exist by docs/theory.md
 §2's pair rule: per axis of length n with m = k//2, zeros (n − 2m)² + 2m, circular n·(n − 2m),

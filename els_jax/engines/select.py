@@ -133,7 +133,8 @@ def resolve_els_engine(method, k, c, h, boundary, unique_fraction=1.0, banked=Fa
         # The shift-map kernel (no bank) won 69 of the 74 banked 32×32 shape classes this
         # project probed at k ≥ 7 (both boundaries, C 1 and 3, B 1…16, N up to 262 144; the
         # window bank's kernel won 3 with merged banks at k = 7, by ≤ 1.6×, and the interior
-        # kernel 2 at k = 27, C = 3, by ≤ 1.3×); at k ≤ 5 the window bank's kernel won 33 of 35.
+        # kernel 2 at k = 27, C = 3, by ≤ 1.3×); at k ≤ 5 the window bank's kernel won 33 of
+        # 35.
         static = "shiftmap"
         why = "static rule: the shift-map kernel at k ≥ 7 on a CPU with the kernels (no bank)"
     elif kernel and unique_fraction >= 1.0 and not (k <= 3 and c >= 2):
